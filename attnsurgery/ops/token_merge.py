@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+SCORE_CHUNK_ELEMENTS = 1 << 25
+"""Similarity scores held at once while matching (128 MiB in float32)."""
+
 
 def dst_partition(
     h: int,
@@ -121,8 +124,13 @@ def match_tokens(
     src_pos, dst_pos = dst_partition(h, w, sx, sy, generator=generator, device=metric.device)
     with torch.no_grad():
         unit = metric / metric.norm(dim=-1, keepdim=True)
-        scores = unit[:, src_pos] @ unit[:, dst_pos].transpose(-1, -2)
-        best_score, best_dst = scores.max(dim=-1)
+        dst_t = unit[:, dst_pos].transpose(-1, -2)
+        # Score src in chunks: the full [B, N_src, N_dst] matrix is gigabytes at 2048 px.
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * dst_pos.numel()))
+        starts = range(0, src_pos.numel(), chunk)
+        best = [(unit[:, src_pos[i : i + chunk]] @ dst_t).max(dim=-1) for i in starts]
+        best_score = torch.cat([score for score, _ in best], dim=1)
+        best_dst = torch.cat([index for _, index in best], dim=1)
         order = best_score.argsort(dim=-1, descending=True)
     return TokenMatch(src_pos=src_pos, dst_pos=dst_pos, best_dst=best_dst, order=order)
 
