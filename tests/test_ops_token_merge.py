@@ -107,3 +107,13 @@ def test_half_precision_merge_stays_close():
 def test_bad_grid_is_rejected():
     with pytest.raises(ValueError, match="grid 8x7"):
         match_tokens(torch.randn(1, 64, 4), 8, 7, 2, 2)
+
+
+def test_chunked_scoring_gives_the_same_matching(monkeypatch):
+    from attnsurgery.ops import token_merge
+
+    metric = torch.randn(2, 96, 8, dtype=torch.float64)
+    whole = match_tokens(metric, 8, 12, 2, 2)
+    monkeypatch.setattr(token_merge, "SCORE_CHUNK_ELEMENTS", 2 * 24 * 5)  # 5 src rows per chunk
+    chunked = match_tokens(metric, 8, 12, 2, 2)
+    assert torch.equal(whole.best_dst, chunked.best_dst) and torch.equal(whole.order, chunked.order)
