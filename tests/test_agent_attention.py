@@ -9,7 +9,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import attnsurgery as surg
-from attnsurgery.context import StepContext
+from attnsurgery.context import StepContext, make_clock_hook
 from attnsurgery.families import Family
 from attnsurgery.ops import agent as agent_ops
 from attnsurgery.ops.token_merge import match_tokens, plan_merge
@@ -89,37 +89,55 @@ def test_late_phase_runs_tome_through_the_inner_processor():
     torch.testing.assert_close(processor(attn, normed), plan.unmerge(AttnProcessor2_0()(attn, plan.merge(normed))))
 
 
-@pytest.mark.parametrize("steps", [20, 25, 50])
-def test_schedule_switches_at_progress_04(sd15, monkeypatch, steps):
+def count_agent_calls(monkeypatch, step_of) -> list:
+    """Patch the processor's agent attention to log ``step_of()`` at every call."""
     calls = []
-    handle = surg.apply(sd15, surg.AgentAttention(seed=0))
     original = agent_ops.agent_attention
 
     def spy(*args, **kwargs):
-        calls.append(handle.context.step_index)
+        calls.append(step_of())
         return original(*args, **kwargs)
 
     monkeypatch.setattr("attnsurgery.processors.agent.agent_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("steps", [20, 25, 50])
+def test_schedule_switches_at_progress_04(sd15, monkeypatch, steps):
+    """The pipeline's own clock hook over the DDIM timesteps; agents exactly in steps 0 .. 0.4 N - 1."""
+    h, w = 8, 12
+    attn, processor, block_input, block_x, normed = layer_setup(h, w, "tome")
+    clock = make_clock_hook(processor.context, sd15.unet, lambda: sd15.scheduler)
+    calls = count_agent_calls(monkeypatch, lambda: processor.context.step_index)
+    sd15.scheduler.set_timesteps(steps)
+    for t in sd15.scheduler.timesteps:
+        clock(sd15.unet, (torch.zeros(2, 4, h, w), t), {})
+        block_input.hook(None, (block_x,), {})
+        processor(attn, normed)
+    assert calls == list(range(math.floor(0.4 * steps)))
+
+
+def test_schedule_in_the_pipeline(sd15, monkeypatch):
+    handle = surg.apply(sd15, surg.AgentAttention(seed=0))
+    calls = count_agent_calls(monkeypatch, lambda: handle.context.step_index)
     try:
-        run_pipe(sd15, steps=steps)
+        run_pipe(sd15, steps=5)
     finally:
         handle.remove()
-    first_phase = math.floor(0.4 * steps)
-    assert sorted(set(calls)) == list(range(first_phase))  # agents exactly in steps 0 .. 0.4 N - 1
-    assert len(calls) == first_phase * 5  # on all five top-level self-attention layers
+    assert calls == [0] * 5 + [1] * 5  # floor(0.4 * 5) = 2 agent steps, on all five top-level layers
 
 
-@pytest.mark.parametrize("source", ["tome", "pool"])
-def test_batches_and_sizes(sd15, source):
-    """CFG batch of 4 (two images per prompt), odd batch (no CFG), non-square latent."""
-    plugin = surg.AgentAttention(agent_source=source, seed=3)
-    for kwargs in ({"num_images_per_prompt": 2}, {"guidance_scale": 1.0}):
-        base = run_pipe(sd15, size=NON_SQUARE, **kwargs)
-        with surg.patched(sd15, plugin):
-            out = run_pipe(sd15, size=NON_SQUARE, **kwargs)
-        assert out.shape == base.shape and torch.isfinite(out).all()
-        assert effect(out, base) > 1e-3
-    assert torch.equal(run_pipe(sd15, size=NON_SQUARE, guidance_scale=1.0), base)  # removed exactly
+def test_batches_and_sizes(sd15):
+    """CFG batch of 4 (two images per prompt) and odd batch (no CFG) on a non-square latent, both sources."""
+    cases = ({"num_images_per_prompt": 2}, {"guidance_scale": 1.0})
+    bases = [run_pipe(sd15, size=NON_SQUARE, **kwargs) for kwargs in cases]
+    for source in ("tome", "pool"):
+        with surg.patched(sd15, surg.AgentAttention(agent_source=source, seed=3)):
+            outs = [run_pipe(sd15, size=NON_SQUARE, **kwargs) for kwargs in cases]
+        for out, base in zip(outs, bases, strict=True):
+            assert out.shape == base.shape and torch.isfinite(out).all()
+            assert effect(out, base) > 1e-3
+    assert torch.equal(run_pipe(sd15, size=NON_SQUARE, guidance_scale=1.0), bases[1])  # removed exactly
 
 
 def test_config_round_trip_and_bad_input(sd15):
