@@ -80,6 +80,12 @@ def test_pool_agents_match_explicit_formula():
     torch.testing.assert_close(out, explicit_agent_layer(attn, normed, None, pooled=(h, w, 4, 4)))
 
 
+def test_grid_smaller_than_a_cell_runs_the_layer_unchanged():
+    attn, processor, block_input, block_x, normed = layer_setup(3, 3, "tome")
+    block_input.hook(None, (block_x,), {})
+    torch.testing.assert_close(processor(attn, normed), AttnProcessor2_0()(attn, normed))
+
+
 def test_late_phase_runs_tome_through_the_inner_processor():
     h, w = 8, 12
     attn, processor, block_input, block_x, normed = layer_setup(h, w, "tome")

@@ -107,6 +107,8 @@ def test_half_precision_merge_stays_close():
 def test_bad_grid_is_rejected():
     with pytest.raises(ValueError, match="grid 8x7"):
         match_tokens(torch.randn(1, 64, 4), 8, 7, 2, 2)
+    with pytest.raises(ValueError, match="no full 4x4 cell"):
+        match_tokens(torch.randn(1, 9, 4), 3, 3, 4, 4)
 
 
 def test_chunked_scoring_gives_the_same_matching(monkeypatch):

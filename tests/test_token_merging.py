@@ -64,6 +64,15 @@ def test_top_layers_by_family(sd15, sdxl):
         merged = run_pipe(sdxl)
     assert touched == ["down_blocks.1", "up_blocks.1"]  # SDXL's 64x64 level (at 1024 px)
     assert effect(merged, base) > 1e-3  # unlike tomesd's default, it acts on SDXL
+    with surg.patched(sdxl, surg.AgentAttention()):
+        assert effect(run_pipe(sdxl), base) > 1e-3
+
+
+def test_every_level_including_grids_smaller_than_a_cell(sd15):
+    """At 64 px the lowest levels are 2x2 and 1x1 grids: too small for 4x4 cells, merged where possible."""
+    base = run_pipe(sd15)
+    with surg.patched(sd15, surg.TokenMerging(layers="all", sx=4, sy=4, ratio=0.5)):
+        assert effect(run_pipe(sd15), base) > 1e-2
 
 
 def test_random_dst_choice_is_private_and_seeded(sd15):

@@ -122,6 +122,8 @@ def match_tokens(
     if h * w != num_tokens:
         raise ValueError(f"grid {h}x{w} has {h * w} tokens but the metric has {num_tokens}")
     src_pos, dst_pos = dst_partition(h, w, sx, sy, generator=generator, device=metric.device)
+    if dst_pos.numel() == 0:
+        raise ValueError(f"grid {h}x{w} holds no full {sy}x{sx} cell, so there is no dst to merge into")
     with torch.no_grad():
         unit = metric / metric.norm(dim=-1, keepdim=True)
         dst_t = unit[:, dst_pos].transpose(-1, -2)

@@ -15,7 +15,7 @@ import torch
 
 from ..ops.agent import agent_attention, agents_pay_off, merge_counts, pool_agents
 from ..ops.token_merge import plan_merge
-from .token_merge import MergingProcessor, _check_self_attention_call
+from .token_merge import MergingProcessor, check_self_attention_call
 
 if TYPE_CHECKING:
     from ..plugins.agent import AgentPhase
@@ -85,11 +85,13 @@ class AgentProcessor(MergingProcessor):
         return self.schedule[-1]
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        _check_self_attention_call(hidden_states, args, kwargs)
+        check_self_attention_call(hidden_states, args, kwargs)
         metric = self.block_input.take(hidden_states)
         phase = self.phase()
         num_tokens = hidden_states.shape[1]
         h, w = self.grid(hidden_states)
+        if h < phase.sy or w < phase.sx:  # no full cell: no dst to merge into, no agents
+            return self.inner(attn, hidden_states, *args, **kwargs)
         num_src = num_tokens - (h // phase.sy) * (w // phase.sx)
         r, agent_r = merge_counts(num_tokens, num_src, phase.ratio, phase.agent_ratio)
         use_agents = agents_pay_off(num_tokens, r, agent_r)
@@ -126,5 +128,5 @@ class AgentProcessor(MergingProcessor):
             q, k, v, agents,
             k_scale2=self.k_scale2, k_shortcut=self.k_shortcut, compute_dtype=self.compute_dtype,
         )
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1).to(q.dtype)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return attn.to_out[1](attn.to_out[0](out))

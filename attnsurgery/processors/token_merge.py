@@ -18,7 +18,7 @@ from ..context import StepContext
 from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
 from .base import WrappingProcessor
 
-__all__ = ["BlockInput", "MergingProcessor", "TokenMergeProcessor"]
+__all__ = ["BlockInput", "MergingProcessor", "TokenMergeProcessor", "check_self_attention_call"]
 
 GeneratorFactory = Callable[[], torch.Generator]
 
@@ -45,7 +45,7 @@ class BlockInput:
         return value
 
 
-def _check_self_attention_call(hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> None:
+def check_self_attention_call(hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> None:
     """Token merging needs plain self-attention over a [B, N, C] sequence with no mask."""
     if hidden_states.dim() != 3:
         raise NotImplementedError(
@@ -86,6 +86,7 @@ class MergingProcessor(WrappingProcessor):
         self.generator = generator
 
     def grid(self, hidden_states: torch.Tensor) -> tuple[int, int]:
+        """Token grid (rows, cols) of this call, from the step clock."""
         return self.context.grid_for(hidden_states.shape[1])
 
     def match(self, hidden_states: torch.Tensor, metric: torch.Tensor, sx: int, sy: int) -> TokenMatch:
@@ -94,8 +95,9 @@ class MergingProcessor(WrappingProcessor):
         use_rand = self.generator is not None and hidden_states.shape[0] % 2 == 0
         return match_tokens(metric, h, w, sx, sy, generator=self.generator() if use_rand else None)
 
-    def merged_inner(self, plan: TokenMerge, attn: torch.nn.Module, hidden_states: torch.Tensor,
-                     *args: Any, **kwargs: Any) -> torch.Tensor:
+    def merged_inner(
+        self, plan: TokenMerge, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """``unmerge(inner(merge(hidden_states)))``: the model's own attention on fewer tokens."""
         return plan.unmerge(self.inner(attn, plan.merge(hidden_states), *args, **kwargs))
 
@@ -116,10 +118,11 @@ class TokenMergeProcessor(MergingProcessor):
         self.ratio, self.sx, self.sy = ratio, sx, sy
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        _check_self_attention_call(hidden_states, args, kwargs)
+        check_self_attention_call(hidden_states, args, kwargs)
         metric = self.block_input.take(hidden_states)
+        h, w = self.grid(hidden_states)
         r = int(hidden_states.shape[1] * self.ratio)
-        if r <= 0:
+        if r <= 0 or h < self.sy or w < self.sx:  # nothing to merge, or no full cell to merge into
             return self.inner(attn, hidden_states, *args, **kwargs)
         plan = plan_merge(self.match(hidden_states, metric, self.sx, self.sy), r)
         return self.merged_inner(plan, attn, hidden_states, *args, **kwargs)
