@@ -73,6 +73,18 @@ def test_tome_agents_match_explicit_formula():
     assert effect(out, plain) > 1e-2  # agent attention is not the layer's own attention
 
 
+def test_bfloat16_layer_with_fp32_attention():
+    h, w = 8, 12
+    attn, processor, block_input, block_x, normed = layer_setup(h, w, "tome")
+    block_input.hook(None, (block_x,), {})
+    want = processor(attn, normed)
+    processor.compute_dtype = torch.float32
+    block_input.hook(None, (block_x.bfloat16(),), {})
+    out = processor(attn.bfloat16(), normed.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want, atol=5e-2, rtol=5e-2)
+
+
 def test_pool_agents_match_explicit_formula():
     h, w = 9, 10  # ragged cells
     attn, processor, _, _, normed = layer_setup(h, w, "pool", batch=3)

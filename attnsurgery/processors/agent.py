@@ -100,7 +100,7 @@ class AgentProcessor(MergingProcessor):
             return self._attend(attn, hidden_states, q, pool_agents(q, h, w, phase.sx, phase.sy))
         if r <= 0 and not use_agents:
             return self.inner(attn, hidden_states, *args, **kwargs)
-        match = self.match(hidden_states, metric, phase.sx, phase.sy)
+        match = self.match(metric, (h, w), phase.sx, phase.sy)
         plan = plan_merge(match, r)
         if not use_agents:
             return self.merged_inner(plan, attn, hidden_states, *args, **kwargs)

@@ -89,11 +89,10 @@ class MergingProcessor(WrappingProcessor):
         """Token grid (rows, cols) of this call, from the step clock."""
         return self.context.grid_for(hidden_states.shape[1])
 
-    def match(self, hidden_states: torch.Tensor, metric: torch.Tensor, sx: int, sy: int) -> TokenMatch:
-        """Bipartite matching of this call's tokens on ``metric``."""
-        h, w = self.grid(hidden_states)
-        use_rand = self.generator is not None and hidden_states.shape[0] % 2 == 0
-        return match_tokens(metric, h, w, sx, sy, generator=self.generator() if use_rand else None)
+    def match(self, metric: torch.Tensor, grid: tuple[int, int], sx: int, sy: int) -> TokenMatch:
+        """Bipartite matching of this call's tokens on ``metric`` ([B, N, C] on an (h, w) grid)."""
+        use_rand = self.generator is not None and metric.shape[0] % 2 == 0
+        return match_tokens(metric, *grid, sx, sy, generator=self.generator() if use_rand else None)
 
     def merged_inner(
         self, plan: TokenMerge, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -124,5 +123,5 @@ class TokenMergeProcessor(MergingProcessor):
         r = int(hidden_states.shape[1] * self.ratio)
         if r <= 0 or h < self.sy or w < self.sx:  # nothing to merge, or no full cell to merge into
             return self.inner(attn, hidden_states, *args, **kwargs)
-        plan = plan_merge(self.match(hidden_states, metric, self.sx, self.sy), r)
+        plan = plan_merge(self.match(metric, (h, w), self.sx, self.sy), r)
         return self.merged_inner(plan, attn, hidden_states, *args, **kwargs)
