@@ -13,7 +13,7 @@ from attnsurgery.context import StepContext, make_clock_hook
 from attnsurgery.families import Family
 from attnsurgery.ops import agent as agent_ops
 from attnsurgery.ops.token_merge import match_tokens, plan_merge
-from attnsurgery.processors.agent import AgentProcessor
+from attnsurgery.processors.agent import AgentProcessor, check_agent_layer
 from attnsurgery.processors.token_merge import BlockInput
 from tests.conftest import run_pipe
 
@@ -156,6 +156,12 @@ def test_batches_and_sizes(sd15):
             assert out.shape == base.shape and torch.isfinite(out).all()
             assert effect(out, base) > 1e-3
     assert torch.equal(run_pipe(sd15, size=NON_SQUARE, guidance_scale=1.0), bases[1])  # removed exactly
+
+
+def test_layers_with_extra_machinery_are_refused():
+    check_agent_layer(Attention(query_dim=16, heads=2, dim_head=8), "plain")
+    with pytest.raises(NotImplementedError, match="residual_connection"):
+        check_agent_layer(Attention(query_dim=16, heads=2, dim_head=8, residual_connection=True), "odd.attn")
 
 
 def test_config_round_trip_and_bad_input(sd15):

@@ -50,6 +50,9 @@ def check_agent_layer(attn: torch.nn.Module, path: str) -> None:
 class AgentProcessor(MergingProcessor):
     """AgentSD on one self-attention layer.
 
+    In agent steps the inner processor is not called (the attention itself is replaced), so a wrapper
+    that must see every call of this layer has to be applied after this one (outermost).
+
     Args:
         inner: the layer's current processor (runs the ToMe phases).
         schedule: phases in order of ``until``.
