@@ -140,6 +140,7 @@ def main() -> None:
             variants = layer_variants(size, args.batch)
             for name, fn in tqdm(variants.items(), desc=f"layer {size}px", leave=False):
                 rows.append((f"layer {size}^2 ({(size // 8) ** 2} tok)", name, timed(fn, repeats, warmup)))
+                tqdm.write(f"{rows[-1][0]} | {name} | {rows[-1][2]:.3f} s")
         if not args.skip_unet:
             unet = UNet2DConditionModel(cross_attention_dim=768).eval()  # SD1.5's architecture
             side = args.unet_size // 8
@@ -153,6 +154,7 @@ def main() -> None:
                 finally:
                     detach()
                 rows.append((f"SD1.5 U-Net {args.unet_size}^2", name, seconds))
+                tqdm.write(f"{rows[-1][0]} | {name} | {seconds:.3f} s")
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, float32, CPU")
     print(table(rows))
 

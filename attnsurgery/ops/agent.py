@@ -123,4 +123,5 @@ def pool_agents(q: torch.Tensor, h: int, w: int, sx: int, sy: int) -> torch.Tens
         raise ValueError(f"grid {h}x{w} has {h * w} tokens but the queries have {num_tokens}")
     grid = q.transpose(-1, -2).reshape(batch * heads, dim, h, w)
     pooled = F.avg_pool2d(grid, (sy, sx), ceil_mode=True)
-    return pooled.reshape(batch, heads, dim, -1).transpose(-1, -2)
+    # Contiguous head_dim: SDPA's fused CPU/GPU kernels need it, else a math fallback builds the N x n map.
+    return pooled.reshape(batch, heads, dim, -1).transpose(-1, -2).contiguous()
