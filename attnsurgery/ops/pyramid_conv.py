@@ -133,12 +133,17 @@ class PyramidConvBlock(nn.Module):
                 f"gate={self.gate!r}")
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, W, C/2] -> [B, H, W, C/4]."""
+        """[B, H, W, C/2] -> [B, H, W, C/4]; the constant of the "mul"/"div" gates is applied later."""
         x1, x2 = x.chunk(2, dim=-1)
+        return x1 * torch.sigmoid(x2) if self.gate == "sigmoid" else x1 * x2
+
+    def _gate_factor(self) -> float:
+        """sqrt(C/4) ("mul"), 1/sqrt(C/4) ("div") or 1 ("sigmoid"). Bilinear upsampling and the output
+        projection are linear, so the factor is folded into the projection weight: one pass less."""
         if self.gate == "sigmoid":
-            return x1 * torch.sigmoid(x2)
+            return 1.0
         factor = math.sqrt(self.channels / 4)
-        return x1 * x2 * (factor if self.gate == "mul" else 1.0 / factor)
+        return factor if self.gate == "mul" else 1.0 / factor
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """tokens [B, N, C] on a row-major (h, w) grid with N == h * w -> [B, N, C]."""
@@ -161,5 +166,11 @@ class PyramidConvBlock(nn.Module):
                 x = F.interpolate(x.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
                                   align_corners=False).permute(0, 2, 3, 1)
             stages.append(x.reshape(batch, num_tokens, -1))
-        out = self.conv_out(torch.cat(stages, dim=-1))
-        return out + self.conv_pool(tokens.mean(dim=1, keepdim=True))
+        # conv_out(cat(stages)) + conv_pool(mean) as GEMMs accumulating into one buffer: no concatenation
+        # and no separate broadcast add over the [B, N, C] output.
+        bias = self.conv_out.bias + self.conv_pool(tokens.mean(dim=1))  # [B, C]
+        weights = (self.conv_out.weight * self._gate_factor()).T.chunk(len(stages), dim=0)
+        out = torch.baddbmm(bias[:, None, :], stages[0], weights[0].expand(batch, -1, -1))
+        for stage, weight in zip(stages[1:], weights[1:], strict=True):
+            out.baddbmm_(stage, weight.expand(batch, -1, -1))
+        return out
