@@ -163,3 +163,15 @@ def test_kernel_presets() -> None:
     assert kernel_preset("sdxl") == {"down": (9, 7), "mid": (9,), "up": (9, 13)}
     with pytest.raises(NotImplementedError, match="explicit kernel sizes"):
         kernel_preset("flux")
+
+
+def test_init_uses_only_the_given_generator() -> None:
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = PyramidConvBlock(16, kernel_size=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    second = PyramidConvBlock(16, kernel_size=3, generator=torch.Generator().manual_seed(7))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert first.conv_up.weight.abs().max() <= 1 / 16**0.5
+    assert first.conv_up.weight.std() > 0.1

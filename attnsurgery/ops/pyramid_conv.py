@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 Gate = Literal["mul", "div", "sigmoid"]
 GATES: tuple[str, ...] = ("mul", "div", "sigmoid")
@@ -87,6 +88,7 @@ class PyramidConvBlock(nn.Module):
         scales: pyramid scales, each in (0, 1]; the first is usually 1.
         gate: ``"mul"``, ``"div"`` or ``"sigmoid"`` (see above).
         out_init_std: standard deviation of the output-side weights at init.
+        generator: private RNG for the init (the global RNG is not touched when one is given).
 
     Example:
         >>> block = PyramidConvBlock(320, kernel_size=7)
@@ -101,6 +103,7 @@ class PyramidConvBlock(nn.Module):
         scales: Sequence[float] = (1.0, 0.5),
         gate: Gate = "mul",
         out_init_std: float = 1e-3,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if channels <= 0 or channels % 4:
@@ -116,17 +119,32 @@ class PyramidConvBlock(nn.Module):
         self.kernel_size = kernel_size
         self.scales = scales
         self.gate = gate
+        self.out_init_std = out_init_std
         hidden = channels // 2
-        self.conv_up = nn.Linear(channels, hidden)
+        # skip_init: the layers' own init would draw from the global RNG; reset_parameters draws from ours.
+        self.conv_up = skip_init(nn.Linear, channels, hidden)
         self.dw_convs = nn.ModuleList(
-            nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False)
+            skip_init(nn.Conv2d, hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden,
+                      bias=False)
             for _ in scales
         )
-        self.conv_out = nn.Linear(hidden // 2 * len(scales), channels)
-        self.conv_pool = nn.Linear(channels, channels)
+        self.conv_out = skip_init(nn.Linear, hidden // 2 * len(scales), channels)
+        self.conv_pool = skip_init(nn.Linear, channels, channels)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Input side: PyTorch's default range U(-1/sqrt(fan_in), 1/sqrt(fan_in)); output side (projection
+        and pool branch): N(0, out_init_std) weights and zero biases. Draws only from ``generator``."""
+        for layer in (self.conv_up, *self.dw_convs):
+            fan_in = layer.weight[0].numel()
+            for param in (layer.weight, layer.bias):
+                if param is not None:
+                    bound = 1.0 / math.sqrt(fan_in)
+                    param.uniform_(-bound, bound, generator=generator)
         for layer in (self.conv_out, self.conv_pool):
-            nn.init.normal_(layer.weight, std=out_init_std)
-            nn.init.zeros_(layer.bias)
+            layer.weight.normal_(0.0, self.out_init_std, generator=generator)
+            layer.bias.zero_()
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, scales={self.scales}, "
