@@ -212,7 +212,7 @@ class ConvFusion(Plugin):
             )
         if self.fingerprint is not None:
             origin = f"ConvFusion from {self.source or 'memory'}"
-            check_fingerprint(self.fingerprint, surgery.denoiser, origin)
+            check_fingerprint(self.fingerprint, architecture_fingerprint(surgery.denoiser), origin)
         layers = {layer.path: layer for layer in surgery.model.layers if layer.kind == "self"}
         blocks = dict(self.blocks) if self.blocks is not None else self._fresh_blocks(surgery, layers)
         for path, block in blocks.items():

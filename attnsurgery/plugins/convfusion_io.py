@@ -60,9 +60,8 @@ def architecture_fingerprint(denoiser: torch.nn.Module) -> dict[str, Any]:
     return fingerprint
 
 
-def check_fingerprint(saved: Mapping[str, Any], denoiser: torch.nn.Module, source: str) -> None:
-    """Raise a ValueError naming every structural difference between ``saved`` and ``denoiser``."""
-    current = architecture_fingerprint(denoiser)
+def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
+    """Raise a ValueError naming every difference between two ``architecture_fingerprint`` results."""
     differences = [
         f"{key}: saved {saved.get(key)!r}, model {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
