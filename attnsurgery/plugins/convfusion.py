@@ -63,7 +63,10 @@ class ConvFusionAttention(nn.Module):
                 "ConvFusion replaces self-attention only, but this attn1 was called with "
                 "encoder_hidden_states (an only_cross_attention model). Leave this layer out of `layers`."
             )
-        return self.block(hidden_states, self._grid_for(hidden_states.shape[1]))
+        # Blocks may be kept in float32 inside a half-precision model (training): compute in their dtype.
+        dtype = self.block.conv_up.weight.dtype
+        out = self.block(hidden_states.to(dtype), self._grid_for(hidden_states.shape[1]))
+        return out.to(hidden_states.dtype)
 
 
 def _kernel_sizes(paths: list[str], family: str, override: int | None) -> dict[str, int]:
