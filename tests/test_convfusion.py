@@ -15,7 +15,7 @@ from attnsurgery.plugins.convfusion import ConvFusionAttention
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd15, tiny_sdxl
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread, and far slower with several on a shared, busy CPU."""
     threads = torch.get_num_threads()

@@ -107,6 +107,6 @@ def distillation_loss(
     total = (weights.noise * noise_term.mean() + weights.teacher * teacher_term.mean()
              + weights.feature * feature_term)
     parts = {"noise": noise_term.mean().item(), "teacher": teacher_term.mean().item(),
-             "feature": float(feature_term)}
+             "feature": float(feature_term.detach())}
     return total, parts
 
