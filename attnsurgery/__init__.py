@@ -11,12 +11,14 @@ from .context import StepContext
 from .families import Family, detect_family
 from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.base import Plugin, plugin_from_dict
+from .plugins.convfusion import ConvFusion
 from .surgery import Surgery, active_surgeries, apply, patched, remove
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionLayer",
+    "ConvFusion",
     "Family",
     "ModelInfo",
     "Plugin",
