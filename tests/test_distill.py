@@ -18,7 +18,8 @@ PROMPTS = ["a red cube", "a blue ball on grass", "two green cones", "a yellow st
 # The tiny teacher has random weights, so it cannot predict the noise: the noise term is a floor the blocks
 # cannot lower. These tests train on the two distillation terms, which a working student must drive down.
 TEST_CONFIG = DistillConfig(loss_weights=(0.0, 1.0, 1.0), min_snr_gamma=None, batch_size=2, lr=3e-3,
-                            warmup_steps=0, caption_dropout=0.0, resolution=64, checkpoint_every=0)
+                            warmup_steps=0, caption_dropout=0.0, resolution=64, checkpoint_every=0,
+                            teacher_steps=2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,7 +79,11 @@ def test_distillation_lowers_the_loss_and_the_error_to_the_teacher(latents: Path
 
 def test_resume_continues_exactly(latents: Path, tmp_path: Path) -> None:
     config = DistillConfig(**{**TEST_CONFIG.__dict__, "steps": 4, "warmup_steps": 3})
-    straight = distill(tiny_sd15(), latents, tmp_path / "straight", config)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    # from the prompts file: the teacher makes the same latents as the shared cache (same seed and settings)
+    straight = distill(tiny_sd15(), prompts, tmp_path / "straight", config)
+    assert (tmp_path / "straight" / "latents" / "cache-complete.json").exists()
     half = DistillConfig(**{**config.__dict__, "steps": 2})
     distill(tiny_sd15(), latents, tmp_path / "split", half)
     resumed = distill(tiny_sd15(), latents, tmp_path / "split", config, resume=True)
