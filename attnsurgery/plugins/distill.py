@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -193,7 +194,8 @@ def _encode_captions(pipe: Any, captions: list[str], resolution: int, device: to
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / CHECKPOINTS).glob("step-*"))
+    """Finished checkpoints, oldest first (a ``.partial`` one was interrupted while being written)."""
+    return sorted(p for p in (out / CHECKPOINTS).glob("step-*") if not p.name.endswith(".partial"))
 
 
 def _check_resumable(
@@ -300,9 +302,34 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
 
-    def save(self, step: int) -> Path:
-        """Checkpoint after ``step`` steps, written under a temporary name and renamed when complete."""
-        folder = self.out / CHECKPOINTS / f"step-{step:07d}"
+    def run(self, dataset: LatentFolder, start: int, resolution: int) -> list[dict[str, float]]:
+        """Steps ``start`` to ``config.steps`` with a progress bar, a log line per step and checkpoints."""
+        config, main = self.config, self.accelerator.is_main_process
+        history = []
+        progress = tqdm(total=config.steps, initial=start, desc="distilling", unit="step",
+                        disable=not self.accelerator.is_local_main_process)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "log.jsonl").open("a", encoding="utf-8") if main else contextlib.nullcontext() as log:
+            for step in range(start, config.steps):
+                record = self.step(dataset, step, resolution)
+                history.append(record)
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                progress.update()
+                done = step + 1
+                if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+                    self.save(done)
+        progress.close()
+        return history
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` steps (main process), written under a temporary name, then renamed."""
+        if self.accelerator.is_main_process:
+            self._write_checkpoint(self.out / CHECKPOINTS / f"step-{step:07d}", step)
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, folder: Path, step: int) -> None:
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         ConvFusion(blocks=self.blocks, fingerprint=self.fingerprint).save(partial)
@@ -313,7 +340,6 @@ class _Trainer:
         training = {"step": step, "config": self.config.to_dict(), "fingerprint": self.fingerprint}
         (partial / TRAINING_NAME).write_text(json.dumps(training, indent=2), encoding="utf-8")
         partial.rename(folder)
-        return folder
 
     def step(self, dataset: LatentFolder, step: int, resolution: int) -> dict[str, float]:
         config, accelerator = self.config, self.accelerator
@@ -418,7 +444,8 @@ def distill(
     start, checkpoint = _resume_point(out, config, fingerprint, resume)
     resolution = config.resolution or family.native_resolution
     pipe.to(accelerator.device)
-    dataset = _latent_folder(pipe, data, out, config, resolution)  # before the surgery: the teacher samples
+    with accelerator.main_process_first():  # one process builds the cache, the others then read it
+        dataset = _latent_folder(pipe, data, out, config, resolution)  # before the surgery: teacher samples
     channels = denoiser.config.in_channels
     if dataset.latent_shape is not None and dataset.latent_shape[0] != channels:
         raise ValueError(
@@ -429,7 +456,6 @@ def distill(
     flags = {param: param.requires_grad for param in denoiser.parameters()}
     was_checkpointing = denoiser.is_gradient_checkpointing
     surgery = apply(pipe, ConvFusion(kernel_size=config.kernel_size, gate=config.gate, seed=config.seed))
-    history: list[dict[str, float]] = []
     try:
         for param in flags:
             param.requires_grad_(False)
@@ -438,27 +464,10 @@ def distill(
         trainer = _Trainer(pipe, teacher, denoiser, surgery, config, accelerator, fingerprint, out)
         if checkpoint is not None:
             trainer.load(checkpoint)
-        out.mkdir(parents=True, exist_ok=True)
-        progress = tqdm(
-            total=config.steps,
-            initial=start,
-            desc="distilling",
-            unit="step",
-            disable=not accelerator.is_local_main_process,
-        )
-        with (out / "log.jsonl").open("a", encoding="utf-8") as log:
-            for step in range(start, config.steps):
-                record = trainer.step(dataset, step, resolution)
-                history.append(record)
-                log.write(json.dumps(record) + "\n")
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                progress.update()
-                done = step + 1
-                if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                    trainer.save(done)
-        progress.close()
-        trainer.save(config.steps)
-        ConvFusion(blocks=trainer.blocks, fingerprint=fingerprint).save(out)
+        history = trainer.run(dataset, start, resolution)
+        if accelerator.is_main_process:
+            ConvFusion(blocks=trainer.blocks, fingerprint=fingerprint).save(out)
+        accelerator.wait_for_everyone()
     finally:
         surgery.remove()
         if config.gradient_checkpointing and not was_checkpointing:
