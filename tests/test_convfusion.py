@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,9 @@ import attnsurgery as surg
 from attnsurgery import ConvFusion
 from attnsurgery.plugins.convfusion import ConvFusionAttention
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd15, tiny_sdxl
+from tests.single_thread import single_thread  # noqa: F401 (a fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and far slower with several on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _unet_call(unet: torch.nn.Module, seed: int = 0, side: int = 8) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import attnsurgery as surg
 from attnsurgery.plugins.distill import DistillConfig, distill, distill_main
 from attnsurgery.plugins.distill_data import cache_from_prompts
 from attnsurgery.testing.tiny import tiny_sd15
+from tests.single_thread import single_thread  # noqa: F401 (a fixture)
 
 PROMPTS = ["a red cube", "a blue ball on grass", "two green cones", "a yellow star at night"]
 # The tiny teacher has random weights, so it cannot predict the noise: the noise term is a floor the blocks
@@ -22,13 +22,7 @@ TEST_CONFIG = DistillConfig(loss_weights=(0.0, 1.0, 1.0), min_snr_gamma=None, ba
                             teacher_steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and far slower with several on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
