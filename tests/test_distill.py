@@ -11,7 +11,7 @@ import torch
 import attnsurgery as surg
 from attnsurgery.plugins.distill import DistillConfig, distill, distill_main
 from attnsurgery.plugins.distill_data import cache_from_prompts
-from attnsurgery.testing.tiny import tiny_sd15
+from attnsurgery.testing.tiny import tiny_sd15, tiny_sdxl
 from tests.single_thread import single_thread  # noqa: F401 (a fixture)
 
 PROMPTS = ["a red cube", "a blue ball on grass", "two green cones", "a yellow star at night"]
@@ -130,3 +130,12 @@ def test_cli_entry_trains_from_an_image_folder(tmp_path: Path, monkeypatch: pyte
     plugin = surg.ConvFusion.from_pretrained(tmp_path / "out")
     assert len(plugin.blocks) == 16
     assert not pipe.unet.is_gradient_checkpointing
+
+
+def test_sdxl_pipeline_trains_with_its_added_conditioning(tmp_path: Path) -> None:
+    """SDXL needs pooled text and time ids besides the text states; one step proves the path is wired."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    result = distill(tiny_sdxl(), prompts, tmp_path / "out", DistillConfig(**{**TEST_CONFIG.__dict__, "steps": 1}))
+    assert len(result.plugin.blocks) == 70  # SDXL's attn1 count: 2 * 2 + 2 * 10 down, 10 mid, 3 * (2 + 10) up
+    assert result.history[0]["feature"] > 0 and result.history[0]["teacher"] > 0
