@@ -71,7 +71,7 @@ class DistillConfig:
         caption_dropout: probability of training a sample on the empty prompt (keeps CFG working).
         resolution: training image side in pixels; None for the family's native one.
         checkpoint_every: steps between checkpoints (0: only the final save).
-        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        gradient_checkpointing: recompute activations in backward (less memory, more compute).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate).
         seed: seed of data order, noise, timesteps and block init.
         kernel_size, gate: block settings (None: the family's kernel preset).
