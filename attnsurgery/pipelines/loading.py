@@ -138,6 +138,17 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return names[dtype]
 
 
+def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.42 warns on the old name); pass what it expects."""
+    if dtype is None:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    renamed = Version(diffusers.__version__).release >= (0, 42)
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
 def single_file_pipeline_class(checkpoint: dict[str, Any]) -> str:
     """The diffusers pipeline class that loads a single-file checkpoint, from its state-dict keys."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
@@ -156,7 +167,7 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, config: str | os.Pa
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
     class_name = single_file_pipeline_class(load_single_file_checkpoint(str(path)))
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs = _dtype_kwargs(dtype)
     if config is not None:
         kwargs["config"] = str(config)
     try:
@@ -206,10 +217,10 @@ def load_pipeline(
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, **_dtype_kwargs(torch_dtype))
     elif HUB_ID.fullmatch(str(model)):
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch_dtype)
+            pipe = DiffusionPipeline.from_pretrained(str(model), **_dtype_kwargs(torch_dtype))
         except OSError as error:
             reason = str(error).splitlines()[0]
             raise FileNotFoundError(
