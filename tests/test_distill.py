@@ -123,7 +123,7 @@ def test_cli_entry_trains_from_an_image_folder(tmp_path: Path, monkeypatch: pyte
         Image.new("RGB", (80, 64), colour).save(images / f"{index}.png")
         (images / f"{index}.txt").write_text(f"a plain colour {index}")
     pipe = tiny_sd15()
-    monkeypatch.setattr("diffusers.DiffusionPipeline.from_pretrained", lambda *args, **kwargs: pipe)
+    monkeypatch.setattr("attnsurgery.plugins.distill.load_pipeline", lambda *args, **kwargs: pipe)
     code = distill_main(["--model", "tiny", "--data", str(images), "--out", str(tmp_path / "out"),
                          "--steps", "2", "--batch-size", "2", "--resolution", "64", "--gradient-checkpointing"])
     assert code == 0

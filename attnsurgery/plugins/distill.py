@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..families import detect_family
+from ..pipelines.loading import load_pipeline
 from ..surgery import active_surgeries, apply, resolve_target
 from .convfusion import ConvFusion
 from .convfusion_io import architecture_fingerprint, check_fingerprint
@@ -484,7 +485,7 @@ def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     )
     defaults = DistillConfig()
     parser.add_argument(
-        "--model", required=True, help="diffusers pipeline folder or hub id (SD1.x/SD2.x/SDXL)"
+        "--model", required=True, help="SD1.x/SD2.x/SDXL: reference, a diffusers folder, hub id or single file"
     )
     parser.add_argument(
         "--data",
@@ -528,8 +529,6 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
     Example:
         >>> distill_main(["--model", "./sd15", "--data", "prompts.txt", "--out", "out"])  # doctest: +SKIP
     """
-    from diffusers import DiffusionPipeline
-
     args = distill_parser().parse_args(argv)
     config = DistillConfig(
         preset=args.preset,
@@ -546,7 +545,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
         gate=args.gate,
         seed=args.seed,
     )
-    pipe = DiffusionPipeline.from_pretrained(args.model)
+    pipe = load_pipeline(args.model)
     result = distill(pipe, args.data, args.out, config, resume=args.resume)
     last = result.history[-1]["loss"] if result.history else float("nan")
     print(
