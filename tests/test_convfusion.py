@@ -12,9 +12,6 @@ import attnsurgery as surg
 from attnsurgery import ConvFusion
 from attnsurgery.plugins.convfusion import ConvFusionAttention
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd15, tiny_sdxl
-from tests.single_thread import single_thread  # noqa: F401 (a fixture)
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _unet_call(unet: torch.nn.Module, seed: int = 0, side: int = 8) -> torch.Tensor:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import attnsurgery as surg
-from attnsurgery.plugins.distill import DistillConfig, distill, distill_main
+from attnsurgery.cli import main
+from attnsurgery.plugins.distill import DistillConfig, distill
 from attnsurgery.plugins.distill_data import cache_from_prompts
 from attnsurgery.testing.tiny import tiny_sd15, tiny_sdxl
-from tests.single_thread import single_thread  # noqa: F401 (a fixture)
 
 PROMPTS = ["a red cube", "a blue ball on grass", "two green cones", "a yellow star at night"]
 # The tiny teacher has random weights, so it cannot predict the noise: the noise term is a floor the blocks
@@ -22,7 +22,6 @@ TEST_CONFIG = DistillConfig(loss_weights=(0.0, 1.0, 1.0), min_snr_gamma=None, ba
                             teacher_steps=2)
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +123,8 @@ def test_cli_entry_trains_from_an_image_folder(tmp_path: Path, monkeypatch: pyte
         (images / f"{index}.txt").write_text(f"a plain colour {index}")
     pipe = tiny_sd15()
     monkeypatch.setattr("attnsurgery.plugins.distill.load_pipeline", lambda *args, **kwargs: pipe)
-    code = distill_main(["--model", "tiny", "--data", str(images), "--out", str(tmp_path / "out"),
-                         "--steps", "2", "--batch-size", "2", "--resolution", "64", "--gradient-checkpointing"])
+    code = main(["distill", "--model", "tiny", "--data", str(images), "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--batch-size", "2", "--resolution", "64", "--gradient-checkpointing"])
     assert code == 0
     plugin = surg.ConvFusion.from_pretrained(tmp_path / "out")
     assert len(plugin.blocks) == 16

@@ -529,7 +529,11 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
     Example:
         >>> distill_main(["--model", "./sd15", "--data", "prompts.txt", "--out", "out"])  # doctest: +SKIP
     """
-    args = distill_parser().parse_args(argv)
+    return distill_from_args(distill_parser().parse_args(argv))
+
+
+def distill_from_args(args: argparse.Namespace) -> int:
+    """Run a distillation from parsed ``distill_parser`` arguments (shared with the main CLI)."""
     config = DistillConfig(
         preset=args.preset,
         steps=args.steps,
