@@ -11,6 +11,7 @@ from .context import StepContext
 from .families import Family, detect_family
 from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.base import Plugin, plugin_from_dict
+from .plugins.perturbation import PerturbedAttention
 from .surgery import Surgery, active_surgeries, apply, patched, remove
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "AttentionLayer",
     "Family",
     "ModelInfo",
+    "PerturbedAttention",
     "Plugin",
     "StepContext",
     "Surgery",

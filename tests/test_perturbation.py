@@ -13,7 +13,7 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 
 import attnsurgery as surg
-from attnsurgery.plugins.perturbation import PerturbedAttention
+from attnsurgery import PerturbedAttention
 from attnsurgery.processors.perturb import HeadPerturbationProcessor, PerturbationState
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd3, tiny_sd15, tiny_sd35
 
