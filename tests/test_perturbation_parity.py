@@ -11,8 +11,6 @@ from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline, S
 import attnsurgery as surg
 from attnsurgery.testing.tiny import tiny_sd3, tiny_sd15, tiny_sdxl
 
-torch.set_num_threads(2)
-
 
 def _latents(pipe, **kwargs) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
