@@ -13,7 +13,10 @@ few blocks (random weights: only shapes matter for cost). Peak memory is the CUD
 GPU; on the CPU it is the peak of glibc's heap in use (mallinfo2) sampled after every ATen op, relative to
 the start of the step. Goals (issue): head level <= 2% over layer level; sequential peak <= plain CFG.
 
-Usage: python benchmarks/bench_perturbation.py [--models tiny-sd15,tiny-sd3,sd15,sd3-medium] [--repeats 3]
+Usage (from the repository root):
+    python benchmarks/bench_perturbation.py [--models tiny-sd15,tiny-sd3,sd15,sd3-medium] [--repeats 2]
+        [--threads 1]
+On a CPU shared with other jobs, one thread is far faster than two (OpenMP threads spin while waiting).
 """
 
 from __future__ import annotations
@@ -83,8 +86,7 @@ def peak_bytes(step: Callable[[], object], device: torch.device) -> int:
 
 
 def seconds(step: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up."""
-    step()
+    """Median wall time of `repeats` calls (run after the memory probe, which warms up)."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -218,7 +220,8 @@ def measure(case: Case, repeats: int, device: torch.device) -> list[tuple[str, f
         handle = setup()
         try:
             step = _call(case, step_inputs)
-            rows.append((label, seconds(step, device, repeats), peak_bytes(step, device)))
+            peak = peak_bytes(step, device)
+            rows.append((label, seconds(step, device, repeats), peak))
         finally:
             if handle is not None:
                 handle.remove()
@@ -242,8 +245,8 @@ def print_table(results: dict[str, tuple[str, list[tuple[str, float, int]]]]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny-sd15,tiny-sd3,sd15,sd3-medium")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
