@@ -132,6 +132,17 @@ def test_flux_term_is_the_same_with_true_cfg_and_without(flux):
         torch.testing.assert_close(term_cfg, term_plain, atol=1e-5, rtol=1e-4)
 
 
+def test_runs_with_new_prompts_do_not_reuse_a_stored_shift(flux):
+    """One-step runs from the same seed start from equal latents: only the same tensor object marks a
+    further call at the same step, so the second prompt gets its own perturbed prediction."""
+    size = dict(height=128, width=128, max_sequence_length=16, steps=1)
+    with surg.patched(flux, PerturbedAttention()):
+        _latents(flux, prompt="a red cube", **size)
+        second = _latents(flux, prompt="a blue ball", **size)
+    alone = _with(flux, PerturbedAttention(), prompt="a blue ball", **size)
+    assert torch.equal(second, alone)
+
+
 def test_flux_guidance_distilled_runs_and_scale_is_linear():
     pipe = _pipe(tiny_flux, guidance_embeds=True)
     size = dict(height=128, width=128, max_sequence_length=16, steps=1, guidance_scale=3.5)

@@ -13,8 +13,8 @@ term is a difference) then gains exactly s_t d, so the wrapper needs neither w n
 in a local variable.) What the wrapper must know is which rows are conditional: it reads the pipeline's
 `do_classifier_free_guidance` property at call time (SD, SDXL, SD3 pipelines batch [uncond, cond] when it
 is true); a pipeline without that property (FLUX) or a bare denoiser is taken to run conditional rows only.
-A further call at the same step (same timestep and same noisy input: FLUX's unconditional pass, SD3's
-skip-layer pass) gets the stored shift without new perturbed rows.
+A further call at the same step (same timestep and the same noisy-input tensor object: FLUX's unconditional
+pass, SD3's skip-layer pass) gets the stored shift without new perturbed rows.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class GuidanceSchedule:
 
 @dataclass
 class _StepMemo:
-    """The last guided step: its inputs and its shift s_t d, for further calls at the same step."""
+    """The last guided step: its timestep, its noisy-input tensor (held, so that its identity cannot be
+    reused) and its per-prompt shift s_t d, for further calls at the same step."""
 
     timestep: torch.Tensor
     sample: torch.Tensor
@@ -105,6 +106,7 @@ class PerturbationGuidance:
         if self._nested:
             return None
         self._call = None
+        self.state.deactivate()  # in case the previous call raised before its forward hook ran
         sample = _sample_of(args, kwargs)
         batch = sample.shape[0]
         progress, timestep = self.clock()
@@ -139,7 +141,7 @@ class PerturbationGuidance:
             eps, eps_p = eps[:batch], eps[batch:]
         shift = call["scale"] * (eps[cond] - eps_p)
         args, kwargs = call["args"], call["kwargs"]
-        self._memo = _StepMemo(_timestep_of(args, kwargs), _sample_of(args, kwargs)[cond], shift)
+        self._memo = _StepMemo(_timestep_of(args, kwargs), _sample_of(args, kwargs), shift)
         return _replace_sample(output, eps + _tile(shift, batch))
 
     # ------------------------------------------------------------------------------------- helpers
@@ -156,16 +158,14 @@ class PerturbationGuidance:
             self.state.deactivate()
 
     def _repeats_last_step(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> bool:
-        """Whether this call predicts again at the step just guided (same timestep, same noisy input)."""
+        """Whether this call predicts again at the step just guided: the pipeline hands over the very same
+        noisy-input tensor (FLUX's unconditional pass, SD3's skip-layer pass) at the same timestep. Object
+        identity, not equal values: a new run with the same seed starts from a new tensor."""
         memo = self._memo
-        if memo is None or sample.shape[0] % memo.sample.shape[0]:
-            return False
-        if sample.shape[1:] != memo.sample.shape[1:]:
+        if memo is None or sample is not memo.sample or sample.shape[0] % memo.shift.shape[0]:
             return False
         timestep = _timestep_of(args, kwargs)
-        if timestep.flatten()[:1].tolist() != memo.timestep.flatten()[:1].tolist():
-            return False
-        return torch.equal(sample[: memo.sample.shape[0]], memo.sample)
+        return timestep.flatten()[:1].tolist() == memo.timestep.flatten()[:1].tolist()
 
 
 def _tile(shift: torch.Tensor, batch: int) -> torch.Tensor:
