@@ -89,7 +89,8 @@ def perturb_heads(
         >>> torch.equal(new[1, 3], v[1, 3]) and torch.equal(new[0], out[0])
         True
     """
-    _check_inputs(q, k, v, out, rows, heads, weights, kind, temperature, image_tokens)
+    _check_tensors(q, k, v, out, (rows, heads, weights))
+    _check_kind(kind, temperature, image_tokens, q.shape[-2], k.shape[-2])
     if rows.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -145,21 +146,10 @@ def _image_only_identity(
     return o_aug[..., :dim] + o_aug[..., dim : dim + 1] * v_img
 
 
-def _check_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    rows: torch.Tensor,
-    heads: torch.Tensor,
-    weights: torch.Tensor,
-    kind: str,
-    temperature: float | None,
-    image_tokens: slice | None,
+def _check_tensors(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, pairs: tuple[torch.Tensor, ...]
 ) -> None:
-    """Raise ValueError naming the bad input and the fix."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown perturbation kind {kind!r}; use one of {KINDS}")
+    """Raise ValueError naming a shape mismatch and the fix."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"q, k, v must be [batch, heads, tokens, dim], got "
@@ -167,22 +157,30 @@ def _check_inputs(
         )
     if out.shape != q.shape[:-1] + v.shape[-1:]:
         raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)} and v {tuple(v.shape)}")
-    if not (rows.shape == heads.shape == weights.shape) or rows.ndim != 1:
+    shapes = [tuple(t.shape) for t in pairs]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1:
         raise ValueError(
-            f"rows, heads, weights must be 1-D of equal length, got {tuple(rows.shape)}, "
-            f"{tuple(heads.shape)}, {tuple(weights.shape)}; build them with head_pairs()"
+            f"rows, heads, weights must be 1-D of equal length, got {shapes}; build them with head_pairs()"
         )
-    if kind == "identity" and image_tokens is None and q.shape[-2] != k.shape[-2]:
+
+
+def _check_kind(
+    kind: str, temperature: float | None, image_tokens: slice | None, queries: int, keys: int
+) -> None:
+    """Raise ValueError naming a bad perturbation setting and the fix."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation kind {kind!r}; use one of {KINDS}")
+    if kind == "identity" and image_tokens is None and queries != keys:
         raise ValueError(
-            f"identity attention needs self-attention (as many queries as keys), got {q.shape[-2]} queries "
-            f"and {k.shape[-2]} keys; perturb self-attention layers only"
+            f"identity attention needs self-attention (as many queries as keys), got {queries} queries "
+            f"and {keys} keys; perturb self-attention layers only"
         )
     if kind == "temperature" and (temperature is None or temperature <= 0):
         raise ValueError(f"kind='temperature' needs temperature > 0, got {temperature!r}")
     if image_tokens is not None:
         if kind != "identity":
             raise ValueError(f"image_tokens (joint='image_only') supports kind='identity' only, got {kind!r}")
-        if q.shape[-2] != k.shape[-2] or not 0 <= image_tokens.start <= image_tokens.stop <= q.shape[-2]:
+        if queries != keys or not 0 <= image_tokens.start <= image_tokens.stop <= queries:
             raise ValueError(
-                f"image_tokens {image_tokens} must lie inside a joint self-attention of {q.shape[-2]} tokens"
+                f"image_tokens {image_tokens} must lie inside a joint self-attention of {queries} tokens"
             )
