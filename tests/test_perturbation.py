@@ -90,7 +90,7 @@ def test_unperturbed_rows_and_unselected_heads_are_untouched(sd15):
     x = torch.randn(3, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
     try:
         processor(attn, x)
-        state.activate(2, {MID: torch.tensor([[0.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0]])}, None)
+        state.activate(range(2, 3), {MID: torch.tensor([[0.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0]])}, None)
         processor(attn, x)
     finally:
         hook.remove()
@@ -103,7 +103,7 @@ def test_unperturbed_rows_and_unselected_heads_are_untouched(sd15):
 def test_a_processor_without_sdpa_fails_loudly(sd15):
     attn = sd15.unet.get_submodule(MID)
     state = PerturbationState()
-    state.activate(0, {MID: torch.ones(1, attn.heads)}, None)
+    state.activate(range(1), {MID: torch.ones(1, attn.heads)}, None)
     with pytest.raises(RuntimeError, match="native attention backend"):
         HeadPerturbationProcessor(AttnProcessor(), MID, state)(attn, torch.randn(1, 16, attn.to_q.in_features))
 
@@ -141,6 +141,16 @@ def test_runs_with_new_prompts_do_not_reuse_a_stored_shift(flux):
         second = _latents(flux, prompt="a blue ball", **size)
     alone = _with(flux, PerturbedAttention(), prompt="a blue ball", **size)
     assert torch.equal(second, alone)
+
+
+def test_flux_image_only_on_double_and_single_blocks(flux):
+    """FLUX orders text first; single blocks see one concatenated sequence (image range from the latent grid)."""
+    size = dict(height=128, width=128, max_sequence_length=16, steps=1)
+    plain = _latents(flux, **size)
+    full = _with(flux, PerturbedAttention(layers="all"), **size)
+    image_only = _with(flux, PerturbedAttention(layers="all", joint="image_only"), **size)
+    assert (image_only - plain).abs().max() > 1e-3 and (image_only - full).abs().max() > 1e-3
+    assert torch.isfinite(image_only).all()
 
 
 def test_flux_guidance_distilled_runs_and_scale_is_linear():

@@ -12,9 +12,9 @@ import attnsurgery as surg
 from attnsurgery.testing.tiny import tiny_sd3, tiny_sd15, tiny_sdxl
 
 
-def _latents(pipe, **kwargs) -> torch.Tensor:
+def _latents(pipe, prompt: str | list[str] = "a red cube", **kwargs) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    return pipe("a red cube", generator=generator, output_type="latent", num_inference_steps=2, **kwargs).images
+    return pipe(prompt, generator=generator, output_type="latent", num_inference_steps=2, **kwargs).images
 
 
 def _pag_pipeline(cls, pipe, layers: str):
@@ -58,10 +58,11 @@ def test_sdxl_mid_block_matches_diffusers_pag():
 
 @pytest.mark.parametrize("guidance_scale", [4.0, 1.0], ids=["cfg", "no-cfg"])
 def test_sd3_image_only_matches_diffusers_pag(guidance_scale):
-    """4 blocks, so diffusers' regex "blocks.1" selects exactly transformer_blocks.1 as ours does."""
+    """4 blocks, so diffusers' regex "blocks.1" selects exactly transformer_blocks.1 as ours does; two
+    prompts, so that every perturbed row must be perturbed."""
     pipe = tiny_sd3(num_layers=4)
     pipe.set_progress_bar_config(disable=True)
     pag = _pag_pipeline(StableDiffusion3PAGPipeline, pipe, "blocks.1")
     plugin = surg.PerturbedAttention(scale=3.0, layers="transformer_blocks.1", joint="image_only")
     _assert_parity(pipe, pag, plugin, height=128, width=128, guidance_scale=guidance_scale,
-                   max_sequence_length=16)
+                   max_sequence_length=16, prompt=["a red cube", "a blue ball"])

@@ -121,7 +121,8 @@ class PerturbationGuidance:
                       "kwargs": kwargs}
         if self.sequential:
             return None
-        self.state.activate(batch, self.head_weights(), self.image_tokens())
+        perturbed = cond.stop - cond.start
+        self.state.activate(range(batch, batch + perturbed), self.head_weights(), self.image_tokens())
         new_args = _with_rows(args, batch, cond, append=True)
         return new_args, _with_rows(kwargs, batch, cond, append=True, top=True)
 
@@ -149,7 +150,7 @@ class PerturbationGuidance:
         """The conditional rows once more, all of them perturbed (peak memory: the smaller batch)."""
         args = _with_rows(call["args"], call["batch"], call["cond"], append=False)
         kwargs = _with_rows(call["kwargs"], call["batch"], call["cond"], append=False, top=True)
-        self.state.activate(0, self.head_weights(), self.image_tokens())
+        self.state.activate(range(call["cond"].stop - call["cond"].start), self.head_weights(), self.image_tokens())
         self._nested = True
         try:
             return _sample_out(module(*args, **kwargs))

@@ -52,21 +52,26 @@ class PerturbationState:
     num_image_tokens: int | None = None
 
     def activate(
-        self, first_row: int, weights: Mapping[str, torch.Tensor], num_image_tokens: int | None
+        self, rows: range, weights: Mapping[str, torch.Tensor], num_image_tokens: int | None
     ) -> None:
-        """Perturb rows first_row, first_row + 1, ... with per-row head weights.
+        """Perturb the batch rows `rows` with per-row head weights.
 
         Args:
-            first_row: batch index of the first perturbed row.
-            weights: layer path -> [perturbed rows, heads] weights on the CPU; row r of a table is batch row
-                first_row + r, so every row can carry its own head set.
+            rows: the perturbed batch rows (consecutive).
+            weights: layer path -> [len(rows), heads] weights on the CPU, row r of a table for batch row
+                rows[r], so every row can carry its own head set; a [1, heads] table applies to every row.
             num_image_tokens: image tokens of a joint sequence (for image_only), else None.
         """
         self.plans = {}
         for path, table in weights.items():
-            rows, heads, w = head_pairs(table)
-            if rows.numel():
-                self.plans[path] = LayerPlan(rows + first_row, heads, w)
+            if table.shape[0] not in (1, len(rows)):
+                raise ValueError(
+                    f"head weights for {path!r} have {table.shape[0]} rows for {len(rows)} perturbed batch rows; "
+                    "give one row per perturbed row, or a single row for all of them"
+                )
+            table_rows, heads, w = head_pairs(table.expand(len(rows), -1))
+            if table_rows.numel():
+                self.plans[path] = LayerPlan(table_rows + rows.start, heads, w)
         self.num_image_tokens = num_image_tokens
 
     def deactivate(self) -> None:
