@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import (
@@ -14,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import attnsurgery as surg
 from attnsurgery import PerturbedAttention
+from attnsurgery.pipelines.guidance import GuidanceSchedule
 from attnsurgery.processors.perturb import HeadPerturbationProcessor, PerturbationState
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd3, tiny_sd15, tiny_sd35
 
@@ -215,6 +218,21 @@ def test_sd15_img2img_inpaint_and_controlnet(sd15, variant):
 def test_config_round_trips():
     plugin = PerturbedAttention(scale=2.0, heads=("transformer_blocks.1.attn:3", (2, 5)), soft=0.5)
     assert surg.plugin_from_dict(plugin.to_dict()) == plugin
+
+
+def test_schedule_adaptive_scale_and_window():
+    """diffusers' s_t = max(0, s - a (1000 - t)), and nothing outside [start, stop]."""
+    schedule = GuidanceSchedule(scale=3.0, adaptive_scale=0.01, start=0.0, stop=0.5)
+    assert schedule.at(0.0, 981.0) == pytest.approx(3.0 - 0.01 * 19)
+    assert schedule.at(0.25, 500.0) == 0.0
+    assert schedule.at(0.75, 999.0) == 0.0
+    assert GuidanceSchedule(scale=3.0).at(1.0, 1.0) == 3.0
+
+
+def test_head_set_files_are_a_later_feature(sd3):
+    with pytest.raises(NotImplementedError, match="HeadHunter"):
+        surg.apply(sd3, PerturbedAttention(heads=Path("heads.json")))
+    assert not surg.active_surgeries(sd3)
 
 
 def test_remove_restores_the_processors(sd3):

@@ -13,6 +13,8 @@ term is a difference) then gains exactly s_t d, so the wrapper needs neither w n
 in a local variable.) What the wrapper must know is which rows are conditional: it reads the pipeline's
 `do_classifier_free_guidance` property at call time (SD, SDXL, SD3 pipelines batch [uncond, cond] when it
 is true); a pipeline without that property (FLUX) or a bare denoiser is taken to run conditional rows only.
+With `guidance_rescale` > 0 the pipeline's rescale sees eps_c + s_t d as the text prediction (diffusers' PAG
+pipelines pass eps_c); without it the results agree.
 A further call at the same step (same timestep and the same noisy-input tensor object: FLUX's unconditional
 pass, SD3's skip-layer pass) gets the stored shift without new perturbed rows.
 """
