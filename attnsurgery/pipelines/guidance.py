@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from attnsurgery.processors.perturb import PerturbationState
+from ..processors.perturb import PerturbationState
 
 # Denoiser kwargs that are not batched even though they are tensors (FLUX's 2-D position ids).
 _UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})

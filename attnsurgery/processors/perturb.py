@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from attnsurgery.ops.perturb import head_pairs, perturb_heads
-from attnsurgery.processors.base import WrappingProcessor
-from attnsurgery.processors.sdpa_intercept import FirstAttentionCall
+from ..ops.perturb import head_pairs, perturb_heads
+from .base import WrappingProcessor
+from .sdpa_intercept import FirstAttentionCall
 
 
 @dataclass
