@@ -29,31 +29,21 @@ def run_pipe(pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64,
     return torch.from_numpy(out.images)
 
 
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def _pipeline_fixture(builder):
+    """A fresh tiny pipeline per test (building one takes well under a second), progress bars off."""
+
+    @pytest.fixture
+    def fixture():
+        pipe = builder()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    fixture.__doc__ = builder.__doc__
+    return fixture
 
 
-@pytest.fixture
-def sd15():
-    return _quiet(tiny.tiny_sd15())
-
-
-@pytest.fixture
-def sdxl():
-    return _quiet(tiny.tiny_sdxl())
-
-
-@pytest.fixture
-def sd3():
-    return _quiet(tiny.tiny_sd3())
-
-
-@pytest.fixture
-def sd35():
-    return _quiet(tiny.tiny_sd35())
-
-
-@pytest.fixture
-def flux():
-    return _quiet(tiny.tiny_flux())
+sd15 = _pipeline_fixture(tiny.tiny_sd15)
+sdxl = _pipeline_fixture(tiny.tiny_sdxl)
+sd3 = _pipeline_fixture(tiny.tiny_sd3)
+sd35 = _pipeline_fixture(tiny.tiny_sd35)
+flux = _pipeline_fixture(tiny.tiny_flux)
