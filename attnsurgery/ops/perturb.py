@@ -95,28 +95,34 @@ def perturb_heads(
         return out
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     index = (rows, heads)
-    qp, kp, vp, op = q[index], k[index], v[index], out[index]  # [P, tokens, dim]
+    op = out[index]  # [P, queries, dim]
     u = weights.to(out.dtype).view(-1, 1, 1)
     if image_tokens is not None:
-        target = _image_only_identity(qp, kp, vp, image_tokens, scale)
+        target = _image_only_identity(q[index], k[index], v[index], image_tokens, scale)
         blended = op.clone()
         blended[:, image_tokens] = torch.lerp(op[:, image_tokens], target, u)
     else:
-        blended = torch.lerp(op, _perturbed_output(qp, kp, vp, kind, scale, temperature).expand_as(op), u)
+        blended = torch.lerp(op, _perturbed_output(q, k, v, index, kind, scale, temperature).expand_as(op), u)
     return out.index_put(index, blended)
 
 
 def _perturbed_output(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, scale: float, temperature: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: tuple[torch.Tensor, torch.Tensor],
+    kind: str,
+    scale: float,
+    temperature: float | None,
 ) -> torch.Tensor:
-    """P V for the gathered pairs [P, tokens, dim]; broadcastable to the queries."""
+    """P V for the pairs in `index`, [P, queries or 1, dim]; gathers only the inputs the kind reads."""
     if kind == "identity":
-        return v
+        return v[index]
     if kind == "uniform":
-        return v.mean(dim=-2, keepdim=True)
+        return v[index].mean(dim=-2, keepdim=True)
     if kind == "mean_query":
-        return F.scaled_dot_product_attention(q.mean(dim=-2, keepdim=True), k, v, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale / temperature)
+        return F.scaled_dot_product_attention(q[index].mean(dim=-2, keepdim=True), k[index], v[index], scale=scale)
+    return F.scaled_dot_product_attention(q[index], k[index], v[index], scale=scale / temperature)
 
 
 def _image_only_identity(
