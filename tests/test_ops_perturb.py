@@ -107,6 +107,14 @@ def test_no_pairs_returns_output_and_input_is_not_modified():
     assert torch.equal(out, before)
 
 
+def test_inplace_writes_the_same_result_into_out():
+    q, k, v, out = _inputs(7)
+    pairs = head_pairs(_weights())
+    expected = perturb_heads(q, k, v, out, *pairs, "mean_query")
+    assert perturb_heads(q, k, v, out, *pairs, "mean_query", inplace=True) is out
+    assert torch.equal(out, expected)
+
+
 def test_zero_weight_pairs_are_bit_identical():
     """Explicit zero weights (e.g. a batched head set with soft=0 entries) leave the output untouched."""
     q, k, v, out = _inputs(5)

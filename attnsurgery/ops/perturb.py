@@ -63,10 +63,11 @@ def perturb_heads(
     scale: float | None = None,
     temperature: float | None = None,
     image_tokens: slice | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Blend the attention output of the selected (row, head) pairs toward their perturbed output.
 
-    Pairs not listed are returned bit-identical; the input `out` is not modified.
+    Pairs not listed are returned bit-identical; the input `out` is not modified unless `inplace`.
 
     Args:
         q: queries [batch, heads, queries, dim].
@@ -81,6 +82,7 @@ def perturb_heads(
         temperature: tau > 0 for kind="temperature" (tau > 1 flattens the map).
         image_tokens: for kind="identity" on a joint image+text sequence, the image query/key range; the
             identity is then put on the image-image block only (diffusers' SD3 PAG variant).
+        inplace: write into `out` (saves a copy of it; only where autograd does not need `out`).
 
     Example:
         >>> q = k = v = torch.randn(2, 4, 16, 8)
@@ -103,7 +105,7 @@ def perturb_heads(
         blended[:, image_tokens] = torch.lerp(op[:, image_tokens], target, u)
     else:
         blended = torch.lerp(op, _perturbed_output(q, k, v, index, kind, scale, temperature).expand_as(op), u)
-    return out.index_put(index, blended)
+    return out.index_put_(index, blended) if inplace else out.index_put(index, blended)
 
 
 def _perturbed_output(

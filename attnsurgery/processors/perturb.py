@@ -121,7 +121,8 @@ class HeadPerturbationProcessor(WrappingProcessor):
         out: torch.Tensor,
         call: dict[str, Any],
     ) -> torch.Tensor:
-        """Blend the planned (row, head) pairs; SDPA's own scale is kept."""
+        """Blend the planned (row, head) pairs; SDPA's own scale is kept. Without autograd the fresh SDPA
+        output is edited in place (one copy of it less at the peak)."""
         if call["attn_mask"] is not None and self.state.kind != "identity":
             raise NotImplementedError(
                 f"kind={self.state.kind!r} on layer {self.path!r} with an attention mask is not supported; "
@@ -131,5 +132,5 @@ class HeadPerturbationProcessor(WrappingProcessor):
         return perturb_heads(
             q, k, v, out, rows, heads, weights, self.state.kind,
             scale=call["scale"], temperature=self.state.temperature,
-            image_tokens=self.state.image_tokens(q.shape[-2]),
+            image_tokens=self.state.image_tokens(q.shape[-2]), inplace=not torch.is_grad_enabled(),
         )
