@@ -12,6 +12,8 @@ from .families import Family, detect_family
 from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.agent import AgentAttention, AgentPhase
 from .plugins.base import Plugin, plugin_from_dict
+from .plugins.convfusion import ConvFusion
+from .plugins.perturbation import PerturbedAttention
 from .plugins.token_merging import TokenMerging
 from .surgery import Surgery, active_surgeries, apply, patched, remove
 
@@ -21,8 +23,10 @@ __all__ = [
     "AgentAttention",
     "AgentPhase",
     "AttentionLayer",
+    "ConvFusion",
     "Family",
     "ModelInfo",
+    "PerturbedAttention",
     "Plugin",
     "StepContext",
     "Surgery",
