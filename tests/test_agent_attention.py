@@ -179,3 +179,16 @@ def test_config_round_trip_and_bad_input(sd15):
         surg.AgentPhase(1.0, 2, 2, 0.4, 1.5)
     with pytest.raises(ValueError, match="conflict"):
         surg.apply(sd15, surg.AgentAttention(), surg.TokenMerging())
+
+
+def test_agent_and_head_perturbation_on_one_layer_conflict_in_either_order(sd15):
+    layer = "down_blocks.0.attentions.0"
+    agent = surg.AgentAttention(layers=layer)
+    pag = surg.PerturbedAttention(scale=2.0, layers=layer)
+    for plugins in [(agent, pag), (pag, agent)]:
+        with pytest.raises(ValueError, match="conflict at down_blocks.0.attentions.0.transformer_blocks.0.attn1"):
+            surg.apply(sd15, *plugins)
+        assert surg.active_surgeries(sd15) == []
+    # on different layers they stack (the defaults: agents on the top level, PAG on the mid block)
+    with surg.patched(sd15, surg.AgentAttention(), surg.PerturbedAttention(scale=2.0)) as handle:
+        assert "mid_block.attentions.0.transformer_blocks.0.attn1" in handle.sites

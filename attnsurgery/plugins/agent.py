@@ -129,4 +129,6 @@ class AgentAttention(Plugin):
                 **machinery,
             )
 
-        install_merging(surgery, self, self.layers, self.seed, self.use_rand, make_processor)
+        # Agent steps compute attention with two SDPA calls of their own, not through the inner processor,
+        # so a head perturbation on the same layer would be skipped or hit the wrong call: claim "heads" too.
+        install_merging(surgery, self, self.layers, self.seed, self.use_rand, make_processor, extra_roles=("heads",))

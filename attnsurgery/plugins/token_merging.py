@@ -54,6 +54,7 @@ def install_merging(
     seed: int | None,
     use_rand: bool,
     make_processor: ProcessorFactory,
+    extra_roles: tuple[str, ...] = (),
 ) -> None:
     """Wrap the processors of the selected self-attention layers with merging processors.
 
@@ -68,6 +69,7 @@ def install_merging(
         seed: the plugin's seed (else the surgery's).
         use_rand: random dst position per cell; False uses position 0.
         make_processor: ``make_processor(inner, context=, block_input=, generator=)`` builds the wrapper.
+        extra_roles: roles claimed besides ``tokens`` (see ``attnsurgery.surgery.ROLES``).
     """
     context = surgery.context
     for layer in surgery.model.select(layers, kinds=("self",)):
@@ -87,6 +89,8 @@ def install_merging(
             generator=generator if use_rand else None,
         )
         surgery.set_processor(layer, processor, role="tokens")
+        for role in extra_roles:
+            surgery.claim(layer.path, role)
 
 
 @dataclass(frozen=True)
