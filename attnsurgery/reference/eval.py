@@ -128,3 +128,41 @@ def evaluate(
             bar.update(len(chunk))
             bar.set_postfix(fidelity=f"{np.mean([s.correct for s in scores]):.3f}")
     return EvalReport(summarize(scores), size, seconds / len(pairs), tuple(scores))
+
+
+#: The model card's evaluation: (label, objects per prompt, image size, pairs). The gate is the first row.
+CARD_SUITE: tuple[tuple[str, int | None, int, int], ...] = (
+    ("one object", 1, 64, 200),
+    ("two objects", 2, 64, 100),
+    ("three objects", 3, 64, 100),
+    ("mixed, 2x", None, 128, 40),
+    ("mixed, 4x", None, 256, 12),
+)
+
+
+def evaluation_table(
+    generate: Generate,
+    suite: Sequence[tuple[str, int | None, int, int]] = CARD_SUITE,
+    batch_size: int = 16,
+) -> list[str]:
+    """Run ``suite`` and return it as markdown table lines (the model card's evaluator numbers).
+
+    Args:
+        generate: the sampler under test, e.g. ``pipeline_sampler(load_reference_pipeline())``.
+        suite: rows of (label, objects per prompt or None for mixed, size in px, number of pairs).
+        batch_size: pairs per ``generate`` call.
+    """
+    lines = [
+        "| prompts | size | pairs | fidelity | duplication rate | mean extra objects | clean shapes "
+        "| s/image |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for start, (label, num_objects, size, count) in enumerate(suite):
+        pairs = heldout_pairs(count, num_objects, start=start * 100_000)
+        m = evaluate(generate, pairs, size=size, batch_size=batch_size)
+        k = m.metrics
+        lines.append(
+            f"| {label} | {size} | {k.samples} | {k.fidelity:.3f} | {k.duplication_rate:.3f} | "
+            f"{k.mean_extra_objects:.3f} | {k.clean_shape_rate:.3f} | {m.seconds_per_image:.2f} |"
+        )
+    return lines

@@ -27,15 +27,26 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from attnsurgery.reference.model import build_reference_pipeline, save_reference_weights
-from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, make_scene, render
+from attnsurgery.reference.eval import evaluation_table, pipeline_sampler
+from attnsurgery.reference.evaluator import score
+from attnsurgery.reference.model import (
+    build_reference_pipeline,
+    load_reference_pipeline,
+    save_reference_weights,
+)
+from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, Scene, heldout_seed, make_scene, render
 
 #: Training scenes draw 1, 2 or 3 objects with these probabilities (one-object prompts are the gate).
-OBJECT_COUNT_PROBS = (0.4, 0.3, 0.3)
+OBJECT_COUNT_PROBS = (0.5, 0.25, 0.25)
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0  # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
 KL_WEIGHT = 1e-6
 CHECKPOINT_FILE = "checkpoint.pt"
+#: Creating this file in the output folder ends the UNet stage early; the weights are still written.
+STOP_FILE = "STOP"
+#: The VAE stage stops once reconstructions of these held-out probe scenes pass the evaluator.
+VAE_PROBE_SCENES = 48
+VAE_PROBE_EVERY = 50
 
 
 @dataclass
@@ -43,13 +54,14 @@ class TrainConfig:
     """Everything that determines the trained weights (recorded in the model card)."""
 
     seed: int = 0
-    vae_steps: int = 400
+    vae_steps: int = 1500
     vae_batch_size: int = 16
     vae_crop: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
+    vae_target_fidelity: float = 0.97
     steps: int = 3000
-    batch_size: int = 32
-    lr: float = 6e-4
+    batch_size: int = 16
+    lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.995
 
@@ -82,13 +94,27 @@ def _random_crops(images: torch.Tensor, crop: int, rng: np.random.Generator) -> 
     return torch.stack(out)
 
 
+def reconstruction_fidelity(vae: torch.nn.Module, scenes: list[Scene]) -> float:
+    """Fraction of ``scenes`` whose VAE round trip the evaluator still reads as the caption."""
+    pixels = torch.from_numpy(np.stack([render(s, 64) for s in scenes]))
+    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return float(np.mean([score(p, s.caption).correct for p, s in zip(pixels, scenes, strict=True)]))
+
+
 def train_vae(pipe: StableDiffusionPipeline, cfg: TrainConfig, stream: SceneStream) -> list[float]:
-    """Fit the AutoencoderKL (L1 + MSE + tiny KL), then set its scaling factor to 1 / std(latents)."""
+    """Fit the AutoencoderKL (L1 + MSE + tiny KL) until its round trip keeps held-out scenes readable
+    (``cfg.vae_target_fidelity``) or ``cfg.vae_steps`` run out; then set the scaling factor to
+    1 / std(latents)."""
     vae = pipe.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    losses = []
+    probe = [make_scene(heldout_seed(10**9 + i)) for i in range(VAE_PROBE_SCENES)]
+    losses: list[float] = []
+    fidelity = 0.0
     bar = tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
         images = _random_crops(stream.batch(cfg.vae_batch_size)[0], cfg.vae_crop, stream.rng)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -97,14 +123,17 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: TrainConfig, stream: SceneStre
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if (step + 1) % VAE_PROBE_EVERY == 0:
+            fidelity = reconstruction_fidelity(vae.eval(), probe)
+            vae.train()
+            if fidelity >= cfg.vae_target_fidelity:
+                break
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", probe_fidelity=f"{fidelity:.2f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(stream.batch(32)[0]).latent_dist.mode() for _ in range(4)])
-        images = stream.batch(32)[0]
-        error = (vae.decode(vae.encode(images).latent_dist.mode()).sample - images).abs().mean()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    bar.write(f"vae: mean absolute reconstruction error {error:.4f} (images in [-1, 1])")
+    bar.write(f"vae: {len(losses)} steps, round-trip fidelity on {len(probe)} held-out scenes {fidelity:.3f}")
     return losses
 
 
@@ -128,7 +157,8 @@ def train_denoiser(
 ) -> list[float]:
     """Train UNet + text encoder on latents; the EMA copies replace the pipeline's modules at the end.
 
-    Stops early (and says so in the returned history's length) when ``max_minutes`` runs out.
+    Stops early (the returned history is then shorter) when ``max_minutes`` runs out or a ``STOP`` file
+    appears in ``out``.
     """
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train().requires_grad_(True)
@@ -164,6 +194,9 @@ def train_denoiser(
             torch.save(state, out / CHECKPOINT_FILE)
         if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
             bar.write(f"stopping at step {step + 1}: --max-minutes {max_minutes} reached")
+            break
+        if (out / STOP_FILE).exists():
+            bar.write(f"stopping at step {step + 1}: {out / STOP_FILE} exists")
             break
     pipe.unet.load_state_dict(ema["unet"].state_dict())
     pipe.text_encoder.load_state_dict(ema["text_encoder"].state_dict())
@@ -228,6 +261,7 @@ def train(cfg: TrainConfig, out: Path, max_minutes: float | None = None) -> Stab
         >>> train(TrainConfig(vae_steps=2, steps=2), Path("/tmp/ref"))  # doctest: +SKIP
     """
     out.mkdir(parents=True, exist_ok=True)
+    (out / STOP_FILE).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)  # module initialisation only; data and noise use private generators
     begin = time.monotonic()
     pipe = build_reference_pipeline()
@@ -268,12 +302,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
+    parser.add_argument("--eval", action="store_true",
+                        help="after training (or alone with --eval-only), put evaluator numbers in the card")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the weights already in --out")
+    parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale used by the evaluation")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eval_only:
+        evaluate_into_card(args.out, args.cfg)
+        return
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr)
     train(cfg, args.out, args.max_minutes)
+    if args.eval:
+        evaluate_into_card(args.out, args.cfg)
+
+
+def evaluate_into_card(out: Path, guidance_scale: float = 7.5, steps: int = 20) -> None:
+    """Evaluate the weights in ``out`` on held-out pairs (20 steps, CFG) and rewrite its model card."""
+    pipe = load_reference_pipeline(weights_dir=out)
+    pipe.set_progress_bar_config(disable=True)
+    table = evaluation_table(pipeline_sampler(pipe, num_inference_steps=steps, guidance_scale=guidance_scale))
+    record = json.loads((out / "training.json").read_text())
+    setting = f"DDIM, {steps} steps, guidance scale {guidance_scale}; held-out seeds (never trained on)."
+    record["evaluation"] = [setting, "", *table]
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_model_card(out, record)
+    print("\n".join(table))
 
 
 if __name__ == "__main__":
