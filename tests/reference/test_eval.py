@@ -70,5 +70,6 @@ def test_pipeline_sampler_seeds_each_image_by_its_pair() -> None:
     first = generate(["a red circle", "a blue square"], [1, 2], 64)
     again = generate(["a blue square"], [2], 64)
     assert len(first) == 2 and first[0].shape == (64, 64, 3)
-    assert np.array_equal(first[1], again[0])
-    assert not np.array_equal(first[0], first[1])
+    # Same pair, same image, whatever batch it was in (up to batched-matmul rounding).
+    np.testing.assert_allclose(first[1], again[0], atol=1e-4)
+    assert np.abs(first[0] - first[1]).max() > 0.01

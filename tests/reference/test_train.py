@@ -6,11 +6,13 @@ import json
 
 import torch
 
+from attnsurgery.reference import train as train_module
 from attnsurgery.reference.model import load_reference_pipeline
 from attnsurgery.reference.train import SceneStream, TrainConfig, loss_summary, train
 
 
-def test_two_step_training_writes_loadable_weights_and_card(tmp_path) -> None:
+def test_two_step_training_writes_loadable_weights_and_card(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)  # keep the test cheap
     cfg = TrainConfig(vae_steps=2, vae_batch_size=2, steps=2, batch_size=2, warmup_steps=1)
     train(cfg, tmp_path)
     record = json.loads((tmp_path / "training.json").read_text())
