@@ -26,7 +26,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from attnsurgery.reference.eval import evaluation_table, pipeline_sampler
+from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, pipeline_sampler
 from attnsurgery.reference.evaluator import score
 from attnsurgery.reference.model import (
     build_reference_pipeline,
@@ -257,9 +257,13 @@ def write_model_card(out: Path, record: dict) -> None:
     ]
     for stage in ("vae", "unet"):
         lines += [f"| {stage} | {s} | {v:.4f} |" for s, v in record[f"{stage}_loss"]]
-    evaluation = record.get("evaluation")
-    if evaluation:
-        lines += ["", "## Evaluator numbers (held-out seeds, analytic evaluator)", "", *evaluation]
+    if record.get("notes"):
+        lines += ["", "## Status", "", *record["notes"]]
+    rows = record.get("evaluation_rows", {})
+    if rows:
+        ordered = [rows[label] for label, *_ in CARD_SUITE if label in rows]
+        lines += ["", "## Evaluator numbers (held-out seeds, analytic evaluator)", "",
+                  record["evaluation_setting"], "", *TABLE_HEADER, *ordered]
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
@@ -317,34 +321,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
     parser.add_argument("--eval", action="store_true",
-                        help="after training (or alone with --eval-only), put evaluator numbers in the card")
+                        help="evaluate after training and put the evaluator numbers into the model card")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights already in --out")
     parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale used by the evaluation")
+    parser.add_argument("--eval-pairs", type=int, nargs=len(CARD_SUITE), default=None,
+                        help=f"pairs per evaluation row ({', '.join(r[0] for r in CARD_SUITE)}); 0 skips")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_only:
-        evaluate_into_card(args.out, args.cfg)
+        evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
         return
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr)
     train(cfg, args.out, args.max_minutes)
     if args.eval:
-        evaluate_into_card(args.out, args.cfg)
+        evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
 
 
-def evaluate_into_card(out: Path, guidance_scale: float = 7.5, steps: int = 20) -> None:
-    """Evaluate the weights in ``out`` on held-out pairs (20 steps, CFG) and rewrite its model card."""
+def evaluate_into_card(
+    out: Path, guidance_scale: float = 7.5, steps: int = 20, counts: list[int] | None = None
+) -> None:
+    """Evaluate the weights in ``out`` on held-out pairs and merge the rows into its model card.
+
+    Args:
+        out: a folder written by ``train``.
+        guidance_scale: classifier-free guidance scale.
+        steps: DDIM steps per image.
+        counts: pairs per ``CARD_SUITE`` row (0 skips a row, keeping any earlier result for it).
+    """
     pipe = load_reference_pipeline(weights_dir=out)
     pipe.set_progress_bar_config(disable=True)
-    table = evaluation_table(pipeline_sampler(pipe, num_inference_steps=steps, guidance_scale=guidance_scale))
-    record = json.loads((out / "training.json").read_text())
-    setting = f"DDIM, {steps} steps, guidance scale {guidance_scale}; held-out seeds (never trained on)."
-    record["evaluation"] = [setting, "", *table]
+    rows = evaluation_rows(pipeline_sampler(pipe, steps, guidance_scale), counts)
+    record = json.loads((out / "training.json").read_text())  # re-read: other evaluations may have landed
+    record["evaluation_setting"] = (
+        f"DDIM, {steps} steps, guidance scale {guidance_scale}; held-out seeds (never trained on)."
+    )
+    record["evaluation_rows"] = {**record.get("evaluation_rows", {}), **rows}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     write_model_card(out, record)
-    print("\n".join(table))
-
-
-if __name__ == "__main__":
-    main()
+    print("\n".join([*TABLE_HEADER, *rows.values()]))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from attnsurgery.reference import train as train_module
 from attnsurgery.reference.model import load_reference_pipeline
-from attnsurgery.reference.train import SceneStream, TrainConfig, loss_summary, train
+from attnsurgery.reference.train import SceneStream, TrainConfig, evaluate_into_card, loss_summary, train
 
 
+@pytest.mark.slow
 def test_two_step_training_writes_loadable_weights_and_card(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)  # keep the test cheap
     cfg = TrainConfig(vae_steps=2, vae_batch_size=2, steps=2, batch_size=2, warmup_steps=1)
@@ -21,6 +23,10 @@ def test_two_step_training_writes_loadable_weights_and_card(tmp_path, monkeypatc
     assert "python -m attnsurgery.reference.train" in card and "| unet | 2 |" in card
     pipe = load_reference_pipeline(weights_dir=tmp_path)
     assert pipe.vae.config.scaling_factor == record["scaling_factor"] != 1.0
+
+    evaluate_into_card(tmp_path, steps=2, counts=[2, 0, 0, 0, 0])
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "| one object | 64 | 2 |" in card and "two objects" not in card
 
 
 def test_scene_stream_is_deterministic_and_in_range() -> None:
