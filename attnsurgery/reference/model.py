@@ -55,7 +55,7 @@ def reference_configs() -> dict[str, dict[str, Any]]:
             "layers_per_block": 2,
             "cross_attention_dim": text_width,
             "attention_head_dim": 4,  # SD1.x semantics: the number of heads (head dims 8, 16, 32)
-            "norm_num_groups": 16,
+            "norm_num_groups": 8,  # >= 4 channels per group, as in SD (one channel per group erases colour)
         },
         "vae": {
             "in_channels": 3,
@@ -65,7 +65,7 @@ def reference_configs() -> dict[str, dict[str, Any]]:
             "block_out_channels": [32, 64, 64],
             "layers_per_block": 1,
             "latent_channels": 4,
-            "norm_num_groups": 32,
+            "norm_num_groups": 8,  # >= 4 channels per group: per-channel norms make flat colours drift
             "sample_size": NATIVE_SIZE,
             "scaling_factor": 1.0,  # replaced by 1 / std(latents) after the VAE is trained
         },
