@@ -361,3 +361,7 @@ def evaluate_into_card(
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     write_model_card(out, record)
     print("\n".join([*TABLE_HEADER, *rows.values()]))
+
+
+if __name__ == "__main__":
+    main()

@@ -39,3 +39,12 @@ def test_scene_stream_is_deterministic_and_in_range() -> None:
 def test_loss_summary_spans_the_whole_run() -> None:
     assert loss_summary([4.0, 2.0, 1.0, 1.0], rows=2) == [(2, 3.0), (4, 1.0)]
     assert loss_summary([]) == []
+
+
+def test_module_runs_as_a_script() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "attnsurgery.reference.train", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "--steps" in result.stdout and "--eval-pairs" in result.stdout
