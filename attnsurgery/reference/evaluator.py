@@ -3,7 +3,8 @@
 Pixels are assigned to the nearest palette colour when it is close (``COLOUR_THRESHOLD``) and closer
 than the background (the median border colour); blur and background fall out. Each colour's connected
 components above a minimum area are objects; an object's shape follows from how much of its bounding
-box it fills (square ~1.0, circle ~pi/4, triangle ~0.5) and its aspect ratio.
+box it fills (square ~1.0, circle ~pi/4, triangle ~0.5) and its aspect ratio. Scenes never overlap
+objects' boxes, so a component inside a larger object's box is that object's fringe and is dropped.
 
 Example:
     >>> from attnsurgery.reference.shapes import make_scene, render
@@ -184,7 +185,25 @@ def detect(image: np.ndarray | Image.Image | torch.Tensor) -> list[Detection]:
         for component in ids[counts >= min_area]:
             ys, xs = np.nonzero(components == component)
             found.append(_classify(_PALETTE_NAMES[index], ys, xs))
-    return sorted(found, key=lambda d: -d.area)
+    return _drop_fringes(sorted(found, key=lambda d: -d.area))
+
+
+def _overlap(a: Detection, b: Detection) -> bool:
+    (ay, ax, ah, aw), (by, bx, bh, bw) = a.bbox, b.bbox
+    return ay < by + bh and by < ay + ah and ax < bx + bw and bx < ax + aw
+
+
+def _drop_fringes(detections: list[Detection]) -> list[Detection]:
+    """Drop components whose bounding box overlaps a larger object's (largest first).
+
+    Scenes never overlap objects' boxes, so such a component is a fringe of another hue that soft,
+    decoded edges leave around an object (a red disc ringed with orange), not an object of its own.
+    """
+    kept: list[Detection] = []
+    for detection in detections:
+        if not any(_overlap(detection, bigger) for bigger in kept):
+            kept.append(detection)
+    return kept
 
 
 def score(image: np.ndarray | Image.Image | torch.Tensor, prompt: str) -> SampleScore:

@@ -64,6 +64,15 @@ def test_detects_wrong_colour_missing_and_duplicated_objects() -> None:
     assert metrics.mean_extra_objects == pytest.approx(1 / 3)
 
 
+def test_a_fringe_of_another_hue_is_not_an_object() -> None:
+    """Decoded edges can ring an object with a neighbouring hue; the ring sits inside the object's box."""
+    image = render(_scene(ShapeObject("orange", "circle", 0.5, 0.5, 0.32)), 64)
+    inner = render(_scene(ShapeObject("red", "circle", 0.5, 0.5, 0.25)), 64)
+    red = np.all(inner == PALETTE["red"], axis=-1)
+    image[red] = PALETTE["red"]
+    assert [(d.colour, d.shape) for d in detect(image)] == [("red", "circle")]
+
+
 def test_blank_and_off_palette_images_hold_no_objects() -> None:
     assert detect(np.full((64, 64, 3), 220, np.uint8)) == []
     grey_square = render(_scene(BLUE_SQUARE))
