@@ -68,7 +68,7 @@ def test_save_and_load_round_trip_in_fp16(pipe: StableDiffusionPipeline, tmp_pat
 
 def test_missing_weights_give_an_actionable_error(tmp_path) -> None:
     assert not has_reference_weights(tmp_path)
-    with pytest.raises(RuntimeError, match="attnsurgery.reference.train"):
+    with pytest.raises(FileNotFoundError, match="attnsurgery.reference.train"):
         load_reference_pipeline(weights_dir=tmp_path)
 
 
