@@ -34,7 +34,9 @@ def reference_window_attention(q, k, v, grid: WindowGrid) -> torch.Tensor:
     rows = torch.arange(grid.height).repeat_interleave(grid.width)
     cols = torch.arange(grid.width).repeat(grid.height)
     wh, ww = grid.window
-    window_id = ((rows - grid.shift[0]) % grid.height // wh) * grid.cols + (cols - grid.shift[1]) % grid.width // ww
+    window_row = (rows - grid.shift[0]) % grid.height // wh
+    window_col = (cols - grid.shift[1]) % grid.width // ww
+    window_id = window_row * grid.cols + window_col
     same_window = window_id[:, None] == window_id[None, :]
 
     def heads(x):
