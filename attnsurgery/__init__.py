@@ -1,3 +1,32 @@
-"""attnsurgery: attention surgery for diffusion pipelines, applied at runtime and undone exactly."""
+"""attnsurgery: attention surgery for diffusion pipelines, applied at runtime and undone exactly.
+
+Example:
+    >>> import attnsurgery as surg
+    >>> handle = surg.apply(pipe, *plugins)
+    >>> image = pipe("a castle").images[0]
+    >>> handle.remove()          # or surg.remove(pipe), or `with surg.patched(pipe, *plugins):`
+"""
+
+from .context import StepContext
+from .families import Family, detect_family
+from .inventory import AttentionLayer, ModelInfo, describe
+from .plugins.base import Plugin, plugin_from_dict
+from .surgery import Surgery, active_surgeries, apply, patched, remove
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AttentionLayer",
+    "Family",
+    "ModelInfo",
+    "Plugin",
+    "StepContext",
+    "Surgery",
+    "active_surgeries",
+    "apply",
+    "describe",
+    "detect_family",
+    "patched",
+    "plugin_from_dict",
+    "remove",
+]

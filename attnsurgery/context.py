@@ -1,0 +1,188 @@
+"""The step clock: one place that knows *when* and *where* a denoiser call happens.
+
+A forward pre-hook on the denoiser fills a :class:`StepContext` from the arguments of each call: the
+raw timestep, its position in the pipeline scheduler's schedule (so progress is right for DDIM, Euler,
+DPM++, flow matching, img2img with strength < 1, interrupted runs and a new step count on the next call),
+the latent grid and the batch size. Processors read the context; nobody counts calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .families import Family
+
+__all__ = ["StepContext", "locate_timestep", "make_clock_hook"]
+
+MAX_LEVELS = 8
+
+
+@dataclass
+class StepContext:
+    """Per-call state of one surgery, refreshed before every denoiser call.
+
+    Attributes:
+        family: the denoiser's family (patch size, token order).
+        timestep: the raw timestep the denoiser received (first batch element), or None before any call.
+        progress: position in the denoising schedule in [0, 1]: 0 at the first (noisiest) step.
+        step_index: index of the current step in the scheduler's schedule, None for a bare denoiser.
+        num_steps: number of distinct steps in that schedule, None for a bare denoiser.
+        latent_hw: latent grid (rows, cols) in latent cells.
+        batch_size: rows in the denoiser's batch (CFG doubles it).
+        roles: per-row roles ("uncond", "cond", "perturbed") when a guidance plugin set them.
+    """
+
+    family: Family
+    timestep: float | None = None
+    progress: float = 0.0
+    step_index: int | None = None
+    num_steps: int | None = None
+    latent_hw: tuple[int, int] | None = None
+    batch_size: int | None = None
+    roles: tuple[str, ...] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Forget the last call (what a fresh surgery sees)."""
+        self.timestep = None
+        self.progress = 0.0
+        self.step_index = self.num_steps = None
+        self.latent_hw = None
+        self.batch_size = None
+        self.roles = None
+        self.extras.clear()
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """Requested image size in pixels, derived from the latent grid."""
+        if self.latent_hw is None:
+            return None
+        f = self.family.vae_scale_factor
+        return self.latent_hw[0] * f, self.latent_hw[1] * f
+
+    def in_first(self, fraction: float) -> bool:
+        """True while the current step lies in the first ``fraction`` of the schedule.
+
+        With a known schedule of N steps this is ``step_index < floor(N * fraction)`` (HiDiffusion's rule);
+        for a bare denoiser it falls back to ``progress < fraction``.
+        """
+        if self.step_index is not None and self.num_steps is not None:
+            return self.step_index < math.floor(self.num_steps * fraction + 1e-9)
+        return self.progress < fraction
+
+    def token_grids(self) -> list[tuple[int, int]]:
+        """Image-token grids this call can produce: every U-Net level, or the DiT patch grid."""
+        if self.latent_hw is None:
+            raise RuntimeError("the step clock has not seen a denoiser call yet; no token grid is known")
+        h, w = self.latent_hw
+        if self.family.kind == "unet":
+            return [(math.ceil(h / 2**k), math.ceil(w / 2**k)) for k in range(MAX_LEVELS)]
+        p = self.family.patch_size
+        return [(math.ceil(h / p), math.ceil(w / p))]
+
+    def grid_for(self, num_tokens: int) -> tuple[int, int]:
+        """Grid (rows, cols) of an attention call over ``num_tokens`` image tokens.
+
+        Raises:
+            ValueError: no level of the current latent holds that many tokens (e.g. a text sequence).
+        """
+        grids = self.token_grids()
+        for grid in grids:
+            if grid[0] * grid[1] == num_tokens:
+                return grid
+        raise ValueError(
+            f"{num_tokens} tokens match no token grid of the current {self.latent_hw} latent "
+            f"(grids: {grids[:5]}); is this layer attending over image tokens?"
+        )
+
+
+def _unique_in_order(values: torch.Tensor) -> torch.Tensor:
+    """Distinct schedule values in order of first appearance (Heun-style schedulers repeat each one)."""
+    keep = torch.ones(len(values), dtype=torch.bool)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
+
+
+def locate_timestep(t: float, schedule: torch.Tensor | None) -> tuple[int, int] | None:
+    """Find ``t`` in a scheduler's timesteps: ``(step_index, num_steps)`` or None when it is not there.
+
+    FLUX pipelines hand the transformer ``t / 1000`` (the sigma), so both scales are tried. The nearest
+    schedule entry is accepted when it is closer than half the smallest gap between entries (which
+    tolerates half-precision rounding); of the two scales the closer match wins.
+    """
+    if schedule is None or len(schedule) == 0:
+        return None
+    values = _unique_in_order(schedule.detach().double().cpu().flatten())
+    n = len(values)
+    min_gap = float((values[1:] - values[:-1]).abs().min()) if n > 1 else 1.0
+    best: tuple[float, int] | None = None
+    for scale in (1.0, 1e-3):
+        diff = (values * scale - t).abs()
+        index = int(diff.argmin())
+        relative = float(diff[index]) / (min_gap * scale)  # in units of the schedule's spacing
+        if relative < 0.5 and (best is None or relative < best[0]):
+            best = (relative, index)
+    return None if best is None else (best[1], n)
+
+
+def _first_value(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.flatten()[0]) if value.numel() else None
+    return float(value)
+
+
+def _latent_hw(sample: torch.Tensor, family: Family, img_ids: torch.Tensor | None) -> tuple[int, int]:
+    if sample.dim() == 4:
+        return int(sample.shape[-2]), int(sample.shape[-1])
+    if img_ids is not None:  # FLUX packs 2x2 latent patches into tokens; img_ids hold (_, row, col)
+        ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        return rows * family.patch_size, cols * family.patch_size
+    raise ValueError(f"cannot infer the latent grid from a sample of shape {tuple(sample.shape)}")
+
+
+def make_clock_hook(
+    context: StepContext,
+    denoiser: torch.nn.Module,
+    scheduler: Callable[[], Any],
+) -> Callable[..., None]:
+    """A ``register_forward_pre_hook(..., with_kwargs=True)`` hook that refreshes ``context``.
+
+    Args:
+        context: the context to fill.
+        denoiser: the module the hook goes on (its ``forward`` signature names the arguments).
+        scheduler: returns the pipeline's *current* scheduler (users swap schedulers), or None.
+    """
+    signature = inspect.signature(type(denoiser).forward)
+    names = [p for p in signature.parameters if p != "self"]
+    sample_name = names[0]
+
+    def clock_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        sample = bound.get(sample_name)
+        t = _first_value(bound.get("timestep"))
+        context.timestep = t
+        context.roles = None
+        if isinstance(sample, torch.Tensor):
+            context.batch_size = int(sample.shape[0])
+            context.latent_hw = _latent_hw(sample, context.family, bound.get("img_ids"))
+        current = scheduler()
+        found = locate_timestep(t, getattr(current, "timesteps", None)) if t is not None else None
+        if found is not None:
+            context.step_index, context.num_steps = found
+            context.progress = found[0] / found[1]
+        else:
+            context.step_index = context.num_steps = None
+            scale = 1.0 if context.family.name == "flux" else 1000.0  # FLUX passes sigma in [0, 1]
+            context.progress = 0.0 if t is None else min(1.0, max(0.0, 1.0 - t / scale))
+
+    return clock_hook

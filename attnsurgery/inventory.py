@@ -1,0 +1,178 @@
+"""The attention layers of a denoiser, with what plugins need to know about each.
+
+One pass over ``named_modules()`` turns a denoiser into a list of :class:`AttentionLayer` records
+(path, kind, heads, resolution level or block index). Selectors, presets, the CLI's ``inspect`` table
+and every plugin read this list instead of walking the module tree themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .families import Family, detect_family
+
+__all__ = ["AttentionLayer", "ModelInfo", "describe", "is_attention_module", "level_grid"]
+
+LayerKind = Literal["self", "cross", "joint", "single"]
+
+
+def is_attention_module(module: torch.nn.Module) -> bool:
+    """A diffusers attention module: it owns a swappable ``processor`` and knows its head count."""
+    return hasattr(module, "set_processor") and hasattr(module, "processor") and hasattr(module, "heads")
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention module of a denoiser.
+
+    Attributes:
+        path: exact module path inside the denoiser (``down_blocks.0.attentions.1.transformer_blocks.0.attn1``).
+        module: the attention module itself.
+        kind: ``self`` (image tokens attend to image tokens), ``cross`` (image to text),
+            ``joint`` (MMDiT: image and text streams attend jointly), ``single`` (FLUX single-stream block:
+            one concatenated text+image sequence).
+        heads: number of attention heads.
+        head_dim: channels per head.
+        level: U-Net resolution level (0 = full latent resolution, +1 per 2x downsampling); None on DiTs.
+        block_index: DiT block number (FLUX counts double-stream blocks first, then single-stream ones);
+            None on U-Nets.
+    """
+
+    path: str
+    module: torch.nn.Module = field(repr=False, compare=False)
+    kind: LayerKind
+    heads: int
+    head_dim: int
+    level: int | None = None
+    block_index: int | None = None
+
+    @property
+    def is_self_attention(self) -> bool:
+        """True where image tokens attend to themselves (self, joint and single layers)."""
+        return self.kind != "cross"
+
+
+def level_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """Token grid of a U-Net resolution level: every stride-2 conv maps a side ``s`` to ``ceil(s / 2)``."""
+    h, w = latent_hw
+    scale = 2**level
+    return math.ceil(h / scale), math.ceil(w / scale)
+
+
+def _unet_level(path: str, num_levels: int) -> int | None:
+    head, _, rest = path.partition(".")
+    if head == "mid_block":
+        return num_levels - 1
+    index = int(rest.split(".", 1)[0]) if rest[:1].isdigit() else None
+    if index is None:
+        return None
+    if head == "down_blocks":
+        return index
+    if head == "up_blocks":
+        return num_levels - 1 - index
+    return None
+
+
+def _layer_kind(path: str, module: torch.nn.Module, family: Family) -> LayerKind:
+    if family.kind == "unet":
+        return "cross" if getattr(module, "is_cross_attention", False) else "self"
+    if path.startswith("single_transformer_blocks."):
+        return "single"
+    has_text_stream = getattr(module, "added_kv_proj_dim", None) is not None
+    return "joint" if has_text_stream else "self"
+
+
+def _dit_block_index(path: str, denoiser: torch.nn.Module) -> int | None:
+    parts = path.split(".")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    if parts[0] == "transformer_blocks":
+        return int(parts[1])
+    if parts[0] == "single_transformer_blocks":
+        return len(getattr(denoiser, "transformer_blocks", ())) + int(parts[1])
+    return None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A denoiser's family and attention layers: the map every selector and preset reads.
+
+    Example:
+        >>> info = describe(pipe.unet, vae_scale_factor=8)
+        >>> [layer.path for layer in info.select("top", kinds=("self",))][:1]
+        ['down_blocks.0.attentions.0.transformer_blocks.0.attn1']
+    """
+
+    family: Family
+    layers: tuple[AttentionLayer, ...]
+    num_levels: int = 1
+
+    def layer(self, path: str) -> AttentionLayer:
+        """The layer at an exact path (ValueError listing the layers if there is none)."""
+        for layer in self.layers:
+            if layer.path == path:
+                return layer
+        from .selectors import no_match_error
+
+        raise no_match_error(path, self)
+
+    def select(self, selector, kinds: tuple[LayerKind, ...] | None = None) -> list[AttentionLayer]:
+        """Layers matched by a selector (see :mod:`attnsurgery.selectors`), optionally only of some kinds."""
+        from .selectors import select_layers
+
+        return select_layers(self, selector, kinds)
+
+    def select_heads(self, spec, kinds: tuple[LayerKind, ...] | None = None) -> dict[str, frozenset[int] | None]:
+        """Heads matched by a head spec: ``{layer path: heads}`` (None = every head of that layer)."""
+        from .selectors import select_heads
+
+        return select_heads(self, spec, kinds)
+
+    def token_grid(self, layer: AttentionLayer, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Image-token grid a layer sees for a latent of ``latent_hw`` cells."""
+        if layer.level is not None:
+            return level_grid(latent_hw, layer.level)
+        p = self.family.patch_size
+        return math.ceil(latent_hw[0] / p), math.ceil(latent_hw[1] / p)
+
+    def attention_flops(self, layer: AttentionLayer, latent_hw: tuple[int, int]) -> int:
+        """FLOPs of the attention core (Q K^T and A V, 2 FLOPs per multiply-add) for one image."""
+        h, w = self.token_grid(layer, latent_hw)
+        image, text = h * w, self.family.text_tokens
+        queries = image + text if layer.kind in ("joint", "single") else image
+        keys = text if layer.kind == "cross" else queries
+        return 4 * queries * keys * layer.heads * layer.head_dim
+
+
+def describe(denoiser: torch.nn.Module, vae_scale_factor: int | None = None) -> ModelInfo:
+    """Family and attention inventory of a denoiser (read-only: nothing is changed).
+
+    Args:
+        denoiser: a diffusers UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel.
+        vae_scale_factor: pixels per latent cell, when known from the pipeline.
+    """
+    family = detect_family(denoiser, vae_scale_factor)
+    num_levels = len(getattr(denoiser, "down_blocks", ())) or 1
+    layers = []
+    for path, module in denoiser.named_modules():
+        if not path or not is_attention_module(module):
+            continue
+        heads = int(module.heads)
+        head_dim = module.to_q.out_features // heads
+        unet = family.kind == "unet"
+        layers.append(
+            AttentionLayer(
+                path=path,
+                module=module,
+                kind=_layer_kind(path, module, family),
+                heads=heads,
+                head_dim=head_dim,
+                level=_unet_level(path, num_levels) if unet else None,
+                block_index=None if unet else _dit_block_index(path, denoiser),
+            )
+        )
+    return ModelInfo(family, tuple(layers), num_levels)

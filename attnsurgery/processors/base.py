@@ -1,0 +1,56 @@
+"""Base for processors that wrap an attention layer's current processor instead of replacing it.
+
+Wrapping keeps whatever the model's own processor does (LoRA scales, qk_norm, RoPE, IP-Adapter, fused
+projections, the attention backend) and lets several plugins stack on one layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+__all__ = ["WrappingProcessor"]
+
+
+class WrappingProcessor:
+    """A processor holding ``inner`` (the processor it replaced) and delegating to it by default.
+
+    diffusers filters the keyword arguments it passes to a processor by the parameter names of
+    ``processor.__call__``. A wrapper with a generic ``**kwargs`` signature would make diffusers drop
+    ``temb``, ``ip_adapter_masks`` and friends before they reach ``inner``, so each instance exposes the
+    inner processor's signature for that inspection.
+
+    Subclasses override :meth:`__call__` and call ``self.inner(attn, hidden_states, *args, **kwargs)``.
+
+    Example:
+        >>> class Scaled(WrappingProcessor):
+        ...     def __call__(self, attn, hidden_states, *args, **kwargs):
+        ...         return 0.5 * self.inner(attn, hidden_states, *args, **kwargs)
+        >>> surgery.set_processor(layer, Scaled(layer.module.processor), role="heads")
+    """
+
+    def __init__(self, inner: Any) -> None:
+        if not callable(inner):
+            raise TypeError(f"inner processor must be callable, got {type(inner).__name__}")
+        self.inner = inner
+        signature = inspect.signature(inner.__call__)
+        self.__dict__["__call__"] = _SignatureView(self, signature)
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+class _SignatureView:
+    """What ``wrapper.__call__`` looks like from outside: the wrapper's call with the inner signature."""
+
+    def __init__(self, owner: WrappingProcessor, signature: inspect.Signature) -> None:
+        self.__signature__ = signature
+        self._owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self._owner).__call__(self._owner, *args, **kwargs)

@@ -1,0 +1,369 @@
+"""The surgery handle: every change is recorded when made and undone in reverse by ``remove()``.
+
+Plugins never touch a model directly. They ask the :class:`Surgery` to swap a processor, swap a module,
+add a hook or set an attribute; the surgery snapshots what was there (the same object, and *where* it
+lived: a module's ``_modules``, ``_parameters``, ``_buffers`` or ``__dict__``, or nowhere) and puts exactly
+that back. Claims by role catch plugins that would fight over one layer before anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .context import StepContext, make_clock_hook
+from .inventory import AttentionLayer, ModelInfo, describe
+
+if TYPE_CHECKING:
+    from .plugins.base import Plugin
+
+__all__ = ["Surgery", "apply", "remove", "patched", "active_surgeries", "resolve_target", "ROLES"]
+
+logger = logging.getLogger(__name__)
+
+# What a change does to a site; two claims on one site conflict unless listed as compatible.
+#   tokens: changes which tokens attend to which (windows, agents, merging)
+#   heads:  changes the per-head attention output (perturbation guidance)
+#   module: replaces the module outright (distilled replacements)
+#   blocks: resizes features inside U-Net blocks (RAU-Net)
+#   guidance: changes the denoiser's batch and output (one guidance term at a time)
+ROLES = ("tokens", "heads", "module", "blocks", "guidance")
+_COMPATIBLE = {frozenset({"tokens", "heads"}), frozenset({"blocks", "tokens"}), frozenset({"blocks", "heads"})}
+
+_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[Surgery]] = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+def resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
+    """Split ``target`` into (pipeline or None, denoiser).
+
+    Raises:
+        NotImplementedError: the target is neither a pipeline with a ``unet``/``transformer`` nor a denoiser.
+    """
+    if isinstance(target, torch.nn.Module):
+        return None, target
+    for name in ("unet", "transformer"):
+        denoiser = getattr(target, name, None)
+        if isinstance(denoiser, torch.nn.Module):
+            return target, denoiser
+    raise NotImplementedError(
+        f"cannot operate on {type(target).__name__}: pass a diffusers pipeline with a `unet` or `transformer`, "
+        "or the denoiser itself (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)"
+    )
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Where an attribute lived before we changed it, and what it was."""
+
+    store: str  # "_modules", "_parameters", "_buffers", "__dict__" or "absent"
+    value: Any
+
+
+_MODULE_STORES = ("_parameters", "_buffers", "_modules")
+
+
+def _snapshot(obj: Any, name: str) -> _Snapshot:
+    if isinstance(obj, torch.nn.Module):
+        for store in _MODULE_STORES:
+            table = obj.__dict__[store]
+            if name in table:
+                return _Snapshot(store, table[name])
+    if name in vars(obj):
+        return _Snapshot("__dict__", vars(obj)[name])
+    return _Snapshot("absent", None)
+
+
+def _clear(obj: Any, name: str) -> None:
+    if isinstance(obj, torch.nn.Module):
+        for store in _MODULE_STORES:
+            obj.__dict__[store].pop(name, None)
+    vars(obj).pop(name, None)
+
+
+def _restore(obj: Any, name: str, snap: _Snapshot) -> None:
+    _clear(obj, name)
+    if snap.store == "__dict__":
+        vars(obj)[name] = snap.value
+    elif snap.store != "absent":
+        obj.__dict__[snap.store][name] = snap.value
+
+
+def _assign(obj: Any, name: str, value: Any) -> None:
+    """``setattr`` that may replace a child module by a plain object (nn.Module refuses that)."""
+    if isinstance(obj, torch.nn.Module) and not isinstance(value, torch.nn.Module):
+        obj.__dict__["_modules"].pop(name, None)
+    setattr(obj, name, value)
+
+
+def _pipeline_vae_factor(pipeline: Any) -> int | None:
+    factor = getattr(pipeline, "vae_scale_factor", None)
+    return int(factor) if isinstance(factor, (int, float)) else None
+
+
+class Surgery:
+    """A set of recorded changes to one denoiser (and its pipeline), undone by :meth:`remove`.
+
+    Made by :func:`apply`; plugins receive it in ``attach`` and change the model only through it.
+
+    Attributes:
+        target: what ``apply`` received (pipeline or denoiser).
+        pipeline: the pipeline, or None for a bare denoiser.
+        denoiser: the U-Net or transformer being operated on.
+        model: family and attention-layer inventory of the denoiser.
+        context: the step clock every processor of this surgery reads.
+        plugins: the plugins, in the order they were attached.
+        seed: the seed given to ``apply`` (plugins' own seeds take precedence).
+    """
+
+    def __init__(self, target: Any, plugins: tuple[Plugin, ...], seed: int | None = None) -> None:
+        self.target = target
+        self.pipeline, self.denoiser = resolve_target(target)
+        self.model: ModelInfo = describe(self.denoiser, _pipeline_vae_factor(self.pipeline))
+        self.context = StepContext(self.model.family)
+        self.plugins = plugins
+        self.seed = seed
+        self._undo: list[tuple[str, str, Callable[[], None]]] = []  # (site, what changed, how to undo)
+        self._claims: dict[str, set[str]] = {}
+        self._removed = False
+
+    # ----------------------------------------------------------------------------------------------
+    # what was changed
+    @property
+    def sites(self) -> list[str]:
+        """Every module path this surgery changed, in order, each once (``<denoiser>`` for its root)."""
+        return list(dict.fromkeys(site for site, _, _ in self._undo))
+
+    @property
+    def changes(self) -> list[str]:
+        """One line per recorded change: ``site: what``."""
+        return [f"{site}: {what}" for site, what, _ in self._undo]
+
+    @property
+    def active(self) -> bool:
+        """False once removed."""
+        return not self._removed
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(p).__name__ for p in self.plugins) or "no plugins"
+        state = "active" if self.active else "removed"
+        changes = "".join(f"\n  {change}" for change in self.changes)
+        return f"<Surgery {state} on {self.model.family.name}: {names}; {len(self.sites)} sites{changes}>"
+
+    # ----------------------------------------------------------------------------------------------
+    # recording API for plugins
+    def _site_of(self, module: torch.nn.Module) -> str:
+        for path, candidate in self.denoiser.named_modules():
+            if candidate is module:
+                return path or "<denoiser>"
+        return f"<{type(module).__name__} outside the denoiser>"
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this surgery was removed; apply a new one instead of reusing it")
+
+    def claim(self, site: str, role: str) -> None:
+        """Reserve ``site`` for ``role``; raises if this or a stacked surgery holds a conflicting claim."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        for surgery in _ACTIVE.get(self.denoiser, []):
+            for held in surgery._claims.get(site, ()):
+                if held == role or frozenset({held, role}) not in _COMPATIBLE:
+                    owner = "this surgery" if surgery is self else "an earlier surgery"
+                    raise ValueError(
+                        f"conflict at {site}: {owner} already changes it as {held!r}, and a plugin now wants "
+                        f"{role!r}. Apply these plugins to different layers (layers=...), or remove the "
+                        f"earlier surgery first."
+                    )
+        self._claims.setdefault(site, set()).add(role)
+
+    def set_attr(self, obj: Any, name: str, value: Any, site: str | None = None) -> None:
+        """Set ``obj.name = value``, remembering exactly what was there (or that nothing was)."""
+        self._check_live()
+        snap = _snapshot(obj, name)
+        _assign(obj, name, value)
+        label = site or (self._site_of(obj) if isinstance(obj, torch.nn.Module) else type(obj).__name__)
+        self._undo.append((label, f"set {name}", lambda: _restore(obj, name, snap)))
+
+    def _resolve_layer(self, layer: AttentionLayer | str | torch.nn.Module) -> tuple[str, torch.nn.Module]:
+        if isinstance(layer, AttentionLayer):
+            return layer.path, layer.module
+        if isinstance(layer, str):
+            found = self.model.layer(layer)
+            return found.path, found.module
+        return self._site_of(layer), layer
+
+    def set_processor(self, layer: AttentionLayer | str | torch.nn.Module, processor: Any, *, role: str) -> Any:
+        """Give an attention layer a new processor; returns the processor it had (to wrap it).
+
+        Args:
+            layer: an AttentionLayer, its path, or the attention module.
+            processor: the new processor (typically a WrappingProcessor around the returned one).
+            role: what the change does to the layer (see ``ROLES``), for conflict checks.
+        """
+        self._check_live()
+        path, module = self._resolve_layer(layer)
+        self.claim(path, role)
+        previous = module.processor
+        self.set_attr(module, "processor", processor, site=path)
+        return previous
+
+    def swap_module(
+        self, path: str, new_module: torch.nn.Module, *, role: str, root: torch.nn.Module | None = None
+    ) -> torch.nn.Module:
+        """Replace the submodule at ``path`` (relative to ``root``, default the denoiser); returns the old one."""
+        self._check_live()
+        root = self.denoiser if root is None else root
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = root.get_submodule(parent_path) if parent_path else root
+            old = parent.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(f"no submodule {path!r} in {type(root).__name__}: {error}") from None
+        if root is self.denoiser:
+            self.claim(path, role)
+        self.set_attr(parent, name, new_module, site=path)
+        return old
+
+    def add_hook(
+        self,
+        module: torch.nn.Module,
+        hook: Callable[..., Any],
+        *,
+        pre: bool,
+        with_kwargs: bool = False,
+        prepend: bool = False,
+    ) -> None:
+        """Register a forward (pre-)hook that ``remove()`` unregisters."""
+        self._check_live()
+        if pre:
+            handle = module.register_forward_pre_hook(hook, prepend=prepend, with_kwargs=with_kwargs)
+        else:
+            handle = module.register_forward_hook(hook, prepend=prepend, with_kwargs=with_kwargs)
+        kind = "forward pre-hook" if pre else "forward hook"
+        self._undo.append((self._site_of(module), f"{kind} {getattr(hook, '__name__', type(hook).__name__)}",
+                           handle.remove))
+
+    def generator(self, *keys: object, seed: int | None = None, device: str | torch.device = "cpu") -> torch.Generator:
+        """A private generator seeded from ``seed`` (else the surgery's, else 0) and ``keys``.
+
+        Keys (a layer path, a step index) give every use its own reproducible stream without shared state;
+        the global RNG is never touched.
+        """
+        base = seed if seed is not None else (self.seed if self.seed is not None else 0)
+        digest = hashlib.sha256(repr((base, *keys)).encode()).digest()
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    # ----------------------------------------------------------------------------------------------
+    def _install_clock(self) -> None:
+        pipeline = self.pipeline
+        hook = make_clock_hook(self.context, self.denoiser, lambda: getattr(pipeline, "scheduler", None))
+        self.add_hook(self.denoiser, hook, pre=True, with_kwargs=True, prepend=True)
+
+    def remove(self) -> None:
+        """Undo every recorded change in reverse order. Idempotent.
+
+        Raises:
+            RuntimeError: a surgery applied later to the same denoiser is still active (remove it first,
+                or call ``attnsurgery.remove(target)`` to remove all of them in order).
+        """
+        if self._removed:
+            return
+        stack = _ACTIVE.get(self.denoiser, [])
+        later = stack[stack.index(self) + 1 :] if self in stack else []
+        if later:
+            raise RuntimeError(
+                f"{len(later)} surgery(ies) applied later to this denoiser are still active; remove them first "
+                "or call attnsurgery.remove(target) to undo all of them in reverse order"
+            )
+        errors = []
+        for site, _, undo in reversed(self._undo):
+            try:
+                undo()
+            except Exception as error:  # keep undoing the rest; report at the end
+                errors.append(f"{site}: {error!r}")
+        self._undo.clear()
+        self._claims.clear()
+        self.context.reset()
+        self._removed = True
+        if self in stack:
+            stack.remove(self)
+        if errors:
+            raise RuntimeError("some changes could not be undone:\n" + "\n".join(errors))
+
+
+def active_surgeries(target: Any) -> list[Surgery]:
+    """Surgeries currently applied to ``target``'s denoiser, oldest first."""
+    _, denoiser = resolve_target(target)
+    return list(_ACTIVE.get(denoiser, []))
+
+
+def _check_plugins(plugins: tuple[Any, ...]) -> None:
+    from .plugins.base import Plugin
+
+    for plugin in plugins:
+        if isinstance(plugin, type) and issubclass(plugin, Plugin):
+            raise TypeError(f"pass a plugin instance, e.g. {plugin.__name__}(), not the class {plugin.__name__}")
+        if not isinstance(plugin, Plugin):
+            raise TypeError(f"{plugin!r} is not an attnsurgery plugin (expected e.g. attnsurgery.HiDiffusion())")
+
+
+def apply(target: Any, *plugins: Plugin, seed: int | None = None) -> Surgery:
+    """Apply plugins to a pipeline or denoiser; returns the handle that undoes them.
+
+    Plugins attach in the order given; each one that wraps processors wraps what is there, so the last
+    plugin's wrapper is the outermost. If any plugin fails to attach, everything done so far is undone.
+    A second ``apply`` on the same target stacks on the first (conflicting claims raise ``ValueError``).
+
+    Args:
+        target: a diffusers pipeline, or a UNet2DConditionModel / SD3Transformer2DModel / FluxTransformer2DModel.
+        *plugins: plugin instances such as ``HiDiffusion()``.
+        seed: seed for plugins' private random choices (a plugin's own ``seed`` wins).
+
+    Example:
+        >>> handle = attnsurgery.apply(pipe, attnsurgery.HiDiffusion())
+        >>> image = pipe("a castle", height=2048, width=2048).images[0]
+        >>> handle.remove()
+    """
+    _check_plugins(plugins)
+    surgery = Surgery(target, tuple(plugins), seed)
+    _ACTIVE.setdefault(surgery.denoiser, []).append(surgery)
+    try:
+        surgery._install_clock()
+        for plugin in plugins:
+            plugin.attach(surgery)
+    except BaseException:
+        surgery.remove()
+        raise
+    logger.info("attnsurgery: applied %s", surgery)
+    return surgery
+
+
+def remove(target: Any) -> int:
+    """Undo every surgery on ``target`` (newest first); returns how many were removed."""
+    surgeries = active_surgeries(target)
+    for surgery in reversed(surgeries):
+        surgery.remove()
+    return len(surgeries)
+
+
+@contextlib.contextmanager
+def patched(target: Any, *plugins: Plugin, seed: int | None = None) -> Iterator[Surgery]:
+    """Context manager: plugins are active inside the block and removed on exit, even on an exception.
+
+    Example:
+        >>> with attnsurgery.patched(pipe, attnsurgery.PerturbedAttention(scale=3.0)):
+        ...     image = pipe("a castle").images[0]
+    """
+    surgery = apply(target, *plugins, seed=seed)
+    try:
+        yield surgery
+    finally:
+        surgery.remove()

@@ -1,0 +1,214 @@
+"""Tiny random-weight pipelines of the real architectures, built offline in well under a second.
+
+They keep the real module trees (SD1.5's four U-Net levels with attention in the top three, SDXL's
+``transformer_layers_per_block`` (1, 2, 10), SD3/SD3.5 MMDiT blocks, FLUX double and single blocks), so
+presets, selectors and peers that key on module paths behave as on the full-size models. Tokenizers are
+byte-level CLIP BPE (no merges) and a small Unigram T5, so no file is downloaded.
+
+Example:
+    >>> pipe = tiny_sd15()
+    >>> image = pipe("a red circle", num_inference_steps=2, height=64, width=64).images[0]
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "TINY_PIPELINES",
+           "byte_clip_tokenizer", "tiny_t5_tokenizer"]
+
+CLIP_VOCAB = 514  # 256 bytes, 256 word-final bytes, <|startoftext|>, <|endoftext|>
+CLIP_BOS, CLIP_EOS = 512, 513
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable-character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def byte_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over bytes with no merges: any text tokenizes, nothing is downloaded."""
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = CLIP_BOS
+    vocab["<|endoftext|>"] = CLIP_EOS
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
+    """A Unigram T5 tokenizer over characters (196 pieces)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for ch in string.ascii_letters + string.digits + string.punctuation:
+        pieces += [(ch, -5.0), ("▁" + ch, -4.0)]
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(3, -1, -1)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=4, model_max_length=model_max_length)
+
+
+T5_VOCAB = 196
+
+
+def _clip(hidden: int = 32, projection: bool = False) -> torch.nn.Module:
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden, bos_token_id=CLIP_BOS,
+        eos_token_id=CLIP_EOS, pad_token_id=CLIP_EOS, hidden_act="quick_gelu",
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _t5(d_model: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=T5_VOCAB, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
+        num_decoder_layers=0, num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(**kwargs: Any) -> AutoencoderKL:
+    """Four levels, so ``vae_scale_factor`` is 8 as in the real models."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=64, **kwargs,
+    )
+
+
+def _frozen(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        module.eval().requires_grad_(False)
+
+
+def _sd_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_sd15(seed: int = 0, in_channels: int = 4) -> StableDiffusionPipeline:
+    """SD1.5's U-Net tree (CrossAttnDownBlock2D x3 + DownBlock2D, 2 layers per block, 8 heads) at widths
+    (16, 32, 64, 64); ``in_channels=9`` gives the inpainting variant."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=in_channels, out_channels=4, block_out_channels=(16, 32, 64, 64),
+        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+    vae, text_encoder = _vae(), _clip()
+    _frozen(unet, vae, text_encoder)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=byte_clip_tokenizer(), unet=unet, scheduler=_sd_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL-base's U-Net tree (DownBlock2D + 2 CrossAttnDownBlock2D, transformer_layers_per_block (1, 2, 10),
+    linear projections, text-time conditioning) at widths (16, 32, 64)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(16, 32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+    )
+    vae, te1, te2 = _vae(), _clip(), _clip(projection=True)
+    _frozen(unet, vae, te1, te2)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=byte_clip_tokenizer(),
+        tokenizer_2=byte_clip_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+
+
+def _sd3_pipeline(transformer: SD3Transformer2DModel) -> StableDiffusion3Pipeline:
+    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    te1, te2, te3 = _clip(projection=True), _clip(projection=True), _t5(64)
+    _frozen(transformer, vae, te1, te2, te3)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=byte_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=byte_clip_tokenizer(),
+        text_encoder_3=te3, tokenizer_3=tiny_t5_tokenizer(),
+    )
+
+
+def _sd3_transformer(num_layers: int, **kwargs: Any) -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32, **kwargs,
+    )
+
+
+def tiny_sd3(seed: int = 0, num_layers: int = 12) -> StableDiffusion3Pipeline:
+    """SD3-medium's MMDiT layout (joint blocks, last one context-pre-only) with 4 heads x 8 dims; 12 blocks
+    by default so that ``transformer_blocks.1`` and ``transformer_blocks.10`` both exist."""
+    torch.manual_seed(seed)
+    return _sd3_pipeline(_sd3_transformer(num_layers))
+
+
+def tiny_sd35(seed: int = 0, num_layers: int = 4) -> StableDiffusion3Pipeline:
+    """SD3.5's additions: RMS qk_norm and dual attention (an image-only ``attn2``) in the first blocks."""
+    torch.manual_seed(seed)
+    return _sd3_pipeline(_sd3_transformer(num_layers, qk_norm="rms_norm", dual_attention_layers=(0, 1)))
+
+
+def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
+    """FLUX's layout: 2 double-stream + 2 single-stream blocks, 2 heads x 16 dims, RoPE axes (4, 4, 8)."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    )
+    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    te1, te2 = _clip(), _t5(32)
+    _frozen(transformer, vae, te1, te2)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te1, tokenizer=byte_clip_tokenizer(),
+        text_encoder_2=te2, tokenizer_2=tiny_t5_tokenizer(), transformer=transformer,
+    )
+
+
+TINY_PIPELINES: dict[str, Callable[..., Any]] = {
+    "sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "sd35": tiny_sd35, "flux": tiny_flux,
+}

@@ -1,0 +1,58 @@
+import pytest
+
+from attnsurgery.cli import main
+from attnsurgery.testing import tiny
+
+
+@pytest.fixture(scope="module")
+def saved_sd15(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd15")
+    tiny.tiny_sd15().save_pretrained(folder)
+    return folder
+
+
+def table_rows(text):
+    prefixes = ("down_", "mid_", "up_", "transformer_", "single_")
+    return [line.split() for line in text.splitlines() if line.startswith(prefixes)]
+
+
+def test_inspect_a_saved_pipeline_folder(saved_sd15, capsys):
+    assert main(["inspect", str(saved_sd15), "--height", "512", "--width", "768"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sd15 (unet), native 256px, image 512x768, latent 64x96")
+    rows = table_rows(out)
+    assert len(rows) == 32
+    top = next(r for r in rows if r[0] == "down_blocks.0.attentions.0.transformer_blocks.0.attn1")
+    assert top[1:5] == ["self", "8", "2", "64x96"]
+    mid = next(r for r in rows if r[0] == "mid_block.attentions.0.transformer_blocks.0.attn1")
+    assert mid[4] == "8x12"
+    assert abs(sum(float(r[5]) for r in rows) - 100) < 0.1
+    # the top self-attention layers dominate: quadratic in tokens
+    assert float(top[5]) > 10 * float(mid[5])
+
+
+def test_inspect_a_bare_denoiser_folder(tmp_path, capsys):
+    tiny.tiny_flux().transformer.save_pretrained(tmp_path / "transformer")
+    assert main(["inspect", str(tmp_path / "transformer"), "--height", "256", "--width", "256"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[1] for r in rows] == ["joint", "joint", "single", "single"]
+    assert rows[0][4] == "16x16"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "/no/such/folder"], "no such folder"),
+        (["inspect", "someone/some-model"], "could not be reached"),
+        (["inspect", "."], "has neither model_index.json"),
+    ],
+)
+def test_inspect_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_rejects_non_positive_sizes(saved_sd15, capsys):
+    assert main(["inspect", str(saved_sd15), "--height", "-8"]) == 2
+    assert "--height must be a positive number of pixels" in capsys.readouterr().err

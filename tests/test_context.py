@@ -1,0 +1,113 @@
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+import attnsurgery as surg
+from attnsurgery.context import StepContext, locate_timestep
+from attnsurgery.families import detect_family
+from attnsurgery.testing import tiny
+from tests.conftest import run_pipe
+from tests.plugins_for_tests import Recorder
+
+
+def indices(log):
+    return [(entry["step_index"], entry["num_steps"]) for entry in log]
+
+
+def test_ddim_steps_and_progress(sd15):
+    recorder = Recorder()
+    with surg.patched(sd15, recorder):
+        run_pipe(sd15, steps=5)
+    assert indices(recorder.log) == [(i, 5) for i in range(5)]
+    assert [e["progress"] for e in recorder.log] == [i / 5 for i in range(5)]
+    assert all(e["batch_size"] == 2 and e["latent_hw"] == (8, 8) for e in recorder.log)  # CFG doubles the batch
+
+
+@pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_euler_and_dpmpp_on_sd15(sd15, scheduler_cls):
+    sd15.scheduler = scheduler_cls.from_config(sd15.scheduler.config)  # swapped after apply: read at call time
+    recorder = Recorder()
+    with surg.patched(sd15, recorder):
+        run_pipe(sd15, steps=4, size=(64, 96))
+    assert indices(recorder.log) == [(i, 4) for i in range(4)]
+    assert recorder.log[0]["latent_hw"] == (8, 12)
+
+
+def test_sdxl_euler(sdxl):
+    recorder = Recorder()
+    with surg.patched(sdxl, recorder):
+        run_pipe(sdxl, steps=3)
+    assert indices(recorder.log) == [(i, 3) for i in range(3)]
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_matching(name, request):
+    pipe = request.getfixturevalue(name)
+    recorder = Recorder()
+    with surg.patched(pipe, recorder):
+        run_pipe(pipe, steps=3, size=(64, 96))
+    assert indices(recorder.log) == [(i, 3) for i in range(3)]
+    assert recorder.log[0]["latent_hw"] == (8, 12)  # FLUX: recovered from the packed img_ids
+
+
+def test_img2img_with_strength_starts_midway(sd15):
+    img2img = StableDiffusionImg2ImgPipeline(**sd15.components)
+    img2img.set_progress_bar_config(disable=True)
+    recorder = Recorder()
+    image = torch.rand(1, 3, 64, 64)
+    with surg.patched(img2img, recorder):
+        img2img("a red circle", image=image, strength=0.5, num_inference_steps=10, output_type="np",
+                generator=torch.Generator().manual_seed(0))
+    assert indices(recorder.log) == [(i, 10) for i in range(5, 10)]
+    assert recorder.log[0]["progress"] == 0.5
+
+
+def test_interrupted_run_then_a_different_step_count(sd15):
+    recorder = Recorder()
+
+    def interrupt(pipe, step, timestep, callback_kwargs):
+        if step == 1:
+            pipe._interrupt = True
+        return callback_kwargs
+
+    with surg.patched(sd15, recorder):
+        run_pipe(sd15, steps=6, callback_on_step_end=interrupt)
+        assert indices(recorder.log) == [(0, 6), (1, 6)]
+        recorder.log.clear()
+        run_pipe(sd15, steps=3)
+    assert indices(recorder.log) == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_bare_denoiser_called_with_keywords_uses_the_fallback(sd15):
+    unet = sd15.unet
+    recorder = Recorder()
+    with surg.patched(unet, recorder):
+        for t in (999, 500):  # two calls at one timestep would read the same clock: no counters
+            text = torch.randn(1, 5, 32)
+            unet(sample=torch.randn(1, 4, 8, 12), timestep=torch.tensor([t]), encoder_hidden_states=text)
+            unet(torch.randn(1, 4, 8, 12), t, torch.randn(1, 5, 32))
+    assert [e["step_index"] for e in recorder.log] == [None] * 4
+    assert [round(e["progress"], 3) for e in recorder.log] == [0.001, 0.001, 0.5, 0.5]
+    assert recorder.log[0]["latent_hw"] == (8, 12)
+
+
+def test_locate_timestep_tolerates_half_precision_and_flux_scale():
+    schedule = torch.linspace(999, 0, 20)
+    half = float(schedule[3].half())
+    assert locate_timestep(half, schedule) == (3, 20)
+    assert locate_timestep(float(schedule[7]) / 1000, schedule) == (7, 20)
+    assert locate_timestep(1234.0, schedule) is None
+    heun = torch.tensor([999.0, 800.0, 800.0, 500.0, 500.0, 100.0])  # second-order schedulers repeat steps
+    assert locate_timestep(500.0, heun) == (2, 4)
+
+
+def test_grids_and_first_fraction_rule():
+    family = detect_family(tiny.tiny_sd15().unet)
+    context = StepContext(family, latent_hw=(9, 13), step_index=7, num_steps=25)
+    assert context.grid_for(9 * 13) == (9, 13)
+    assert context.grid_for(5 * 7) == (5, 7)  # ceil halving, as stride-2 convs do
+    assert context.image_hw == (72, 104)
+    assert context.in_first(0.3) is False  # HiDiffusion's rule: active while step < floor(25 * 0.3) = 7
+    assert context.in_first(0.32) is True  # floor(25 * 0.32) = 8
+    bare = StepContext(family, progress=0.35)
+    assert bare.in_first(0.4) and not bare.in_first(0.3)
