@@ -11,6 +11,7 @@ from .context import StepContext
 from .families import Family, detect_family
 from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.base import Plugin, plugin_from_dict
+from .plugins.hidiffusion import HiDiffusion
 from .surgery import Surgery, active_surgeries, apply, patched, remove
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionLayer",
     "Family",
+    "HiDiffusion",
     "ModelInfo",
     "Plugin",
     "StepContext",
