@@ -1,4 +1,4 @@
-"""The `hidiffusion` 0.1.10 package as a test peer: import shim, forced window shifts, clean removal.
+"""The `hidiffusion` 0.1.10 package as a test peer (import shim, forced shifts, clean removal), and a runner.
 
 The package draws each MSW-MSA shift with `torch.rand(1)` from the global RNG. Replacing the `torch`
 name inside its module with a proxy whose `rand` returns chosen values forces a known shift sequence
@@ -18,6 +18,14 @@ import torch
 LEFT_BEHIND = ("info", "model", "switching_threshold_ratio", "timestep", "max_timestep", "T1_ratio", "T1",
                "T1_start", "T1_end", "aggressive_raunet", "ori_stride", "ori_padding", "ori_dilation")
 PACKAGE_NAMES = {"sd15": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+
+
+def run_latents(pipe, size: int | tuple[int, int] = 256, steps: int = 2, **kwargs) -> torch.Tensor:
+    """Run a pipeline from a fixed seed and return its final latents (no VAE decode: faster)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator("cpu").manual_seed(0)
+    return pipe("a red circle", num_inference_steps=steps, height=height, width=width, generator=generator,
+                output_type="latent", **kwargs).images
 
 
 def import_package():

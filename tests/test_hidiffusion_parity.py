@@ -13,7 +13,7 @@ import torch
 import attnsurgery as surg
 from attnsurgery.plugins import hidiffusion as hidiffusion_plugin
 from attnsurgery.testing import tiny
-from tests.hidiffusion_peer import import_package, package_applied
+from tests.hidiffusion_peer import import_package, package_applied, run_latents
 
 SIZE = 256  # the tiny models' native size, hence force=True below
 # SD1.5: 5 steps -> RAD/RAU (T1 0.4) in steps 0-1; T2 0.2 (package dict patched to match) pools in step 0.
@@ -22,18 +22,12 @@ SETUPS = {"sd15": dict(steps=5, t2=0.2), "sdxl": dict(steps=7, t2=None)}
 CASES = [(True, False), (False, True), (True, True)]
 
 
-def run_latents(pipe, steps: int) -> torch.Tensor:
-    generator = torch.Generator("cpu").manual_seed(0)
-    return pipe("a red circle", num_inference_steps=steps, height=SIZE, width=SIZE, generator=generator,
-                output_type="latent").images
-
-
 @pytest.fixture(scope="module")
 def pipes():
     built = {"sd15": tiny.tiny_sd15(), "sdxl": tiny.tiny_sdxl()}
     for pipe in built.values():
         pipe.set_progress_bar_config(disable=True)
-    plain = {name: run_latents(pipe, SETUPS[name]["steps"]) for name, pipe in built.items()}
+    plain = {name: run_latents(pipe, SIZE, SETUPS[name]["steps"]) for name, pipe in built.items()}
     return built, plain
 
 
@@ -47,7 +41,7 @@ def test_matches_the_package(family, raunet, window_attn, pipes, monkeypatch):
     monkeypatch.setattr(hidiffusion_plugin, "draw_shift_index", lambda g: drawn.append(draw(g)) or drawn[-1])
     plugin = surg.HiDiffusion(raunet=raunet, window_attn=window_attn, t2=setup["t2"], force=True, seed=3)
     with surg.patched(pipe, plugin):
-        ours = run_latents(pipe, setup["steps"])
+        ours = run_latents(pipe, SIZE, setup["steps"])
 
     assert (ours - plain[family]).abs().max() > 1e-2, "HiDiffusion must change the output here"
     if window_attn:
@@ -56,6 +50,6 @@ def test_matches_the_package(family, raunet, window_attn, pipes, monkeypatch):
     if setup["t2"] is not None:
         monkeypatch.setitem(package_module.switching_threshold_ratio_dict["sd15_1024"], "T2_ratio", setup["t2"])
     with package_applied(pipe, family, raunet=raunet, window_attn=window_attn, shifts=drawn) as forced:
-        theirs = run_latents(pipe, setup["steps"])
+        theirs = run_latents(pipe, SIZE, setup["steps"])
     assert forced.calls == len(drawn)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
