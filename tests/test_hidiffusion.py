@@ -247,3 +247,35 @@ def test_dit_models_are_refused_cleanly():
 def test_round_trips_through_a_dict():
     plugin = HiDiffusion(t1=0.5, shift="cycle", seed=7)
     assert surg.plugin_from_dict(plugin.to_dict()) == plugin
+
+
+def test_windows_wrap_the_layers_own_processor_and_double_apply_conflicts(sd15):
+    layers = surg.describe(sd15.unet).select(["down_blocks.0.attentions", "up_blocks.3.attentions"],
+                                             kinds=("self",))
+    before = {layer.path: layer.module.processor for layer in layers}
+    with surg.patched(sd15, HiDiffusion()) as handle:
+        for layer in layers:
+            assert isinstance(layer.module.processor, WindowAttentionProcessor)
+            assert layer.module.processor.inner is before[layer.path]
+        with pytest.raises(ValueError, match="conflict"):
+            surg.apply(sd15, HiDiffusion())
+        assert surg.active_surgeries(sd15) == [handle]
+    assert {layer.path: layer.module.processor for layer in layers} == before
+
+
+def test_sd2_unet_gets_the_sd_layout():
+    torch.manual_seed(0)
+    unet = tiny.tiny_sd15().unet
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    config.update(use_linear_projection=True, attention_head_dim=(2, 4, 8, 8))
+    sd2 = type(unet).from_config(config).eval()
+    assert surg.detect_family(sd2).name == "sd2"
+    latent = torch.randn(1, 4, 40, 40)
+    text = torch.randn(1, 77, config["cross_attention_dim"])
+    with torch.no_grad():
+        plain = sd2(latent, 999, encoder_hidden_states=text).sample
+        with surg.patched(sd2, HiDiffusion()) as handle:  # bare U-Net: t 999 is the first step
+            out = sd2(latent, 999, encoder_hidden_states=text).sample
+            assert "down_blocks.0.downsamplers.0.conv" in handle.sites
+        assert torch.equal(sd2(latent, 999, encoder_hidden_states=text).sample, plain)
+    assert changed(out, plain)
