@@ -16,7 +16,7 @@ import torch
 
 from ..ops.windows import NUM_SHIFTS, WindowGrid, draw_shift_index, shift_for_index
 from ..processors.raunet import RauNetHooks, RauNetLayout, RauNetPhase
-from ..processors.window_attention import WindowAttentionProcessor
+from ..processors.window_attention import WindowAttentionProcessor, WindowPlan
 from .base import Plugin
 
 if TYPE_CHECKING:
@@ -148,6 +148,10 @@ class HiDiffusion(Plugin):
         seed: Seed of the shift generator (None: the surgery's seed).
         force: Also act at or below the native resolution (off by default: nothing to fix there).
 
+    Time comes from the step clock, so with img2img/inpainting at strength s < 1 the schedule starts
+    at step N - floor(N * s), and RAU-Net acts only in the part of its first T1 fraction that runs
+    (the package restarts its counters at the first executed step instead).
+
     Example:
         >>> import attnsurgery as surg
         >>> with surg.patched(pipe, surg.HiDiffusion()):
@@ -222,15 +226,15 @@ class HiDiffusion(Plugin):
         """Hook RAU-Net into the U-Net's blocks and wrap the top blocks' self-attention in windows."""
         layout = unet_layout(surgery.denoiser, surgery.model.family)
         if self.raunet:
-            hooks = RauNetHooks(
-                surgery.denoiser, layout.raunet, lambda controlnet: self.raunet_phase(surgery.context, layout,
-                                                                                      controlnet)
-            )
+
+            def phase(controlnet: bool) -> RauNetPhase:
+                return self.raunet_phase(surgery.context, layout, controlnet)
+
             sites = (f"down_blocks.{layout.raunet.rad_block}", f"down_blocks.{layout.raunet.pool_block}",
                      f"up_blocks.{layout.raunet.rau_block}", f"up_blocks.{layout.raunet.unpool_block}")
             for site in dict.fromkeys(sites):
                 surgery.claim(site, "blocks")
-            hooks.attach(surgery)
+            RauNetHooks(surgery.denoiser, layout.raunet, phase).attach(surgery)
         if self.window_attn:
             down, up = layout.window_blocks
             selector = [f"down_blocks.{down}.attentions", f"up_blocks.{up}.attentions"]
@@ -239,7 +243,8 @@ class HiDiffusion(Plugin):
                 processor = WindowAttentionProcessor(inner, self._window_plan(surgery, layer.path))
                 surgery.set_processor(layer, processor, role="tokens")
 
-    def _window_plan(self, surgery: Surgery, path: str):
+    def _window_plan(self, surgery: Surgery, path: str) -> WindowPlan:
+        """Per call: no windows unless engaged; else a 2x2 grid over the layer's tokens with this call's shift."""
         context = surgery.context
 
         def plan(num_tokens: int) -> WindowGrid | None:
