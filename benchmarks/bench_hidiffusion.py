@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -82,26 +83,36 @@ def fixed_plan(latent: int) -> Callable[[int], WindowGrid]:
     return lambda num_tokens: grid
 
 
-def bench_layer_size(block: torch.nn.Module, text: torch.Tensor, size: int) -> list[Row]:
+def interleaved(variants: dict[str, Callable[[], torch.Tensor]], rounds: int,
+                warmup: int) -> dict[str, tuple[float, torch.Tensor]]:
+    """Best time per variant over round-robin passes, so load changes on a shared machine hit all alike."""
+    results = {name: timed(fn, 0, warmup) for name, fn in variants.items()}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            seconds, out = timed(fn, 1, 0)
+            results[name] = (min(seconds, results[name][0]), out)
+    return results
+
+
+def bench_layer_size(size: int, rounds: int, device: str) -> list[Row]:
+    torch.manual_seed(0)
+    plain = BasicTransformerBlock(320, 8, 40, cross_attention_dim=768).to(device).eval()
+    text = torch.randn(1, 77, 768, device=device)
     latent = size // 8
-    repeats, warmup = (3, 1) if latent <= 128 else (1, 0)
-    x = torch.randn(1, latent * latent, 320, device=text.device)
-    attn = block.attn1
-    attn.set_processor(AttnProcessor2_0())
-    t_global, _ = timed(lambda: attn(x), repeats, warmup)
-    attn.set_processor(WindowAttentionProcessor(AttnProcessor2_0(), fixed_plan(latent)))
-    t_ours, _ = timed(lambda: attn(x), repeats, warmup)
-    t_block_ours, out_ours = timed(lambda: block(x, encoder_hidden_states=text), repeats, warmup)
-    attn.set_processor(AttnProcessor2_0())
+    x = torch.randn(1, latent * latent, 320, device=device)
+    ours, theirs = copy.deepcopy(plain), copy.deepcopy(plain)
+    ours.attn1.set_processor(WindowAttentionProcessor(AttnProcessor2_0(), fixed_plan(latent)))
     with package_forced_shift() as (_, module):
-        original = block.__class__
-        block.__class__ = module.make_diffusers_transformer_block(original)
-        block.info = {"size": (latent, latent)}
-        try:
-            t_block_pkg, out_pkg = timed(lambda: block(x, encoder_hidden_states=text), repeats, warmup)
-        finally:
-            block.__class__ = original
-            del block.info
+        theirs.__class__ = module.make_diffusers_transformer_block(type(plain))
+        theirs.info = {"size": (latent, latent)}
+        results = interleaved({
+            "global": lambda: plain.attn1(x),
+            "ours": lambda: ours.attn1(x),
+            "ours block": lambda: ours(x, encoder_hidden_states=text),
+            "package block": lambda: theirs(x, encoder_hidden_states=text),
+        }, rounds, warmup=1 if latent <= 128 else 0)
+    (t_global, _), (t_ours, _) = results["global"], results["ours"]
+    (t_block_ours, out_ours), (t_block_pkg, out_pkg) = results["ours block"], results["package block"]
     diff = f"max|ours-pkg| {float((out_ours - out_pkg).abs().max()):.1e}"
     return [
         (f"attn1 {size}^2 ({latent * latent} tok)", "global SDPA", t_global, ""),
@@ -158,16 +169,14 @@ def main() -> None:
     parser.add_argument("--unet-sizes", type=int, nargs="*", default=[1024], help="image sides for U-Net calls")
     parser.add_argument("--models", nargs="*", default=["sd15", "sdxl"], choices=sorted(CONFIGS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds for the layer at 1024^2")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
     with torch.inference_mode():
-        torch.manual_seed(0)
-        block = BasicTransformerBlock(320, 8, 40, cross_attention_dim=768).to(args.device).eval()
-        text = torch.randn(1, 77, 768, device=args.device)
         for size in tqdm(args.sizes, desc="attention layer"):
-            rows += bench_layer_size(block, text, size)
+            rows += bench_layer_size(size, args.rounds if size <= 1024 else 1 + args.rounds // 2, args.device)
         for model in tqdm(args.models, desc="U-Nets"):
             torch.manual_seed(0)
             unet = UNet2DConditionModel(**CONFIGS[model]).to(args.device).eval()
