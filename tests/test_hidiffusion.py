@@ -279,3 +279,14 @@ def test_sd2_unet_gets_the_sd_layout():
             assert "down_blocks.0.downsamplers.0.conv" in handle.sites
         assert torch.equal(sd2(latent, 999, encoder_hidden_states=text).sample, plain)
     assert changed(out, plain)
+
+
+def test_unusual_downsampler_refuses_raunet_but_allows_windows():
+    unet = tiny.tiny_sd15().unet
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    odd = type(unet).from_config({**config, "downsample_padding": 0}).eval()
+    with pytest.raises(NotImplementedError, match="raunet=False"):
+        surg.apply(odd, HiDiffusion())
+    assert surg.active_surgeries(odd) == []
+    with surg.patched(odd, HiDiffusion(raunet=False)) as handle:
+        assert any(site.endswith("attn1") for site in handle.sites)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..families import Family
     from ..surgery import Surgery
 
-__all__ = ["HiDiffusion", "HiDiffusionLayout", "RauNetTiming", "preset_timing", "unet_layout"]
+__all__ = ["HiDiffusion", "HiDiffusionLayout", "RauNetTiming", "check_raunet_sites", "preset_timing", "unet_layout"]
 
 SHIFT_MODES = ("random", "cycle")
 AGGRESSIVE_FRACTION = 8 / 50  # package: RAD/RAU only for the first 8 of 50 steps in aggressive mode
@@ -66,6 +66,21 @@ def _check_downsampler(unet: torch.nn.Module, index: int) -> None:
         )
 
 
+def check_raunet_sites(unet: torch.nn.Module, layout: RauNetLayout) -> None:
+    """RAU-Net's hooks assume SD's block structure there; refuse anything else with the way out."""
+    _check_downsampler(unet, layout.rad_block)
+    pool, unpool = unet.down_blocks[layout.pool_block], unet.up_blocks[layout.unpool_block]
+    rau = unet.up_blocks[layout.rau_block]
+    if not getattr(pool, "attentions", None) or len(getattr(unpool, "attentions", ())) < 2 or not getattr(
+        rau, "upsamplers", None
+    ):
+        raise NotImplementedError(
+            f"RAU-Net needs attention in down_blocks.{layout.pool_block}, two attentions in "
+            f"up_blocks.{layout.unpool_block} and an upsampler in up_blocks.{layout.rau_block}; "
+            "use HiDiffusion(raunet=False) for this U-Net."
+        )
+
+
 def unet_layout(unet: torch.nn.Module, family: Family) -> HiDiffusionLayout:
     """Read HiDiffusion's sites from a U-Net's block structure (see specs: RAU-Net 'Where').
 
@@ -82,24 +97,11 @@ def unet_layout(unet: torch.nn.Module, family: Family) -> HiDiffusionLayout:
     first = _first_attention_block(unet)
     num_blocks = len(unet.down_blocks)
     sdxl = family.name.startswith("sdxl")
-    layout = HiDiffusionLayout(
+    return HiDiffusionLayout(
         raunet=RauNetLayout(num_blocks, rad_block=first, pool_block=first if sdxl else first + 1),
         window_blocks=(first, num_blocks - 1 - first),
         rad_follows_t1=not sdxl,
     )
-    _check_downsampler(unet, layout.raunet.rad_block)
-    pool = unet.down_blocks[layout.raunet.pool_block]
-    unpool = unet.up_blocks[layout.raunet.unpool_block]
-    rau = unet.up_blocks[layout.raunet.rau_block]
-    if not getattr(pool, "attentions", None) or len(getattr(unpool, "attentions", ())) < 2 or not getattr(
-        rau, "upsamplers", None
-    ):
-        raise NotImplementedError(
-            f"RAU-Net needs attention in down_blocks.{layout.raunet.pool_block}, two attentions in "
-            f"up_blocks.{layout.raunet.unpool_block} and an upsampler in up_blocks.{layout.raunet.rau_block}; "
-            "use HiDiffusion(raunet=False) for this U-Net."
-        )
-    return layout
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,7 @@ class HiDiffusion(Plugin):
         """Hook RAU-Net into the U-Net's blocks and wrap the top blocks' self-attention in windows."""
         layout = unet_layout(surgery.denoiser, surgery.model.family)
         if self.raunet:
+            check_raunet_sites(surgery.denoiser, layout.raunet)
 
             def phase(controlnet: bool) -> RauNetPhase:
                 return self.raunet_phase(surgery.context, layout, controlnet)
