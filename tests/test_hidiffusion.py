@@ -290,3 +290,16 @@ def test_unusual_downsampler_refuses_raunet_but_allows_windows():
     assert surg.active_surgeries(odd) == []
     with surg.patched(odd, HiDiffusion(raunet=False)) as handle:
         assert any(site.endswith("attn1") for site in handle.sites)
+
+
+def test_works_before_and_after_model_cpu_offload(sd15):
+    plain = run_latents(sd15, ABOVE_NATIVE, steps=3)
+    handle = surg.apply(sd15, HiDiffusion(t1=0.5))  # applied before offloading
+    expected = run_latents(sd15, ABOVE_NATIVE, steps=3)
+    sd15.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(run_latents(sd15, ABOVE_NATIVE, steps=3), expected)
+    handle.remove()
+    assert torch.equal(run_latents(sd15, ABOVE_NATIVE, steps=3), plain)
+    with surg.patched(sd15, HiDiffusion(t1=0.5)):  # applied after offloading
+        assert torch.equal(run_latents(sd15, ABOVE_NATIVE, steps=3), expected)
+    assert changed(expected, plain)
