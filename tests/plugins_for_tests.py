@@ -39,7 +39,10 @@ class ScaledOutput(WrappingProcessor):
     def __call__(self, attn, hidden_states, *args, **kwargs):
         if self.fail_at_step is not None and self.context.step_index == self.fail_at_step:
             raise RuntimeError("injected failure inside a denoising step")
-        return self.factor * self.inner(attn, hidden_states, *args, **kwargs)
+        out = self.inner(attn, hidden_states, *args, **kwargs)
+        if isinstance(out, tuple):  # joint attention returns (image, text) streams
+            return tuple(self.factor * o if o is not None else None for o in out)
+        return self.factor * out
 
 
 class DoubledConv(torch.nn.Module):

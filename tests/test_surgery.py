@@ -36,8 +36,8 @@ def state_of(pipe):
 
 
 def test_apply_changes_output_and_remove_restores_everything(sd15):
-    before_state = state_of(sd15)
     before = run_pipe(sd15)
+    before_state = state_of(sd15)
     for _ in range(3):  # repeated cycles
         handle = surg.apply(sd15, Everything())
         changed = run_pipe(sd15)
@@ -49,9 +49,20 @@ def test_apply_changes_output_and_remove_restores_everything(sd15):
     assert not hasattr(sd15.unet, "attnsurgery_marker")
 
 
+@pytest.mark.parametrize("name", ["sd35", "flux"])
+def test_dits_restore_exactly(name, request):
+    pipe = request.getfixturevalue(name)
+    before = run_pipe(pipe)  # first: transformers installs its own output-capturing hooks on a first call
+    before_state = state_of(pipe)
+    with surg.patched(pipe, Everything(layers="all")):
+        assert (run_pipe(pipe) - before).abs().max() > 1e-3
+    assert state_of(pipe) == before_state
+    assert torch.equal(run_pipe(pipe), before)
+
+
 def test_exception_mid_generation_still_restores(sd15):
-    before_state = state_of(sd15)
     before = run_pipe(sd15, steps=3)
+    before_state = state_of(sd15)
     with pytest.raises(RuntimeError, match="injected failure"):
         with surg.patched(sd15, Everything(fail_at_step=1)):
             run_pipe(sd15, steps=3)

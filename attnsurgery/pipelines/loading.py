@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DenoiserSpec", "read_denoiser_spec", "meta_denoiser"]
+__all__ = ["DenoiserSpec", "read_denoiser_spec", "meta_denoiser", "load_pipeline", "single_file_pipeline_class"]
 
 DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 DENOISER_SUBFOLDERS = ("unet", "transformer")
@@ -106,3 +106,127 @@ def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:
     config = {k: v for k, v in spec.config.items() if not k.startswith("_")}
     with torch.device("meta"):
         return cls.from_config(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole pipelines: the reference model, local folders, hub ids and single-file checkpoints
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+_SINGLE_FILE_PIPELINES = {  # diffusers' single-file model types -> the pipeline class that loads them
+    "v1": "StableDiffusionPipeline",
+    "v2": "StableDiffusionPipeline",
+    "inpainting": "StableDiffusionInpaintPipeline",
+    "inpainting_v2": "StableDiffusionInpaintPipeline",
+    "xl_base": "StableDiffusionXLPipeline",
+    "playground-v2-5": "StableDiffusionXLPipeline",
+    "xl_inpaint": "StableDiffusionXLInpaintPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "sd35_medium": "StableDiffusion3Pipeline",
+    "sd35_large": "StableDiffusion3Pipeline",
+    "flux-dev": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
+    "flux-fill": "FluxFillPipeline",
+}
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.42 warns on the old name); pass what it expects."""
+    if dtype is None:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    renamed = Version(diffusers.__version__).release >= (0, 42)
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
+def single_file_pipeline_class(checkpoint: dict[str, Any]) -> str:
+    """The diffusers pipeline class that loads a single-file checkpoint, from its state-dict keys."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    model_type = infer_diffusers_model_type(checkpoint)
+    if model_type not in _SINGLE_FILE_PIPELINES:
+        raise NotImplementedError(
+            f"single-file checkpoint of type {model_type!r} is not supported; supported: "
+            f"{', '.join(sorted(_SINGLE_FILE_PIPELINES))}"
+        )
+    return _SINGLE_FILE_PIPELINES[model_type]
+
+
+def _load_single_file(path: Path, dtype: torch.dtype | None, config: str | os.PathLike[str] | None):
+    import diffusers
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    class_name = single_file_pipeline_class(load_single_file_checkpoint(str(path)))
+    kwargs = _dtype_kwargs(dtype)
+    if config is not None:
+        kwargs["config"] = str(config)
+    try:
+        return getattr(diffusers, class_name).from_single_file(str(path), **kwargs)
+    except OSError as error:
+        reason = str(error).splitlines()[0]
+        raise FileNotFoundError(
+            f"{path.name}: loading a single file needs the model's configs, which could not be fetched ({reason}); "
+            "pass config=<local diffusers folder of the same architecture>"
+        ) from None
+
+
+def load_pipeline(
+    model: str | os.PathLike[str] = "reference",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    config: str | os.PathLike[str] | None = None,
+):
+    """Load a diffusers pipeline from the shipped reference model, a folder, a hub id or a single file.
+
+    Args:
+        model: ``"reference"`` (the small model shipped in the package, works offline), a local diffusers
+            folder, a hub id, or a ``.safetensors``/``.ckpt`` single-file checkpoint.
+        dtype: ``torch.float16``, ``"bf16"``, ... (default: as stored).
+        device: where to move the pipeline (default: stay on the CPU).
+        config: for single files, a local diffusers folder holding the configs (needed offline).
+
+    Raises:
+        FileNotFoundError: a missing path, or a hub id / config that cannot be fetched (offline).
+
+    Example:
+        >>> pipe = load_pipeline("reference")
+        >>> image = pipe("a red circle", num_inference_steps=20).images[0]
+    """
+    from diffusers import DiffusionPipeline
+
+    torch_dtype = _torch_dtype(dtype)
+    path = Path(model).expanduser()
+    if str(model) == "reference":
+        from ..reference.model import load_reference_pipeline
+
+        pipe = load_reference_pipeline(dtype=torch_dtype)
+    elif path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ValueError(f"{path} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a folder")
+        pipe = _load_single_file(path, torch_dtype, config)
+    elif path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        pipe = DiffusionPipeline.from_pretrained(path, **_dtype_kwargs(torch_dtype))
+    elif HUB_ID.fullmatch(str(model)):
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(model), **_dtype_kwargs(torch_dtype))
+        except OSError as error:
+            reason = str(error).splitlines()[0]
+            raise FileNotFoundError(
+                f"{model!r} could not be loaded from the hub ({reason}); download it elsewhere and pass "
+                "the local folder"
+            ) from None
+    else:
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    return pipe.to(device) if device is not None else pipe
