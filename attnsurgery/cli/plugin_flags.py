@@ -1,24 +1,72 @@
 """Command-line flags for each plugin, shared by ``generate`` and ``eval``.
 
-Each flag group turns its options into one plugin instance, so the CLI never re-implements a plugin:
-it only builds the same frozen config the Python API takes.
+Each flag group only builds the frozen config the Python API takes, so the CLI never re-implements a
+plugin; validation and its error messages come from the plugin's own ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..plugins.base import Plugin
 
 __all__ = ["add_plugin_flags", "plugins_from_args"]
 
 
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     """Add every plugin's flag group to ``parser``."""
-    del parser  # the plugin flag groups register here as the plugins land
+    hd = parser.add_argument_group("HiDiffusion (RAU-Net + MSW-MSA, U-Nets above native size)")
+    hd.add_argument("--hidiffusion", action="store_true", help="enable HiDiffusion")
+    hd.add_argument("--hd-t1", type=float, default=None, help="ratio of steps for the T1 modules (preset)")
+    hd.add_argument("--hd-t2", type=float, default=None, help="ratio of steps for the T2 modules (preset)")
+    hd.add_argument("--hd-no-raunet", action="store_true", help="windows only, no feature resizing")
+    hd.add_argument("--hd-no-window-attn", action="store_true", help="RAU-Net only, global attention")
+    hd.add_argument("--hd-force", action="store_true", help="act at or below native size too")
+
+    agent = parser.add_argument_group("Agent attention (AgentSD) and token merging")
+    agent.add_argument("--agent", action="store_true", help="enable agent attention on the top level")
+    agent.add_argument("--agent-source", choices=("tome", "pool"), default="tome", help="how agents are made")
+    agent.add_argument("--agent-layers", default=None, help="layer selector (default: top)")
+    agent.add_argument("--tome", type=float, default=None, metavar="RATIO", help="token merging at this ratio")
+
+    pag = parser.add_argument_group("Perturbed-attention guidance (layers or single heads)")
+    pag.add_argument("--pag", type=float, default=None, metavar="SCALE", help="guidance scale (e.g. 3.0)")
+    pag.add_argument("--pag-layers", default=None, help="comma-separated layer selectors (family default)")
+    pag.add_argument("--pag-heads", default=None, help="comma-separated 'path:head' items, or a head-set JSON file")
+    pag.add_argument("--pag-soft", type=float, default=1.0, help="SoftPAG blend u in [0, 1] (default 1)")
+    pag.add_argument("--pag-kind", default="identity", choices=("identity", "uniform", "mean_query", "temperature"))
+    pag.add_argument("--pag-mode", default="batched", choices=("batched", "sequential"))
+
+    conv = parser.add_argument_group("Convolution-distilled replacements")
+    conv.add_argument("--convfusion", default=None, metavar="DIR", help="load distilled conv blocks from DIR")
 
 
 def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
-    """The plugins the parsed flags ask for, in a fixed order."""
-    del args
-    return []
+    """The plugins the parsed flags ask for, in a fixed order (structure first, guidance last)."""
+    from ..plugins.agent import AgentAttention
+    from ..plugins.convfusion import ConvFusion
+    from ..plugins.hidiffusion import HiDiffusion
+    from ..plugins.perturbation import PerturbedAttention
+    from ..plugins.token_merging import TokenMerging
+
+    plugins: list[Plugin] = []
+    if args.convfusion:
+        plugins.append(ConvFusion.from_pretrained(args.convfusion))
+    if args.hidiffusion:
+        plugins.append(HiDiffusion(raunet=not args.hd_no_raunet, window_attn=not args.hd_no_window_attn,
+                                   t1=args.hd_t1, t2=args.hd_t2, force=args.hd_force))
+    if args.agent:
+        plugins.append(AgentAttention(layers=args.agent_layers or "top", agent_source=args.agent_source))
+    if args.tome is not None:
+        plugins.append(TokenMerging(ratio=args.tome))
+    if args.pag is not None:
+        heads = args.pag_heads
+        heads = Path(heads) if heads and heads.endswith(".json") else _csv(heads)
+        plugins.append(PerturbedAttention(scale=args.pag, layers=_csv(args.pag_layers), heads=heads,
+                                          soft=args.pag_soft, kind=args.pag_kind, mode=args.pag_mode))
+    return plugins
