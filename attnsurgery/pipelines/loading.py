@@ -6,9 +6,11 @@ a 12B-parameter FLUX is described in a second and no weight file is read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,16 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return names[dtype]
 
 
+@contextlib.contextmanager
+def _fetch_failure(what: str, fix: str) -> Iterator[None]:
+    """Turn a failed download (offline, unknown repo) into one FileNotFoundError that says what to do."""
+    try:
+        yield
+    except OSError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FileNotFoundError(f"{what} ({reason}); {fix}") from None
+
+
 def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
     """diffusers renamed ``torch_dtype`` to ``dtype`` (0.42 warns on the old name); pass what it expects."""
     if dtype is None:
@@ -170,14 +182,9 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, config: str | os.Pa
     kwargs = _dtype_kwargs(dtype)
     if config is not None:
         kwargs["config"] = str(config)
-    try:
+    with _fetch_failure(f"{path.name}: loading a single file needs the model's configs, which could not be fetched",
+                        "pass config=<local diffusers folder of the same architecture>"):
         return getattr(diffusers, class_name).from_single_file(str(path), **kwargs)
-    except OSError as error:
-        reason = str(error).splitlines()[0]
-        raise FileNotFoundError(
-            f"{path.name}: loading a single file needs the model's configs, which could not be fetched ({reason}); "
-            "pass config=<local diffusers folder of the same architecture>"
-        ) from None
 
 
 def load_pipeline(
@@ -222,14 +229,9 @@ def load_pipeline(
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
         pipe = DiffusionPipeline.from_pretrained(path, **_dtype_kwargs(torch_dtype))
     elif HUB_ID.fullmatch(str(model)):
-        try:
+        hint = "download it elsewhere and pass the local folder"
+        with _fetch_failure(f"{model!r} could not be loaded from the hub", hint):
             pipe = DiffusionPipeline.from_pretrained(str(model), **_dtype_kwargs(torch_dtype))
-        except OSError as error:
-            reason = str(error).splitlines()[0]
-            raise FileNotFoundError(
-                f"{model!r} could not be loaded from the hub ({reason}); download it elsewhere and pass "
-                "the local folder"
-            ) from None
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
     return pipe.to(device) if device is not None else pipe

@@ -104,13 +104,13 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
         raise RuntimeError(f"The CLIP vocabulary {path} is missing; reinstall attnsurgery to restore it.")
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP table mapping every byte to a printable unicode character."""
     printable = [
         *range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)

@@ -40,6 +40,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from ..reference.model import bytes_to_unicode
+
 __all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "TINY_PIPELINES",
            "byte_clip_tokenizer", "tiny_t5_tokenizer"]
 
@@ -47,23 +49,9 @@ CLIP_VOCAB = 514  # 256 bytes, 256 word-final bytes, <|startoftext|>, <|endoftex
 CLIP_BOS, CLIP_EOS = 512, 513
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable-character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def byte_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """A CLIP BPE tokenizer over bytes with no merges: any text tokenizes, nothing is downloaded."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = CLIP_BOS
