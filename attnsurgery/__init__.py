@@ -12,6 +12,7 @@ from .families import Family, detect_family
 from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.base import Plugin, plugin_from_dict
 from .plugins.convfusion import ConvFusion
+from .plugins.perturbation import PerturbedAttention
 from .surgery import Surgery, active_surgeries, apply, patched, remove
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "ConvFusion",
     "Family",
     "ModelInfo",
+    "PerturbedAttention",
     "Plugin",
     "StepContext",
     "Surgery",

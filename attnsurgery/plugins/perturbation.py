@@ -1,0 +1,204 @@
+"""PerturbedAttention: perturbation guidance (PAG, SoftPAG, uniform, mean-query, temperature) at head level.
+
+Spec: specs/perturbation.md. The plugin wraps the chosen layers' own processors (the perturbation is a
+per-(row, head) lerp of their attention output, see `attnsurgery.ops.perturb`) and puts the guidance wrapper
+on the denoiser (`attnsurgery.pipelines.guidance`), which adds the perturbed rows and folds their prediction
+into the pipeline's own classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..ops.perturb import KINDS
+from ..pipelines.guidance import GuidanceSchedule, PerturbationGuidance
+from ..processors.perturb import HeadPerturbationProcessor, PerturbationState
+from .base import Plugin
+
+if TYPE_CHECKING:
+    from ..inventory import ModelInfo
+    from ..surgery import Surgery
+
+__all__ = ["PerturbedAttention", "default_layers"]
+
+MODES = ("batched", "sequential")
+JOINT = ("full", "image_only")
+# Layers that can be perturbed: image tokens attending to themselves (never cross-attention).
+SELF_KINDS = ("self", "joint", "single")
+
+
+def default_layers(model: ModelInfo) -> str:
+    """The family's default layers.
+
+    - U-Nets: the mid block's self-attention (the PAG authors' choice for SD1.5, diffusers' "mid").
+    - SD3 / SD3.5: block 1 exactly (``transformer_blocks.1``; diffusers' regex "blocks.1" also hits
+      blocks 10-19). On SD3.5 with dual attention in block 1 this includes its image-only ``attn2``.
+    - FLUX: the second double-stream block, ``transformer_blocks.1``: no published whole-layer preset
+      exists (diffusers' PAG guider raises on FLUX), so we follow SD3's default, an early joint block.
+    """
+    if model.family.kind == "unet":
+        return "mid"
+    return "transformer_blocks.1"
+
+
+@dataclass(frozen=True)
+class PerturbedAttention(Plugin):
+    """Perturbation guidance on whole layers or single heads.
+
+    eps = eps_u + w (eps_c - eps_u) + s_t (eps_c - eps_p) with CFG, eps_c + s_t (eps_c - eps_p) without,
+    where eps_p is the conditional prediction with the chosen heads' attention perturbed.
+
+    Args:
+        scale: s, the guidance scale (the PAG authors: 3.0 with CFG 4.0, 5.0 without CFG). 0 disables it.
+        layers: layer selector (path, enclosing path, glob or group); every head of those layers.
+            None with heads=None: the family default (see `default_layers`).
+        heads: head spec: "path:head" strings and (block_index, head) tuples, or a list of them.
+        soft: u, the SoftPAG blend toward the perturbed map (1 = full PAG, 0 = nothing).
+        kind: "identity" (PAG), "uniform", "mean_query" (SEG with infinite blur) or "temperature".
+        temperature: tau for kind="temperature" (tau > 1 flattens the map).
+        adaptive_scale: a in s_t = max(0, s - a (1000 - t)), diffusers' adaptive PAG scale.
+        start: progress in [0, 1] from which the guidance runs (0 = first step).
+        stop: progress up to which it runs; the default window 0..1 is every step, as diffusers' PAG
+            pipelines (its modular guider runs only 0.01..0.2).
+        mode: "batched" (one forward with [uncond, cond, perturbed] rows: fastest) or "sequential" (one
+            extra forward for the perturbed rows: peak memory of plain CFG).
+        joint: on MMDiTs, "full" perturbs the whole joint image+text sequence (HeadHunter's semantics);
+            "image_only" keeps the text keys and puts the identity on the image-image block only
+            (diffusers' StableDiffusion3PAGPipeline; kind="identity" only).
+
+    Example:
+        >>> import attnsurgery as surg
+        >>> handle = surg.apply(pipe, surg.PerturbedAttention(scale=3.0, heads=["transformer_blocks.11:15"]))
+        >>> image = pipe("a castle at dusk", guidance_scale=4.0).images[0]
+        >>> handle.remove()
+    """
+
+    scale: float = 3.0
+    layers: str | tuple[str, ...] | None = None
+    heads: str | tuple[Any, ...] | os.PathLike | None = None
+    soft: float = 1.0
+    kind: str = "identity"
+    temperature: float | None = None
+    adaptive_scale: float = 0.0
+    start: float = 0.0
+    stop: float = 1.0
+    mode: str = "batched"
+    joint: str = "full"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.heads, list):  # from_dict gives lists; (block, head) pairs become tuples again
+            heads = tuple(tuple(h) if isinstance(h, list) else h for h in self.heads)
+            object.__setattr__(self, "heads", heads)
+        _check_number("scale", self.scale, 0.0, math.inf, "a guidance scale >= 0 such as 3.0")
+        _check_number("soft", self.soft, 0.0, 1.0, "a blend weight in [0, 1] (1 = full PAG)")
+        _check_number("adaptive_scale", self.adaptive_scale, 0.0, math.inf, "0 (off) or a rate like 0.01")
+        _check_number("start", self.start, 0.0, 1.0, "a progress in [0, 1]")
+        _check_number("stop", self.stop, self.start, 1.0, f"a progress in [start={self.start}, 1]")
+        _check_choice("kind", self.kind, KINDS)
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("joint", self.joint, JOINT)
+        if self.kind == "temperature":
+            if self.temperature is None or not self.temperature > 0:
+                raise ValueError(f"kind='temperature' needs temperature > 0 (e.g. 2), got {self.temperature}")
+        elif self.temperature is not None:
+            raise ValueError(
+                f"temperature={self.temperature!r} only applies to kind='temperature', not {self.kind!r}"
+            )
+        if self.joint == "image_only" and self.kind != "identity":
+            raise ValueError(
+                f"joint='image_only' is diffusers' identity variant; use kind='identity', not {self.kind!r}"
+            )
+        if self.layers is not None and self.heads is not None:
+            raise ValueError("give layers= (every head of those layers) or heads= (single heads), not both")
+
+    # ---------------------------------------------------------------------------------------------
+    def head_weights(self, model: ModelInfo) -> dict[str, torch.Tensor]:
+        """Layer path -> [1, heads] weights: `soft` on the selected heads, 0 elsewhere.
+
+        Raises:
+            ValueError: the selection matches no self/joint attention layer or names a head out of range.
+        """
+        if isinstance(self.heads, os.PathLike):
+            raise NotImplementedError(
+                f"heads={self.heads!r}: head-set files come with the HeadHunter search; pass 'path:head' "
+                "strings or (block_index, head) tuples for now"
+            )
+        if self.heads is not None:
+            selected = model.select_heads(self.heads, kinds=SELF_KINDS)
+        else:
+            layers = self.layers if self.layers is not None else default_layers(model)
+            selected = {layer.path: None for layer in model.select(layers, kinds=SELF_KINDS)}
+        weights = {}
+        for path, heads in selected.items():
+            row = torch.zeros(1, model.layer(path).heads)
+            row[0, sorted(heads) if heads is not None else slice(None)] = self.soft
+            weights[path] = row
+        return weights
+
+    def attach(self, surgery: Surgery) -> None:
+        """Wrap the selected layers' processors and put the guidance hooks on the denoiser."""
+        weights = self.head_weights(surgery.model)
+        if self.scale == 0.0 or self.soft == 0.0:
+            return  # nothing to add: the pipeline stays bit-identical
+        family = surgery.model.family
+        state = PerturbationState(
+            kind=self.kind, temperature=self.temperature, image_only=self.joint == "image_only",
+            text_first=family.joint_order == "text_image",
+        )
+        for path in weights:
+            layer = surgery.model.layer(path)
+            wrapper = HeadPerturbationProcessor(layer.module.processor, path, state)
+            surgery.set_processor(layer, wrapper, role="heads")
+        surgery.claim("<denoiser>", "guidance")
+        guidance = PerturbationGuidance(
+            state=state,
+            head_weights=lambda: weights,
+            schedule=GuidanceSchedule(self.scale, self.adaptive_scale, self.start, self.stop),
+            sequential=self.mode == "sequential",
+            clock=lambda: _clock(surgery),
+            cfg_active=lambda: _pipeline_runs_cfg(surgery.pipeline),
+            image_tokens=lambda: _image_tokens(surgery),
+        )
+        surgery.add_hook(surgery.denoiser, guidance.pre_hook, pre=True, with_kwargs=True)
+        surgery.add_hook(surgery.denoiser, guidance.post_hook, pre=False, with_kwargs=True)
+
+
+def _clock(surgery: Surgery) -> tuple[float, float]:
+    """(progress, timestep on the 0-1000 scale) of the current call; FLUX passes t / 1000."""
+    context = surgery.context
+    t = context.timestep if context.timestep is not None else 1000.0 * (1.0 - context.progress)
+    return context.progress, t * 1000.0 if surgery.model.family.name == "flux" else t
+
+
+def _pipeline_runs_cfg(pipeline: Any) -> bool:
+    """Whether the pipeline batches [uncond, cond] now: its own property, read at call time."""
+    try:
+        return bool(getattr(pipeline, "do_classifier_free_guidance", False))
+    except AttributeError:  # a property reading state that this pipeline never set
+        return False
+
+
+def _image_tokens(surgery: Surgery) -> int | None:
+    """Image tokens of a joint sequence in the current call (MMDiTs), None on U-Nets."""
+    if surgery.model.family.kind == "unet" or surgery.context.latent_hw is None:
+        return None
+    rows, cols = surgery.context.token_grids()[0]
+    return rows * cols
+
+
+def _check_number(name: str, value: Any, low: float, high: float, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"PerturbedAttention {name}={value!r} is invalid; use {hint}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"PerturbedAttention {name}={value!r} is invalid; use one of {choices}")
+

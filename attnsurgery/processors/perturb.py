@@ -1,0 +1,136 @@
+"""The head-perturbation processor: wraps a layer's own processor and edits its attention output.
+
+The processor is stateless about time and batch; the guidance wrapper tells it, per denoiser call, which
+batch rows and heads to perturb through a shared `PerturbationState` (one per plugin application).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..ops.perturb import head_pairs, perturb_heads
+from .base import WrappingProcessor
+from .sdpa_intercept import FirstAttentionCall
+
+
+@dataclass
+class LayerPlan:
+    """The (row, head, weight) pairs one layer perturbs during the current denoiser call."""
+
+    rows: torch.Tensor
+    heads: torch.Tensor
+    weights: torch.Tensor
+    _on_device: dict[torch.device, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pairs on `device`, copied once per call (the plan is built on the CPU: no sync)."""
+        if device not in self._on_device:
+            self._on_device[device] = tuple(t.to(device) for t in (self.rows, self.heads, self.weights))
+        return self._on_device[device]
+
+
+@dataclass
+class PerturbationState:
+    """What the perturbation processors do during the current denoiser call.
+
+    Args:
+        kind: the perturbation ("identity", "uniform", "mean_query", "temperature").
+        temperature: tau for kind="temperature".
+        image_only: put the identity on the image-image block of a joint sequence only.
+        text_first: joint token order (FLUX: text then image; SD3: image then text).
+    """
+
+    kind: str = "identity"
+    temperature: float | None = None
+    image_only: bool = False
+    text_first: bool = False
+    plans: dict[str, LayerPlan] = field(default_factory=dict)
+    num_image_tokens: int | None = None
+
+    def activate(
+        self, rows: range, weights: Mapping[str, torch.Tensor], num_image_tokens: int | None
+    ) -> None:
+        """Perturb the batch rows `rows` with per-row head weights.
+
+        Args:
+            rows: the perturbed batch rows (consecutive).
+            weights: layer path -> [len(rows), heads] weights on the CPU, row r of a table for batch row
+                rows[r], so every row can carry its own head set; a [1, heads] table applies to every row.
+            num_image_tokens: image tokens of a joint sequence (for image_only), else None.
+        """
+        self.plans = {}
+        for path, table in weights.items():
+            if table.shape[0] not in (1, len(rows)):
+                raise ValueError(
+                    f"head weights for {path!r} have {table.shape[0]} rows for {len(rows)} perturbed batch rows; "
+                    "give one row per perturbed row, or a single row for all of them"
+                )
+            table_rows, heads, w = head_pairs(table.expand(len(rows), -1))
+            if table_rows.numel():
+                self.plans[path] = LayerPlan(table_rows + rows.start, heads, w)
+        self.num_image_tokens = num_image_tokens
+
+    def deactivate(self) -> None:
+        """Back to the plain model: every processor calls its inner processor untouched."""
+        self.plans = {}
+        self.num_image_tokens = None
+
+    def image_tokens(self, num_tokens: int) -> slice | None:
+        """The image range in a joint sequence of `num_tokens` tokens, when image_only applies."""
+        if not self.image_only or self.num_image_tokens is None:
+            return None
+        n_image = min(self.num_image_tokens, num_tokens)
+        return slice(num_tokens - n_image, num_tokens) if self.text_first else slice(0, n_image)
+
+
+class HeadPerturbationProcessor(WrappingProcessor):
+    """Runs the layer's own processor and blends the selected heads of the perturbed rows.
+
+    Inactive (no plan for this layer), it is a plain pass-through, so outputs are bit-identical.
+    """
+
+    def __init__(self, inner: Any, path: str, state: PerturbationState) -> None:
+        super().__init__(inner)
+        self.path = path
+        self.state = state
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        plan = self.state.plans.get(self.path)
+        if plan is None:
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        with FirstAttentionCall(lambda q, k, v, out, call: self._edit(plan, q, k, v, out, call)) as mode:
+            result = self.inner(attn, hidden_states, *args, **kwargs)
+        if mode.calls == 0:
+            raise RuntimeError(
+                f"perturbed attention could not reach the attention of layer {self.path!r}: its processor "
+                f"{type(self.inner).__name__} made no torch scaled_dot_product_attention call (an xformers, "
+                "flash-attn or sage backend?). Use diffusers' native attention backend for perturbed layers."
+            )
+        return result
+
+    def _edit(
+        self,
+        plan: LayerPlan,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        call: dict[str, Any],
+    ) -> torch.Tensor:
+        """Blend the planned (row, head) pairs; SDPA's own scale is kept. Without autograd the fresh SDPA
+        output is edited in place (one copy of it less at the peak)."""
+        if call["attn_mask"] is not None and self.state.kind != "identity":
+            raise NotImplementedError(
+                f"kind={self.state.kind!r} on layer {self.path!r} with an attention mask is not supported; "
+                "use kind='identity' (it does not depend on the map) or perturb an unmasked layer"
+            )
+        rows, heads, weights = plan.on(out.device)
+        return perturb_heads(
+            q, k, v, out, rows, heads, weights, self.state.kind,
+            scale=call["scale"], temperature=self.state.temperature,
+            image_tokens=self.state.image_tokens(q.shape[-2]), inplace=not torch.is_grad_enabled(),
+        )
