@@ -10,7 +10,7 @@ from attnsurgery.comfy.patching import select_heads, select_layers, token_grid, 
 from .tiny_comfy import CONTEXT_DIM, MODEL_CHANNELS
 
 
-def _diffusers_twin() -> UNet2DConditionModel:
+def diffusers_twin() -> UNet2DConditionModel:
     """The diffusers U-Net of the tiny SD1.5 layout (same levels, heads and widths)."""
     channels = tuple(MODEL_CHANNELS * m for m in (1, 2, 4, 4))
     return UNet2DConditionModel(
@@ -25,7 +25,7 @@ def test_sites_carry_comfyui_keys_and_diffusers_paths(tiny):
     blocks = [site.block for site in sites]
     assert blocks == ([("input", n) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0)]
                       + [("output", n) for n in range(3, 12)])
-    twin = {name: module for name, module in _diffusers_twin().named_modules() if name.endswith(".attn1")}
+    twin = {name: module for name, module in diffusers_twin().named_modules() if name.endswith(".attn1")}
     assert sorted(site.path for site in sites) == sorted(twin)
     assert all(site.heads == twin[site.path].heads == 8 for site in sites)
     assert {site.level for site in sites if site.path.startswith(("down_blocks.0", "up_blocks.3"))} == {0}
