@@ -49,7 +49,8 @@ def test_guided_prediction_matches_the_diffusers_plugin(tiny):
         with surg.patched(twin, surg.PerturbedAttention(scale=3.0, heads=HEADS, mode="sequential")):
             eps = twin(unet_in, timestep, encoder_hidden_states=cond).sample
     sigma4 = sigma.view(-1, 1, 1, 1)
-    assert torch.allclose(x - sigma4 * plain, call["cond_denoised"], atol=1e-4)  # same U-Net, same call
+    # float32 rounding of x - sigma * eps at sigma_max ~14.6 (|x| ~ 50): about 1e-4 apart
+    assert torch.allclose(x - sigma4 * plain, call["cond_denoised"], rtol=0, atol=1e-3)  # same U-Net, same call
     effect = (call["denoised"] - call["cond_denoised"]).abs().max()
-    assert effect > 0.1  # the guidance term is not negligible (about 0.7 here)
-    assert torch.allclose(x - sigma4 * eps, call["denoised"], atol=1e-4)  # about 2e-6 here
+    assert effect > 0.5  # the guidance term is not negligible (about 2.7 here)
+    assert torch.allclose(x - sigma4 * eps, call["denoised"], rtol=0, atol=1e-3)
