@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "AttentionSite", "unet_attention_sites", "select_heads", "select_layers", "token_grid", "call_generator",
-    "sigma_window", "current_sigma",
-    "with_attn1_replace", "conditional_prediction", "split_heads", "merge_heads",
+    "AttentionSite", "unet_attention_sites", "select_heads", "select_layers", "claim_token_layers", "token_grid",
+    "call_generator", "sigma_window", "current_sigma", "with_attn1_replace", "conditional_prediction",
+    "split_heads", "merge_heads",
 ]
 
 DIT_LIMITATION = (
@@ -132,6 +132,25 @@ def select_heads(sites: list[AttentionSite], spec: str) -> dict[AttentionSite, l
 def select_layers(sites: list[AttentionSite], spec: str) -> set[tuple[str, int, int]]:
     """Resolve a layer spec (the head-spec syntax, every head) to the ComfyUI keys of those layers."""
     return {site.key for site in select_heads(sites, spec)}
+
+
+CLAIMS_KEY = "attnsurgery_token_layers"
+
+
+def claim_token_layers(patched: Any, keys: set[tuple[str, int, int]], owner: str) -> None:
+    """Record that ``owner`` changes the token count of these layers on the clone ``patched``.
+
+    Two token-changing nodes on one layer would hand each other merged tokens; refuse that up front.
+
+    Raises:
+        ValueError: an earlier node in the chain already changes some of these layers.
+    """
+    claims = patched.model_options.setdefault(CLAIMS_KEY, {})
+    taken = sorted((key, claims[key]) for key in keys if key in claims)
+    if taken:
+        raise ValueError(f"{owner} and {taken[0][1]} would both change the tokens of {[k for k, _ in taken]}; "
+                         "give them different layers or use one of them")
+    claims.update(dict.fromkeys(keys, owner))
 
 
 def token_grid(original_shape: list[int], num_tokens: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..ops.perturb import KINDS, perturb_heads
 from ..plugins.perturbation import PerturbedAttention
+from .node import ModelPatchNode
 from .patching import (
     DIT_LIMITATION,
     conditional_prediction,
@@ -46,21 +47,17 @@ def _head_replace(heads: list[int], soft: float, kind: str, temperature: float |
     return replace
 
 
-class AttnSurgeryPerturbedAttention:
+class AttnSurgeryPerturbedAttention(ModelPatchNode):
     """Perturbed-attention guidance on chosen heads of chosen U-Net self-attention layers."""
 
     DESCRIPTION = (
         "Perturbed-attention guidance at head level: one extra conditional pass with the chosen heads' "
         "self-attention perturbed; adds scale * (cond - perturbed). " + DIT_LIMITATION
     )
-    CATEGORY = "attnsurgery"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to guide; it is cloned, never changed."}),
+    def inputs(cls) -> dict[str, Any]:
+        return {
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.1,
                                 "tooltip": "Guidance scale s (PAG: 3 with CFG 4). 0 turns the node off."}),
             "heads": ("STRING", {"default": "mid_block", "multiline": True,
@@ -79,7 +76,7 @@ class AttnSurgeryPerturbedAttention:
                                         "tooltip": "Denoising percent at which the guidance starts."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "Denoising percent at which the guidance stops."}),
-        }}
+        }
 
     def patch(self, model: Any, scale: float, heads: str, soft: float, kind: str, temperature: float,
               start_percent: float, end_percent: float) -> tuple[Any]:
