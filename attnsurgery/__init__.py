@@ -13,6 +13,7 @@ from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.agent import AgentAttention, AgentPhase
 from .plugins.base import Plugin, plugin_from_dict
 from .plugins.convfusion import ConvFusion
+from .plugins.hidiffusion import HiDiffusion
 from .plugins.perturbation import PerturbedAttention
 from .plugins.token_merging import TokenMerging
 from .surgery import Surgery, active_surgeries, apply, patched, remove
@@ -25,6 +26,7 @@ __all__ = [
     "AttentionLayer",
     "ConvFusion",
     "Family",
+    "HiDiffusion",
     "ModelInfo",
     "PerturbedAttention",
     "Plugin",

@@ -189,8 +189,9 @@ def load_pipeline(
     """Load a diffusers pipeline from the shipped reference model, a folder, a hub id or a single file.
 
     Args:
-        model: ``"reference"`` (the small model shipped in the package, works offline), a local diffusers
-            folder, a hub id, or a ``.safetensors``/``.ckpt`` single-file checkpoint.
+        model: ``"reference"`` (the small model shipped in the package, works offline), a folder written by
+            ``python -m attnsurgery.reference.train``, a local diffusers folder, a hub id, or a
+            ``.safetensors``/``.ckpt`` single-file checkpoint.
         dtype: ``torch.float16``, ``"bf16"``, ... (default: as stored).
         device: where to move the pipeline (default: stay on the CPU).
         config: for single files, a local diffusers folder holding the configs (needed offline).
@@ -204,16 +205,18 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
+    from ..reference.model import has_reference_weights, load_reference_pipeline
+
     torch_dtype = _torch_dtype(dtype)
     path = Path(model).expanduser()
     if str(model) == "reference":
-        from ..reference.model import load_reference_pipeline
-
         pipe = load_reference_pipeline(dtype=torch_dtype)
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ValueError(f"{path} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a folder")
         pipe = _load_single_file(path, torch_dtype, config)
+    elif path.is_dir() and has_reference_weights(path):  # a folder written by attnsurgery.reference.train
+        pipe = load_reference_pipeline(dtype=torch_dtype, weights_dir=path)
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")

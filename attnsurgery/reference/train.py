@@ -1,0 +1,367 @@
+"""Train the reference model from scratch, deterministically from a seed.
+
+Two stages: (1) the AutoencoderKL learns to reconstruct shapes images (on random crops, which it sees
+as whole images because it is convolutional), and its latent scale is measured; (2) the UNet and the
+text encoder learn epsilon-prediction on the frozen VAE's latents of freshly generated captioned scenes
+(10% empty captions, for classifier-free guidance), with min-SNR weighting and an EMA of the weights,
+which is what gets saved. Writes fp16 safetensors, ``config.json`` and ``MODEL_CARD.md`` to ``--out``.
+
+Usage:
+    python -m attnsurgery.reference.train --out /tmp/reference --seed 0 --vae-steps 400 --steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, pipeline_sampler
+from attnsurgery.reference.evaluator import score
+from attnsurgery.reference.model import (
+    build_reference_pipeline,
+    load_reference_pipeline,
+    save_reference_weights,
+)
+from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, Scene, heldout_seed, make_scene, render
+
+#: Training scenes draw 1, 2 or 3 objects with these probabilities (one-object prompts are the gate).
+OBJECT_COUNT_PROBS = (0.5, 0.25, 0.25)
+CAPTION_DROPOUT = 0.1
+MIN_SNR_GAMMA = 5.0  # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
+KL_WEIGHT = 1e-6
+OBJECT_WEIGHT = 5.0
+#: The latent scaling factor is 1 / std of the latents of this many batches of fresh images.
+SCALE_SAMPLE_BATCHES, SCALE_SAMPLE_SIZE = 4, 32
+CHECKPOINT_FILE = "checkpoint.pt"
+#: Creating this file in the output folder ends the UNet stage early; the weights are still written.
+STOP_FILE = "STOP"
+#: The VAE stage stops once reconstructions of these held-out probe scenes pass the evaluator.
+VAE_PROBE_SCENES = 48
+VAE_PROBE_EVERY = 50
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines the trained weights (recorded in the model card)."""
+
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    vae_crop: int = 32
+    vae_lr: float = 2e-3
+    vae_target_fidelity: float = 0.97
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+
+
+class SceneStream:
+    """Unlimited captioned training images; scene seeds come from a private RNG and stay below the
+    held-out range, so evaluation prompts are never trained on."""
+
+    def __init__(self, seed: int, size: int = 64) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.size = size
+
+    def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        """``n`` images in [-1, 1], ``[n, 3, size, size]``, and their captions."""
+        seeds = self.rng.integers(0, HELDOUT_SEED_BASE, size=n)
+        counts = self.rng.choice([1, 2, 3], size=n, p=OBJECT_COUNT_PROBS)
+        scenes = [make_scene(int(s), int(c)) for s, c in zip(seeds, counts, strict=True)]
+        images = np.stack([render(s, self.size) for s in scenes])
+        tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return tensor, [s.caption for s in scenes]
+
+
+def _random_crops(images: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    if crop >= images.shape[-1]:
+        return images
+    out = []
+    for image in images:
+        y, x = rng.integers(0, images.shape[-1] - crop + 1, size=2)
+        out.append(image[:, y : y + crop, x : x + crop])
+    return torch.stack(out)
+
+
+def reconstruction_fidelity(vae: torch.nn.Module, scenes: list[Scene]) -> float:
+    """Fraction of ``scenes`` whose VAE round trip the evaluator still reads as the caption."""
+    pixels = torch.from_numpy(np.stack([render(s, 64) for s in scenes]))
+    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return float(np.mean([score(p, s.caption).correct for p, s in zip(pixels, scenes, strict=True)]))
+
+
+def object_weights(images: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weights ``[n, 1, h, w]``: OBJECT_WEIGHT on coloured pixels, 1 on the grey background.
+
+    Objects cover a small part of each image; without this the VAE first learns the background and
+    confuses neighbouring hues (red/orange, purple/blue) for a long time.
+    """
+    saturated = (images.amax(dim=1, keepdim=True) - images.amin(dim=1, keepdim=True)) > 0.2
+    return 1.0 + (OBJECT_WEIGHT - 1.0) * saturated.float()
+
+
+def train_vae(pipe: StableDiffusionPipeline, cfg: TrainConfig, stream: SceneStream) -> list[float]:
+    """Fit the AutoencoderKL (object-weighted L1 + MSE, tiny KL) until its round trip keeps held-out
+    scenes readable (``cfg.vae_target_fidelity``) or ``cfg.vae_steps`` run out; then set the scaling
+    factor to 1 / std(latents)."""
+    vae = pipe.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    probe = [make_scene(heldout_seed(10**9 + i)) for i in range(VAE_PROBE_SCENES)]
+    losses: list[float] = []
+    fidelity = 0.0
+    bar = tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        images = _random_crops(stream.batch(cfg.vae_batch_size)[0], cfg.vae_crop, stream.rng)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        error = (recon - images).abs() + (recon - images).pow(2)
+        loss = (object_weights(images) * error).mean() + KL_WEIGHT * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % VAE_PROBE_EVERY == 0:
+            fidelity = reconstruction_fidelity(vae.eval(), probe)
+            vae.train()
+            if fidelity >= cfg.vae_target_fidelity:
+                break
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", probe_fidelity=f"{fidelity:.2f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        batches = [stream.batch(SCALE_SAMPLE_SIZE)[0] for _ in range(SCALE_SAMPLE_BATCHES)]
+        latents = torch.cat([vae.encode(images).latent_dist.mode() for images in batches])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    bar.write(f"vae: {len(losses)} steps, round-trip fidelity on {len(probe)} held-out scenes {fidelity:.3f}")
+    return losses
+
+
+def _encode_prompts(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1.0 - decay)
+
+
+def train_denoiser(
+    pipe: StableDiffusionPipeline, cfg: TrainConfig, stream: SceneStream, generator: torch.Generator,
+    out: Path, max_minutes: float | None,
+) -> list[float]:
+    """Train UNet + text encoder on latents; the EMA copies replace the pipeline's modules at the end.
+
+    Stops early (the returned history is then shorter) when ``max_minutes`` runs out or a ``STOP`` file
+    appears in ``out``.
+    """
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train().requires_grad_(True)
+    ema = copy.deepcopy(trained).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    losses: list[float] = []
+    start = time.monotonic()
+    bar = tqdm(range(cfg.steps), desc="unet", dynamic_ncols=True)
+    for step in bar:
+        images, captions = stream.batch(cfg.batch_size)
+        captions = ["" if stream.rng.random() < CAPTION_DROPOUT else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
+        noisy = pipe.scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, _encode_prompts(pipe, captions)).sample
+        loss = (weights[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % 100 == 0:
+            state = {"step": step + 1, "ema": ema.state_dict(), "vae": vae.state_dict()}
+            torch.save(state, out / CHECKPOINT_FILE)
+        if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
+            bar.write(f"stopping at step {step + 1}: --max-minutes {max_minutes} reached")
+            break
+        if (out / STOP_FILE).exists():
+            bar.write(f"stopping at step {step + 1}: {out / STOP_FILE} exists")
+            break
+    pipe.unet.load_state_dict(ema["unet"].state_dict())
+    pipe.text_encoder.load_state_dict(ema["text_encoder"].state_dict())
+    pipe.unet.eval().requires_grad_(False)
+    pipe.text_encoder.eval().requires_grad_(False)
+    return losses
+
+
+def loss_summary(losses: list[float], rows: int = 10) -> list[tuple[int, float]]:
+    """(last step, mean loss) over ``rows`` equal spans of the run: the loss curve in a table."""
+    if not losses:
+        return []
+    span = max(1, math.ceil(len(losses) / rows))
+    starts = range(0, len(losses), span)
+    return [(min(i + span, len(losses)), float(np.mean(losses[i : i + span]))) for i in starts]
+
+
+def write_model_card(out: Path, record: dict) -> None:
+    """MODEL_CARD.md from the training record (``training.json``) and any evaluation results in it."""
+    cfg = record["config"]
+    lines = [
+        "# attnsurgery reference model",
+        "",
+        "A small StableDiffusionPipeline (SD1.x UNet topology, AutoencoderKL of factor 4, CLIP text encoder",
+        "with the real CLIP BPE tokenizer) trained from scratch on procedural captioned shapes, so that",
+        "attention-surgery quality is measurable offline. Native size 64 px (16 x 16 latents).",
+        "",
+        "## Reproduce",
+        "",
+        f"    {record['command']}",
+        "",
+        f"Seed {cfg['seed']}; VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, "
+        f"{cfg['vae_crop']} px crops, lr {cfg['vae_lr']}); UNet + text encoder {record['steps_done']} steps "
+        f"(batch {cfg['batch_size']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, EMA {cfg['ema_decay']}, "
+        f"min-SNR {MIN_SNR_GAMMA}, {int(CAPTION_DROPOUT * 100)}% empty captions). "
+        f"Wall clock {record['minutes']:.1f} min on {record['device']}. Weights stored in fp16.",
+        "",
+        f"Parameters: {record['parameters']}. VAE scaling factor {record['scaling_factor']:.4f}.",
+        "",
+        "## Loss curve (mean over spans of steps)",
+        "",
+        "| stage | up to step | loss |",
+        "| --- | ---: | ---: |",
+    ]
+    for stage in ("vae", "unet"):
+        lines += [f"| {stage} | {s} | {v:.4f} |" for s, v in record[f"{stage}_loss"]]
+    if record.get("notes"):
+        lines += ["", "## Status", "", *record["notes"]]
+    rows = record.get("evaluation_rows", {})
+    if rows:
+        ordered = [rows[label] for label, *_ in CARD_SUITE if label in rows]
+        lines += ["", "## Evaluator numbers (held-out seeds, analytic evaluator)", "",
+                  record["evaluation_setting"], "", *TABLE_HEADER, *ordered]
+    (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def train(cfg: TrainConfig, out: Path, max_minutes: float | None = None) -> StableDiffusionPipeline:
+    """Run both stages and write the weights, ``training.json`` and the model card into ``out``.
+
+    Args:
+        cfg: the training settings; equal settings give equal weights on the same machine.
+        out: output folder (created).
+        max_minutes: stop the UNet stage early after this many minutes (the card records the steps done).
+
+    Example:
+        >>> train(TrainConfig(vae_steps=2, steps=2), Path("/tmp/ref"))  # doctest: +SKIP
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STOP_FILE).unlink(missing_ok=True)
+    torch.manual_seed(cfg.seed)  # module initialisation only; data and noise use private generators
+    begin = time.monotonic()
+    pipe = build_reference_pipeline()
+    stream = SceneStream(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    vae_losses = train_vae(pipe, cfg, stream)
+    torch.save({"vae": pipe.vae.state_dict()}, out / CHECKPOINT_FILE)
+    unet_losses = train_denoiser(pipe, cfg, stream, generator, out, max_minutes)
+    save_reference_weights(pipe, out)
+    record = {
+        "command": "python -m attnsurgery.reference.train " + " ".join(sys.argv[1:]),
+        "config": asdict(cfg),
+        "vae_steps_done": len(vae_losses),
+        "steps_done": len(unet_losses),
+        "minutes": (time.monotonic() - begin) / 60,
+        "device": f"CPU, {torch.get_num_threads()} threads",
+        "parameters": ", ".join(
+            f"{n} {sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6:.2f}M"
+            for n in ("unet", "vae", "text_encoder")
+        ),
+        "scaling_factor": float(pipe.vae.config.scaling_factor),
+        "vae_loss": loss_summary(vae_losses),
+        "unet_loss": loss_summary(unet_losses),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_model_card(out, record)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder for weights and model card")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="UNet + text encoder steps")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluate after training and put the evaluator numbers into the model card")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the weights already in --out")
+    parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale used by the evaluation")
+    parser.add_argument("--eval-pairs", type=int, nargs=len(CARD_SUITE), default=None,
+                        help=f"pairs per evaluation row ({', '.join(r[0] for r in CARD_SUITE)}); 0 skips")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eval_only:
+        evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
+        return
+    cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr)
+    train(cfg, args.out, args.max_minutes)
+    if args.eval:
+        evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
+
+
+def evaluate_into_card(
+    out: Path, guidance_scale: float = 7.5, steps: int = 20, counts: list[int] | None = None
+) -> None:
+    """Evaluate the weights in ``out`` on held-out pairs and merge the rows into its model card.
+
+    Args:
+        out: a folder written by ``train``.
+        guidance_scale: classifier-free guidance scale.
+        steps: DDIM steps per image.
+        counts: pairs per ``CARD_SUITE`` row (0 skips a row, keeping any earlier result for it).
+    """
+    pipe = load_reference_pipeline(weights_dir=out)
+    pipe.set_progress_bar_config(disable=True)
+    rows = evaluation_rows(pipeline_sampler(pipe, steps, guidance_scale), counts)
+    record = json.loads((out / "training.json").read_text())  # re-read: other evaluations may have landed
+    record["evaluation_setting"] = (
+        f"DDIM, {steps} steps, guidance scale {guidance_scale}; held-out seeds (never trained on)."
+    )
+    record["evaluation_rows"] = {**record.get("evaluation_rows", {}), **rows}
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_model_card(out, record)
+    print("\n".join([*TABLE_HEADER, *rows.values()]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The training script runs end to end and writes loadable weights and a model card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnsurgery.reference import train as train_module
+from attnsurgery.reference.model import load_reference_pipeline
+from attnsurgery.reference.train import SceneStream, TrainConfig, evaluate_into_card, loss_summary, train
+
+
+@pytest.mark.slow
+def test_two_step_training_writes_loadable_weights_and_card(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)  # keep the test cheap
+    cfg = TrainConfig(vae_steps=2, vae_batch_size=2, steps=2, batch_size=2, warmup_steps=1)
+    train(cfg, tmp_path)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["steps_done"] == 2 and record["vae_steps_done"] == 2
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "python -m attnsurgery.reference.train" in card and "| unet | 2 |" in card
+    pipe = load_reference_pipeline(weights_dir=tmp_path)
+    assert pipe.vae.config.scaling_factor == record["scaling_factor"] != 1.0
+
+    evaluate_into_card(tmp_path, steps=2, counts=[2, 0, 0, 0, 0])
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "| one object | 64 | 2 |" in card and "two objects" not in card
+
+
+def test_scene_stream_is_deterministic_and_in_range() -> None:
+    images, captions = SceneStream(3).batch(4)
+    again, captions_again = SceneStream(3).batch(4)
+    assert torch.equal(images, again) and captions == captions_again
+    assert images.shape == (4, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+
+
+def test_loss_summary_spans_the_whole_run() -> None:
+    assert loss_summary([4.0, 2.0, 1.0, 1.0], rows=2) == [(2, 3.0), (4, 1.0)]
+    assert loss_summary([]) == []
+
+
+def test_module_runs_as_a_script() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "attnsurgery.reference.train", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "--steps" in result.stdout and "--eval-pairs" in result.stdout
