@@ -10,14 +10,18 @@ Example:
 from .context import StepContext
 from .families import Family, detect_family
 from .inventory import AttentionLayer, ModelInfo, describe
+from .plugins.agent import AgentAttention, AgentPhase
 from .plugins.base import Plugin, plugin_from_dict
 from .plugins.convfusion import ConvFusion
 from .plugins.perturbation import PerturbedAttention
+from .plugins.token_merging import TokenMerging
 from .surgery import Surgery, active_surgeries, apply, patched, remove
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentAttention",
+    "AgentPhase",
     "AttentionLayer",
     "ConvFusion",
     "Family",
@@ -26,6 +30,7 @@ __all__ = [
     "Plugin",
     "StepContext",
     "Surgery",
+    "TokenMerging",
     "active_surgeries",
     "apply",
     "describe",

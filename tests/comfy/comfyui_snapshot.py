@@ -76,11 +76,12 @@ def bootstrap(comfy_dir: Path) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401  (probes find_spec("torchvision") once: before the stub below exists)
 
+    stub = None
     try:
         import torchvision  # noqa: F401
     except Exception:
         # Only Stable Cascade uses torchvision (at construction); an empty module lets the snapshot import.
-        sys.modules["torchvision"] = types.ModuleType("torchvision")
+        stub = sys.modules["torchvision"] = types.ModuleType("torchvision")
     import comfy.cli_args
     import comfy.options  # noqa: F401  (args_parsing stays False: parse_args([]))
 
@@ -92,3 +93,8 @@ def bootstrap(comfy_dir: Path) -> None:
     import comfy.sample  # noqa: F401
     import comfy.samplers  # noqa: F401
     import nodes  # noqa: F401
+
+    if stub is not None and sys.modules.get("torchvision") is stub:
+        # The snapshot holds its reference; later tests must not see a spec-less torchvision
+        # (importlib.util.find_spec raises on it).
+        del sys.modules["torchvision"]

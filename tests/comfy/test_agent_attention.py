@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from attnsurgery.plugins.agent import AgentAttention
 
 from attnsurgery.comfy.agent_attention import DEFAULT_SCHEDULE, AttnSurgeryAgentAttention
+from attnsurgery.plugins.agent import AgentAttention
 
 from .test_pag_parity import capture_first_call, diffusers_prediction
 from .tiny_comfy import sample

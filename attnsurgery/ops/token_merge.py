@@ -1,0 +1,198 @@
+"""Bipartite soft matching on a token grid (ToMe for SD) as pure tensor functions.
+
+The algorithm follows "Token Merging for Fast Stable Diffusion" (Bolya & Hoffman, 2023): one token per
+``sy x sx`` cell of the grid is a *dst*, every other token a *src*; each src finds its most similar dst
+(cosine similarity) and the ``r`` most similar src are averaged into their dst. The matching is computed
+once per layer call and turned into a :class:`TokenMerge`, whose ``merge`` and ``unmerge`` reuse the same
+index map, so merging the attention input and unmerging its output cost one scatter and one gather.
+
+Shapes: ``B`` batch, ``N = h * w`` tokens in row-major grid order, ``C`` channels, ``M = N - r``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCORE_CHUNK_ELEMENTS = 1 << 25
+"""Similarity scores held at once while matching (128 MiB in float32)."""
+
+
+def dst_partition(
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split an ``h x w`` grid into src and dst token positions.
+
+    Each full ``sy x sx`` cell holds one dst, at a random position drawn from ``generator`` (one draw of
+    shape ``(h // sy, w // sx, 1)``, as tomesd draws it), or at the cell's first position when
+    ``generator`` is None. Tokens of ragged border cells are all src.
+
+    Args:
+        h: grid height in tokens.
+        w: grid width in tokens.
+        sx: cell width.
+        sy: cell height.
+        generator: private generator for the random dst choice; None picks position 0 in every cell.
+        device: device of the returned indices.
+
+    Returns:
+        ``(src_pos [N_src], dst_pos [N_dst])``: ascending flat row-major positions, int64.
+
+    Example:
+        >>> src, dst = dst_partition(4, 4, 2, 2)
+        >>> dst.tolist()
+        [0, 2, 8, 10]
+    """
+    if sx < 1 or sy < 1:
+        raise ValueError(f"cell size sx={sx}, sy={sy} must be positive integers")
+    cells_y, cells_x = h // sy, w // sx
+    if generator is None:
+        offset = torch.zeros(cells_y, cells_x, 1, dtype=torch.int64)
+    else:
+        offset = torch.randint(sy * sx, (cells_y, cells_x, 1), generator=generator, device=generator.device)
+        offset = offset.cpu()
+    cell_y = torch.arange(cells_y).view(-1, 1) * sy + torch.div(offset[..., 0], sx, rounding_mode="floor")
+    cell_x = torch.arange(cells_x).view(1, -1) * sx + offset[..., 0] % sx
+    is_dst = torch.zeros(h * w, dtype=torch.bool)
+    is_dst[(cell_y * w + cell_x).flatten()] = True
+    positions = torch.arange(h * w)
+    return positions[~is_dst].to(device), positions[is_dst].to(device)
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    """One bipartite matching: who is src/dst and how strongly each src wants its best dst.
+
+    Attributes:
+        src_pos: ``[N_src]`` grid positions of src tokens.
+        dst_pos: ``[N_dst]`` grid positions of dst tokens.
+        best_dst: ``[B, N_src]`` index into ``dst_pos`` of each src's most similar dst.
+        order: ``[B, N_src]`` src indices sorted by that similarity, most similar first.
+    """
+
+    src_pos: torch.Tensor
+    dst_pos: torch.Tensor
+    best_dst: torch.Tensor
+    order: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.src_pos.numel() + self.dst_pos.numel()
+
+    @property
+    def num_src(self) -> int:
+        return self.src_pos.numel()
+
+
+def match_tokens(
+    metric: torch.Tensor,
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> TokenMatch:
+    """Match every src token of ``metric`` to its most cosine-similar dst token.
+
+    Args:
+        metric: ``[B, N, C]`` features to match on (ToMe for SD uses the block input).
+        h: grid height, ``h * w == N``.
+        w: grid width.
+        sx: cell width of the dst partition.
+        sy: cell height of the dst partition.
+        generator: random dst position per cell; None (or an odd batch, see callers) uses position 0.
+
+    Returns:
+        The :class:`TokenMatch`; turn it into merge/unmerge with :func:`plan_merge`.
+
+    Example:
+        >>> m = match_tokens(torch.randn(2, 16, 8), 4, 4, 2, 2)
+        >>> m.best_dst.shape
+        torch.Size([2, 12])
+    """
+    batch, num_tokens, _ = metric.shape
+    if h * w != num_tokens:
+        raise ValueError(f"grid {h}x{w} has {h * w} tokens but the metric has {num_tokens}")
+    src_pos, dst_pos = dst_partition(h, w, sx, sy, generator=generator, device=metric.device)
+    if dst_pos.numel() == 0:
+        raise ValueError(f"grid {h}x{w} holds no full {sy}x{sx} cell, so there is no dst to merge into")
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        dst_t = unit[:, dst_pos].transpose(-1, -2)
+        # Score src in chunks: the full [B, N_src, N_dst] matrix is gigabytes at 2048 px.
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * dst_pos.numel()))
+        starts = range(0, src_pos.numel(), chunk)
+        best = [(unit[:, src_pos[i : i + chunk]] @ dst_t).max(dim=-1) for i in starts]
+        best_score = torch.cat([score for score, _ in best], dim=1)
+        best_dst = torch.cat([index for _, index in best], dim=1)
+        order = best_score.argsort(dim=-1, descending=True)
+    return TokenMatch(src_pos=src_pos, dst_pos=dst_pos, best_dst=best_dst, order=order)
+
+
+@dataclass(frozen=True)
+class TokenMerge:
+    """Merge/unmerge for one matching and merge count, sharing a single index map.
+
+    Output order follows tomesd: the unmerged src (most similar first), then the dst clusters.
+
+    Attributes:
+        slot: ``[B, N]`` output slot of every input token.
+        counts: ``[B, M, 1]`` number of input tokens averaged into each slot.
+    """
+
+    slot: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def num_out(self) -> int:
+        return self.counts.shape[1]
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C] -> [B, M, C]``: average the tokens that share a slot."""
+        index = self.slot.unsqueeze(-1).expand_as(x)
+        summed = x.new_zeros(x.shape[0], self.num_out, x.shape[-1]).scatter_add_(1, index, x)
+        return summed / self.counts.to(x.dtype)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, M, C] -> [B, N, C]``: copy every slot back to the tokens merged into it."""
+        return y.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
+
+def plan_merge(match: TokenMatch, r: int) -> TokenMerge:
+    """Build the merge of the ``r`` most similar src into their dst (``r`` capped at the src count).
+
+    Args:
+        match: the matching from :func:`match_tokens`.
+        r: tokens to remove; ``N - min(r, N_src)`` remain.
+
+    Returns:
+        The :class:`TokenMerge` with ``merge`` and ``unmerge``.
+
+    Example:
+        >>> plan = plan_merge(match_tokens(torch.randn(1, 16, 8), 4, 4, 2, 2), r=6)
+        >>> plan.merge(torch.randn(1, 16, 3)).shape
+        torch.Size([1, 10, 3])
+    """
+    if r < 0:
+        raise ValueError(f"merge count r={r} must be >= 0")
+    batch, num_src = match.order.shape
+    r = min(r, num_src)
+    num_kept_src = num_src - r
+    device = match.order.device
+    merged, kept = match.order[:, :r], match.order[:, r:]
+    slot = torch.empty(batch, match.num_tokens, dtype=torch.int64, device=device)
+    slot[:, match.dst_pos] = num_kept_src + torch.arange(match.dst_pos.numel(), device=device)
+    slot.scatter_(1, match.src_pos[kept], torch.arange(num_kept_src, device=device).expand(batch, -1))
+    slot.scatter_(1, match.src_pos[merged], num_kept_src + match.best_dst.gather(1, merged))
+    num_out = match.num_tokens - r
+    counts = torch.zeros(batch, num_out, device=device)
+    counts.scatter_add_(1, slot, torch.ones(slot.shape, device=device))
+    return TokenMerge(slot=slot, counts=counts.unsqueeze(-1))

@@ -1,0 +1,134 @@
+"""Agent attention (AgentSD) as a plugin: agent attention early in sampling, ToMe attention after."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from ..ops.agent import K_SCALE2, K_SHORTCUT
+from ..processors.agent import AgentProcessor, check_agent_layer
+from ..selectors import LayerSelector
+from .base import Plugin
+from .token_merging import check_cells, check_fraction, install_merging, normalize_layers
+
+if TYPE_CHECKING:
+    from ..surgery import Surgery
+
+__all__ = ["AgentAttention", "AgentPhase", "PUBLISHED_SCHEDULE"]
+
+PRECISIONS = {None: None, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class AgentPhase:
+    """Settings used while the denoising progress lies in the first ``until`` of the schedule.
+
+    Attributes:
+        until: end of the phase as a fraction of the schedule (the last phase should reach 1.0).
+        sx: dst / pooling cell width.
+        sy: dst / pooling cell height.
+        ratio: fraction of tokens ToMe removes from queries, keys and values.
+        agent_ratio: fraction of tokens merged away to form the agents.
+    """
+
+    until: float
+    sx: int
+    sy: int
+    ratio: float
+    agent_ratio: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.until <= 1.0:
+            raise ValueError(f"AgentPhase.until={self.until!r} must lie in (0, 1]: it is a schedule fraction")
+        check_cells("AgentPhase", self.sx, self.sy)
+        check_fraction("AgentPhase", "ratio", self.ratio)
+        check_fraction("AgentPhase", "agent_ratio", self.agent_ratio)
+
+
+PUBLISHED_SCHEDULE = (
+    AgentPhase(until=0.4, sx=4, sy=4, ratio=0.4, agent_ratio=0.95),  # steps 0-19 of 50: agents on
+    AgentPhase(until=1.0, sx=2, sy=2, ratio=0.4, agent_ratio=0.5),  # steps 20-49: the rule picks ToMe
+)
+"""AgentSD's published SD schedule (50 steps), written in progress so any step count keeps it."""
+
+
+@dataclass(frozen=True)
+class AgentAttention(Plugin):
+    """AgentSD: a few agent tokens gather from all tokens, then every token reads from the agents.
+
+    ``O = softmax(Q A^T s**k_scale2) softmax(A K^T s) V + k_shortcut V`` with two SDPA calls (no N x N
+    map). Each step takes the phase of the schedule it falls in (by progress, so 20, 25 or 50 steps all
+    switch at 40%); a layer uses agents only when ``2 (N - agent_r) < N - r`` and otherwise runs ToMe
+    attention through the model's own processor.
+
+    Args:
+        layers: layer selector; self-attention layers only. Default: the highest-resolution level
+            (SD1.x/2.x ``down_blocks.0``/``up_blocks.3``; SDXL its 64x64 level at 1024 px).
+        schedule: phases (:class:`AgentPhase`, or dicts of its fields) in order of ``until``. Default:
+            AgentSD's published one, 4x4 cells with agents until 40%, then 2x2 cells and plain ToMe.
+        agent_source: ``"tome"`` (agents are ToMe clusters, as published) or ``"pool"`` (queries
+            average-pooled over each cell: no sorting, queries/keys/values not merged).
+        k_scale2: exponent of the second softmax's scale ``d**-0.5`` (AgentSD: 0.3).
+        k_shortcut: weight of the value shortcut (AgentSD: 0.075).
+        precision: None computes in the model's dtype; ``"fp32"`` runs both attentions in float32
+            (needed for SD2.1 in fp16).
+        use_rand: random dst position per cell (position 0 for odd batches).
+        seed: seed of the private generator (else the surgery's seed).
+
+    Example:
+        >>> handle = attnsurgery.apply(pipe, attnsurgery.AgentAttention())
+        >>> image = pipe("a castle", num_inference_steps=50).images[0]
+        >>> handle.remove()
+    """
+
+    layers: LayerSelector = "top"
+    schedule: tuple[AgentPhase, ...] = PUBLISHED_SCHEDULE
+    agent_source: Literal["tome", "pool"] = "tome"
+    k_scale2: float = K_SCALE2
+    k_shortcut: float = K_SHORTCUT
+    precision: Literal["fp32"] | None = None
+    use_rand: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        normalize_layers(self, self.layers)
+        phases = tuple(AgentPhase(**p) if isinstance(p, dict) else p for p in self.schedule)
+        if not phases or not all(isinstance(p, AgentPhase) for p in phases):
+            raise ValueError(f"AgentAttention.schedule={self.schedule!r}: give one or more AgentPhase")
+        ends = [phase.until for phase in phases]
+        if ends != sorted(set(ends)):
+            raise ValueError(f"AgentAttention.schedule phases need strictly increasing `until`, got {ends}")
+        object.__setattr__(self, "schedule", phases)
+        if self.agent_source not in ("tome", "pool"):
+            raise ValueError(f"AgentAttention.agent_source={self.agent_source!r} must be 'tome' or 'pool'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"AgentAttention.precision={self.precision!r} must be None or 'fp32'")
+        if self.k_scale2 <= 0:
+            raise ValueError(f"AgentAttention.k_scale2={self.k_scale2!r} must be > 0 (AgentSD uses 0.3)")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["schedule"] = [dataclasses.asdict(phase) for phase in self.schedule]
+        return data
+
+    def attach(self, surgery: Surgery) -> None:
+        for layer in surgery.model.select(self.layers, kinds=("self",)):
+            check_agent_layer(layer.module, layer.path)
+
+        def make_processor(inner: Any, **machinery: Any) -> AgentProcessor:
+            return AgentProcessor(
+                inner,
+                schedule=self.schedule,
+                source=self.agent_source,
+                k_scale2=self.k_scale2,
+                k_shortcut=self.k_shortcut,
+                compute_dtype=PRECISIONS[self.precision],
+                **machinery,
+            )
+
+        # Agent steps compute attention with two SDPA calls of their own, not through the inner processor,
+        # so a head perturbation on the same layer would be skipped or hit the wrong call: claim "heads" too.
+        install_merging(surgery, self, self.layers, self.seed, self.use_rand, make_processor, extra_roles=("heads",))

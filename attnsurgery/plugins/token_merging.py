@@ -1,0 +1,134 @@
+"""Token merging (ToMe for SD) as a plugin: fewer tokens through the top-level self-attention layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..processors.token_merge import BlockInput, TokenMergeProcessor
+from ..selectors import LayerSelector
+from .base import Plugin
+
+if TYPE_CHECKING:
+    from ..inventory import AttentionLayer
+    from ..surgery import Surgery
+
+__all__ = ["TokenMerging", "install_merging", "check_cells", "check_fraction", "normalize_layers"]
+
+ProcessorFactory = Callable[..., Any]
+
+
+def check_fraction(owner: str, name: str, value: float) -> None:
+    """Merge ratios are fractions of the tokens in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.{name}={value!r} must lie in [0, 1): the fraction of tokens merged away")
+
+
+def check_cells(owner: str, sx: int, sy: int) -> None:
+    """Cell sizes are positive integers."""
+    for name, value in (("sx", sx), ("sy", sy)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{name}={value!r} must be a positive integer (tokens per cell side)")
+
+
+def normalize_layers(plugin: Plugin, layers: LayerSelector) -> None:
+    """Store a list selector as a tuple, so the frozen config stays hashable."""
+    if not isinstance(layers, str):
+        object.__setattr__(plugin, "layers", tuple(layers))
+
+
+def _block_of(surgery: Surgery, layer: AttentionLayer) -> torch.nn.Module | None:
+    """The transformer block whose ``attn1`` is this layer (its input is ToMe's matching metric)."""
+    parent_path = layer.path.rpartition(".")[0]
+    parent = surgery.denoiser.get_submodule(parent_path) if parent_path else None
+    return parent if getattr(parent, "attn1", None) is layer.module else None
+
+
+def install_merging(
+    surgery: Surgery,
+    plugin: Plugin,
+    layers: LayerSelector,
+    seed: int | None,
+    use_rand: bool,
+    make_processor: ProcessorFactory,
+    extra_roles: tuple[str, ...] = (),
+) -> None:
+    """Wrap the processors of the selected self-attention layers with merging processors.
+
+    Each layer gets its own :class:`BlockInput`, fed by a pre-hook on its transformer block (layers
+    outside such a block match on their own input), and a fresh private generator per call keyed by the
+    plugin, the layer and the step, so a run is reproducible whatever ran before it.
+
+    Args:
+        surgery: the surgery recording the changes.
+        plugin: the plugin (its class name keys the generators).
+        layers: layer selector; only self-attention layers are taken.
+        seed: the plugin's seed (else the surgery's).
+        use_rand: random dst position per cell; False uses position 0.
+        make_processor: ``make_processor(inner, context=, block_input=, generator=)`` builds the wrapper.
+        extra_roles: roles claimed besides ``tokens`` (see ``attnsurgery.surgery.ROLES``).
+    """
+    context = surgery.context
+    for layer in surgery.model.select(layers, kinds=("self",)):
+        block_input = BlockInput()
+        block = _block_of(surgery, layer)
+        if block is not None:
+            surgery.add_hook(block, block_input.hook, pre=True, with_kwargs=True)
+
+        def generator(path: str = layer.path) -> torch.Generator:
+            key = (type(plugin).__name__, path, context.step_index, context.timestep)
+            return surgery.generator(*key, seed=seed)
+
+        processor = make_processor(
+            layer.module.processor,
+            context=context,
+            block_input=block_input,
+            generator=generator if use_rand else None,
+        )
+        surgery.set_processor(layer, processor, role="tokens")
+        for role in extra_roles:
+            surgery.claim(layer.path, role)
+
+
+@dataclass(frozen=True)
+class TokenMerging(Plugin):
+    """ToMe for SD: merge similar tokens before self-attention and copy the results back after it.
+
+    Around each selected layer, ``x = unmerge(attn(merge(norm(x)))) + x``, with the matching computed on
+    the block input. Equals the ``tomesd`` package given the same dst choice, but wraps the model's own
+    attention processor and works on SDXL, whose ``top`` group is its 64x64 level (at 1024 px).
+
+    Args:
+        ratio: fraction of tokens merged away (``r = floor(N * ratio)``, capped at the src count).
+        sx: dst cell width in tokens.
+        sy: dst cell height in tokens.
+        layers: layer selector; self-attention layers only. Default: the highest-resolution level.
+        use_rand: random dst position per cell (position 0 for odd batches); False always position 0.
+        seed: seed of the private generator (else the surgery's seed).
+
+    Example:
+        >>> handle = attnsurgery.apply(pipe, attnsurgery.TokenMerging(ratio=0.5))
+        >>> image = pipe("a castle", height=1024, width=1024).images[0]
+        >>> handle.remove()
+    """
+
+    ratio: float = 0.5
+    sx: int = 2
+    sy: int = 2
+    layers: LayerSelector = "top"
+    use_rand: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction("TokenMerging", "ratio", self.ratio)
+        check_cells("TokenMerging", self.sx, self.sy)
+        normalize_layers(self, self.layers)
+
+    def attach(self, surgery: Surgery) -> None:
+        def make_processor(inner: Any, **machinery: Any) -> TokenMergeProcessor:
+            return TokenMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, **machinery)
+
+        install_merging(surgery, self, self.layers, self.seed, self.use_rand, make_processor)
