@@ -17,6 +17,7 @@ from __future__ import annotations
 from .agent_attention import AttnSurgeryAgentAttention
 from .perturbed_attention import AttnSurgeryPerturbedAttention
 from .token_merging import AttnSurgeryTokenMerging
+from .window_attention import AttnSurgeryWindowAttention
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 
@@ -24,10 +25,12 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "AttnSurgeryPerturbedAttention": AttnSurgeryPerturbedAttention,
     "AttnSurgeryTokenMerging": AttnSurgeryTokenMerging,
     "AttnSurgeryAgentAttention": AttnSurgeryAgentAttention,
+    "AttnSurgeryWindowAttention": AttnSurgeryWindowAttention,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "AttnSurgeryPerturbedAttention": "Perturbed Attention, head level (attnsurgery)",
     "AttnSurgeryTokenMerging": "Token Merging (attnsurgery)",
     "AttnSurgeryAgentAttention": "Agent Attention (attnsurgery)",
+    "AttnSurgeryWindowAttention": "HiDiffusion Window Attention, MSW-MSA (attnsurgery)",
 }
