@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attnsurgery.plugins.hidiffusion import HiDiffusion
 
 from attnsurgery.comfy.window_attention import AttnSurgeryWindowAttention
+from attnsurgery.plugins.hidiffusion import HiDiffusion
 
 from .test_pag_parity import capture_first_call, diffusers_prediction
 from .tiny_comfy import sample
