@@ -10,7 +10,7 @@ import torch
 from attnsurgery.comfy.agent_attention import DEFAULT_SCHEDULE, AttnSurgeryAgentAttention
 from attnsurgery.plugins.agent import AgentAttention
 
-from .test_pag_parity import capture_first_call, diffusers_prediction
+from .parity import capture_first_call, diffusers_prediction
 from .tiny_comfy import sample
 
 NO_MERGE = json.dumps([{"until": 1.0, "sx": 2, "sy": 2, "ratio": 0.0, "agent_ratio": 0.0}])

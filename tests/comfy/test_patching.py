@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from diffusers import UNet2DConditionModel
 
 from attnsurgery.comfy.patching import select_heads, select_layers, token_grid, unet_attention_sites
 
-from .tiny_comfy import CONTEXT_DIM, MODEL_CHANNELS
-
-
-def diffusers_twin() -> UNet2DConditionModel:
-    """The diffusers U-Net of the tiny SD1.5 layout (same levels, heads and widths)."""
-    channels = tuple(MODEL_CHANNELS * m for m in (1, 2, 4, 4))
-    return UNet2DConditionModel(
-        block_out_channels=channels, layers_per_block=2, attention_head_dim=8, cross_attention_dim=CONTEXT_DIM,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32,
-    )
+from .parity import diffusers_twin
 
 
 def test_sites_carry_comfyui_keys_and_diffusers_paths(tiny):

@@ -8,7 +8,7 @@ import torch
 from attnsurgery.comfy.window_attention import AttnSurgeryWindowAttention
 from attnsurgery.plugins.hidiffusion import HiDiffusion
 
-from .test_pag_parity import capture_first_call, diffusers_prediction
+from .parity import capture_first_call, diffusers_prediction
 from .tiny_comfy import sample
 
 
