@@ -1,0 +1,221 @@
+"""What every attnsurgery node needs from a ComfyUI MODEL: its attention sites, timing and version shims.
+
+ComfyUI calls attn1 patches with q, k, v as [batch, tokens, heads * dim] and puts the per-call facts
+(``n_heads``, ``sigmas``, ``block``, ``cond_or_uncond``...) into ``extra_options``; nodes read those, never
+state of their own. ComfyUI itself is imported lazily: this module imports without it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AttentionSite", "unet_attention_sites", "select_heads", "select_layers", "claim_token_layers", "token_grid",
+    "call_generator", "sigma_window", "current_sigma", "with_attn1_replace", "conditional_prediction",
+    "split_heads", "merge_heads",
+]
+
+DIT_LIMITATION = (
+    "U-Nets only (SD1.x, SD2.x, SDXL): this ComfyUI version has no per-layer attention patch point in DiTs "
+    "(SD3, FLUX); use the attnsurgery diffusers plugin for those."
+)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One U-Net self-attention layer as ComfyUI keys it, with its diffusers path (the library's layer names)."""
+
+    block: tuple[str, int]
+    transformer_index: int
+    heads: int
+    path: str
+    level: int  # 0 at the latent resolution, +1 per downsampler
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """The key of ComfyUI's attn1 replace patches."""
+        return (self.block[0], self.block[1], self.transformer_index)
+
+
+def _diffusers_prefix(name: str, number: int, per_level: int) -> str:
+    if name == "middle":
+        return "mid_block.attentions.0"
+    if name == "input":  # input 0 is conv_in; each level holds its res blocks and a downsampler
+        level, index = divmod(number - 1, per_level)
+        return f"down_blocks.{level}.attentions.{index}"
+    level, index = divmod(number, per_level)
+    return f"up_blocks.{level}.attentions.{index}"
+
+
+def unet_attention_sites(model: Any) -> list[AttentionSite]:
+    """Every self-attention site of a ComfyUI MODEL's U-Net, in execution order.
+
+    Raises:
+        NotImplementedError: the model is not a U-Net (no patch point for DiTs in this ComfyUI).
+    """
+    unet = model.model.diffusion_model
+    if not hasattr(unet, "input_blocks"):
+        raise NotImplementedError(f"{type(unet).__name__}: {DIT_LIMITATION}")
+    per_level = int(unet.num_res_blocks[0]) + 1
+    deepest = len(unet.num_res_blocks) - 1
+    sites = []
+    groups = [("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)]
+    for name, blocks in groups:
+        for number, block in enumerate(blocks):
+            for layer in block:
+                for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
+                    path = f"{_diffusers_prefix(name, number, per_level)}.transformer_blocks.{index}.attn1"
+                    level = {"input": (number - 1) // per_level, "middle": deepest,
+                             "output": deepest - number // per_level}[name]
+                    site = AttentionSite((name, number), index, int(transformer.attn1.heads), path, level)
+                    sites.append(site)
+    return sites
+
+
+def _parse_entries(spec: str) -> list[tuple[str, list[int] | None]]:
+    """"selector" / "selector:h,h" entries from text (newline, ';' or space separated) or a JSON head set."""
+    text = spec.strip()
+    if text.startswith(("[", "{")):
+        data = json.loads(text)
+        if isinstance(data, dict):  # {"path": [heads] or null}
+            return [(path, None if heads is None else [int(h) for h in heads]) for path, heads in data.items()]
+        entries = [str(item) for item in data]
+    else:
+        entries = text.replace(";", " ").split()
+    parsed = []
+    for entry in entries:
+        selector, _, heads = entry.partition(":")
+        parsed.append((selector, [int(h) for h in heads.split(",") if h] if heads else None))
+    return parsed
+
+
+def _path_matches(path: str, selector: str) -> bool:
+    return path == selector or path.startswith(selector + ".") or fnmatch.fnmatchcase(path, selector)
+
+
+def select_heads(sites: list[AttentionSite], spec: str) -> dict[AttentionSite, list[int]]:
+    """Resolve a head spec to {site: sorted heads}.
+
+    A spec lists entries ``selector`` (every head) or ``selector:h1,h2`` (single heads), separated by
+    newlines, spaces or ';', or is a JSON head set (a list of such strings, or ``{"path": [heads]}``). A
+    selector is a diffusers layer path, an enclosing path (``mid_block``, ``up_blocks.1``), a glob, or
+    ``top`` (the highest-resolution level that has attention, as the library's group).
+
+    Raises:
+        ValueError: a selector matches nothing or a head is out of range (the message lists the sites).
+    """
+    chosen: dict[AttentionSite, set[int]] = {}
+    top = min((s.level for s in sites), default=0)
+    for selector, heads in _parse_entries(spec):
+        matches = [s for s in sites if (selector == "top" and s.level == top) or _path_matches(s.path, selector)]
+        if not matches:
+            known = ", ".join(s.path for s in sites)
+            raise ValueError(f"head selector {selector!r} matches no self-attention layer; layers: {known}")
+        for site in matches:
+            wanted = set(range(site.heads)) if heads is None else set(heads)
+            bad = sorted(h for h in wanted if not 0 <= h < site.heads)
+            if bad:
+                raise ValueError(f"{site.path} has heads 0..{site.heads - 1}, got {bad}; pick heads in range")
+            chosen.setdefault(site, set()).update(wanted)
+    if not chosen:
+        raise ValueError("empty head spec: name at least one layer, e.g. 'mid_block' or 'mid_block:0,3'")
+    return {site: sorted(heads) for site, heads in chosen.items()}
+
+
+def select_layers(sites: list[AttentionSite], spec: str) -> set[tuple[str, int, int]]:
+    """Resolve a layer spec (the head-spec syntax, every head) to the ComfyUI keys of those layers."""
+    return {site.key for site in select_heads(sites, spec)}
+
+
+CLAIMS_KEY = "attnsurgery_token_layers"
+
+
+def claim_token_layers(patched: Any, keys: set[tuple[str, int, int]], owner: str) -> None:
+    """Record that ``owner`` changes the token count of these layers on the clone ``patched``.
+
+    Two token-changing nodes on one layer would hand each other merged tokens; refuse that up front.
+
+    Raises:
+        ValueError: an earlier node in the chain already changes some of these layers.
+    """
+    claims = patched.model_options.setdefault(CLAIMS_KEY, {})
+    taken = sorted((key, claims[key]) for key in keys if key in claims)
+    if taken:
+        raise ValueError(f"{owner} and {taken[0][1]} would both change the tokens of {[k for k, _ in taken]}; "
+                         "give them different layers or use one of them")
+    claims.update(dict.fromkeys(keys, owner))
+
+
+def token_grid(original_shape: list[int], num_tokens: int) -> tuple[int, int]:
+    """(rows, cols) of a U-Net attention call over ``num_tokens`` on a latent of ``original_shape``.
+
+    Raises:
+        ValueError: no U-Net level of that latent holds that many tokens.
+    """
+    height, width = int(original_shape[-2]), int(original_shape[-1])
+    grids = [(math.ceil(height / 2**k), math.ceil(width / 2**k)) for k in range(8)]
+    for grid in grids:
+        if grid[0] * grid[1] == num_tokens:
+            return grid
+    raise ValueError(f"{num_tokens} tokens match no level of a {height}x{width} latent (grids: {grids[:4]})")
+
+
+def call_generator(seed: int, extra_options: dict) -> torch.Generator:
+    """A private generator keyed by the seed, the layer and the sigma of this call: reproducible runs."""
+    key = (seed, tuple(extra_options["block"]), extra_options["block_index"],
+           round(current_sigma(extra_options["sigmas"]), 5))
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def sigma_window(model: Any, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(sigma at start, sigma at end) of a denoising-percent window; active while end <= sigma <= start."""
+    get_object = getattr(model, "get_model_object", None)  # honours object patches; newer ComfyUI only
+    sampling = get_object("model_sampling") if get_object is not None else model.model.model_sampling
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+
+
+def current_sigma(sigmas: torch.Tensor) -> float:
+    """The sigma of this call (``extra_options["sigmas"]`` or a post-CFG ``sigma``; one value per batch row)."""
+    return float(sigmas.flatten()[0])
+
+
+def with_attn1_replace(model_options: dict, patches: dict[tuple[str, int, int], Any]) -> dict:
+    """A copy of ``model_options`` with attn1 replace patches added; the input dicts are not changed."""
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    replace = dict(transformer_options.get("patches_replace", {}))
+    attn1 = dict(replace.get("attn1", {}))
+    attn1.update(patches)
+    replace["attn1"] = attn1
+    transformer_options["patches_replace"] = replace
+    options["transformer_options"] = transformer_options
+    return options
+
+
+def conditional_prediction(model: Any, cond: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict):
+    """The denoised conditional prediction alone (``calc_cond_batch`` on current ComfyUI, older API before)."""
+    import comfy.samplers
+
+    calc_cond_batch = getattr(comfy.samplers, "calc_cond_batch", None)
+    if calc_cond_batch is not None:
+        return calc_cond_batch(model, [cond], x, sigma, model_options)[0]
+    return comfy.samplers.calc_cond_uncond_batch(model, cond, None, x, sigma, model_options)[0]
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[batch, tokens, heads * dim] -> [batch, heads, tokens, dim]."""
+    batch, tokens, _ = x.shape
+    return x.view(batch, tokens, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, tokens, dim] -> [batch, tokens, heads * dim]."""
+    batch, heads, tokens, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)

@@ -1,0 +1,45 @@
+"""Site discovery and head specs on the real ComfyUI U-Net: ComfyUI's block keys and diffusers' names agree."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnsurgery.comfy.patching import select_heads, select_layers, token_grid, unet_attention_sites
+
+from .parity import diffusers_twin
+
+
+def test_sites_carry_comfyui_keys_and_diffusers_paths(tiny):
+    sites = unet_attention_sites(tiny.model)
+    blocks = [site.block for site in sites]
+    assert blocks == ([("input", n) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0)]
+                      + [("output", n) for n in range(3, 12)])
+    twin = {name: module for name, module in diffusers_twin().named_modules() if name.endswith(".attn1")}
+    assert sorted(site.path for site in sites) == sorted(twin)
+    assert all(site.heads == twin[site.path].heads == 8 for site in sites)
+    assert {site.level for site in sites if site.path.startswith(("down_blocks.0", "up_blocks.3"))} == {0}
+    assert {site.level for site in sites if site.path.startswith("mid_block")} == {3}
+
+
+def test_head_specs(tiny):
+    sites = unet_attention_sites(tiny.model)
+    top = select_layers(sites, "top")
+    assert top == {("input", 1, 0), ("input", 2, 0), ("output", 9, 0), ("output", 10, 0), ("output", 11, 0)}
+    chosen = select_heads(sites, "up_blocks.1.attentions.0:0,3 mid_block; up_blocks.1.attentions.0:5")
+    assert {site.path: heads for site, heads in chosen.items()} == {
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1": [0, 3, 5],
+        "mid_block.attentions.0.transformer_blocks.0.attn1": list(range(8)),
+    }
+    assert select_heads(sites, '["down_blocks.*.attentions.1.*:2"]').keys() == select_heads(
+        sites, '{"down_blocks.0.attentions.1.transformer_blocks.0.attn1": [2], '
+               '"down_blocks.1.attentions.1.transformer_blocks.0.attn1": [2], '
+               '"down_blocks.2.attentions.1.transformer_blocks.0.attn1": [2]}').keys()
+    with pytest.raises(ValueError, match="empty head spec"):
+        select_heads(sites, "  ")
+
+
+def test_token_grid():
+    assert token_grid([2, 4, 12, 20], 240) == (12, 20)
+    assert token_grid([2, 4, 13, 21], 7 * 11) == (7, 11)
+    with pytest.raises(ValueError, match="match no level"):
+        token_grid([2, 4, 16, 16], 77)

@@ -1,0 +1,73 @@
+"""A tiny SD1.5-layout U-Net inside the real ComfyUI, and a deterministic sampler call.
+
+The layout is SD1.5's (attention at input 1, 2, 4, 5, 7, 8, middle 0, output 3-11; 8 heads), only narrower, so
+the block names and numbers that patches use are the real ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MODEL_CHANNELS = 32
+CONTEXT_DIM = 64
+LATENT_SIZE = 16  # 128 px: the input-1 blocks hold 256 tokens (a 16x16 grid), enough for windows and merges
+
+TINY_SD15_UNET: dict[str, Any] = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+    "in_channels": 4, "model_channels": MODEL_CHANNELS,
+    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}  # SD15.__init__ adds num_heads=8, num_head_channels=-1, as in the real SD1.5
+
+
+def _reset_parameters(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI builds layers with ``disable_weight_init`` (uninitialised memory): re-run torch's initialisers."""
+    bases = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for sub in module.modules():
+            base = next((b for b in bases if isinstance(sub, b)), None)
+            if base is not None:
+                base.reset_parameters(sub)
+
+
+def build_tiny_sd15(seed: int = 0):
+    """A ``comfy.model_patcher.ModelPatcher`` around a seeded tiny SD1.5 (EPS) model."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    class TinySD15(sm.SD15):
+        unet_config = dict(sm.SD15.unet_config, model_channels=MODEL_CHANNELS, context_dim=CONTEXT_DIM)
+
+    config = TinySD15(dict(TINY_SD15_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    _reset_parameters(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def conditioning(seed: int) -> list:
+    """ComfyUI conditioning without a text encoder: ``[[cond tensor, {}]]``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, CONTEXT_DIM, generator=generator), {}]]
+
+
+def sample(model, positive: list, negative: list, steps: int = 3, cfg: float = 5.0, seed: int = 1,
+           size: int = LATENT_SIZE) -> torch.Tensor:
+    """``comfy.sample.sample`` with euler / normal on a ``size`` x ``size`` latent, under inference mode."""
+    import comfy.sample
+
+    with torch.inference_mode():
+        latent = torch.zeros([1, 4, size, size])
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                   disable_pbar=True, seed=seed)
