@@ -91,6 +91,8 @@ def test_bad_configs_are_rejected(sd15):
         surg.TokenMerging(ratio=1.0)
     with pytest.raises(ValueError, match="sx"):
         surg.TokenMerging(sx=0)
+    with pytest.raises(ValueError, match="a 1x1 cell is all destination"):
+        surg.TokenMerging(sx=1, sy=1)
     with pytest.raises(ValueError, match="matches no attention layer"):
         surg.apply(sd15, surg.TokenMerging(layers="down_blocks.0.attentions.0.transformer_blocks.0.attn2"))
     assert surg.TokenMerging.from_dict(surg.TokenMerging(layers=["top"]).to_dict()) == surg.TokenMerging(

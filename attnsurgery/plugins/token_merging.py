@@ -28,10 +28,12 @@ def check_fraction(owner: str, name: str, value: float) -> None:
 
 
 def check_cells(owner: str, sx: int, sy: int) -> None:
-    """Cell sizes are positive integers."""
+    """Cell sizes are positive integers, and a cell holds a source token besides its destination."""
     for name, value in (("sx", sx), ("sy", sy)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{owner}.{name}={value!r} must be a positive integer (tokens per cell side)")
+    if sx * sy < 2:
+        raise ValueError(f"{owner}(sx=1, sy=1): a 1x1 cell is all destination, nothing merges; use sx * sy >= 2")
 
 
 def normalize_layers(plugin: Plugin, layers: LayerSelector) -> None:
