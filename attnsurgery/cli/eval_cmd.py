@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from ..plugins.base import Plugin, plugin_from_dict
 from .plugin_flags import add_plugin_flags, plugins_from_args
 
 __all__ = ["register"]
@@ -25,7 +23,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--plugin", action="append", default=[], metavar="JSON", help="a plugin as JSON (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
     add_plugin_flags(parser)
     parser.set_defaults(run=run)
@@ -41,14 +38,6 @@ def _sizes(text: str, native: int) -> list[int]:
     return [int(round(native * m)) for m in multiples]
 
 
-def _plugins(args: argparse.Namespace) -> list[Plugin]:
-    try:
-        given = [plugin_from_dict(json.loads(text)) for text in args.plugin]
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--plugin takes a JSON object ({error})") from None
-    return given + plugins_from_args(args)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..families import detect_family
     from ..pipelines.loading import load_pipeline
@@ -57,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pairs < 1 or args.steps < 1 or args.batch_size < 1:
         raise ValueError("--pairs, --steps and --batch-size must be positive")
-    plugins = _plugins(args)
+    plugins = plugins_from_args(args)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     _, denoiser = resolve_target(pipe)

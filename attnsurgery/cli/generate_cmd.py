@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 from ..pipelines.metadata import GenerationParams, read_png_params, save_png
-from ..plugins.base import plugin_from_dict
 from .plugin_flags import add_plugin_flags, plugins_from_args
 
 __all__ = ["register", "params_from_args"]
@@ -31,8 +29,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-images", type=int, default=1, help="images with seeds seed, seed+1, ...")
     parser.add_argument("--out", default="out", help="output folder (default ./out)")
     parser.add_argument("--from-png", default=None, help="replay the parameters stored in a PNG we wrote")
-    parser.add_argument("--plugin", action="append", default=[], metavar="JSON",
-                        help='any plugin as JSON, e.g. \'{"type": "HiDiffusion"}\' (repeatable)')
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as stored)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -53,12 +49,7 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     for name in ("steps", "height", "width", "num_images"):
         _positive(name.replace("_", "-"), getattr(args, name))
     _positive("cfg", args.cfg, allow_zero=True)
-    plugins = [json.loads(text) if text.strip().startswith("{") else None for text in args.plugin]
-    if None in plugins:
-        raise ValueError("--plugin takes a JSON object such as '{\"type\": \"HiDiffusion\"}'")
-    for data in plugins:  # fail on a bad plugin before spending time loading the model
-        plugin_from_dict(dict(data))
-    plugins += [plugin.to_dict() for plugin in plugins_from_args(args)]
+    plugins = [plugin.to_dict() for plugin in plugins_from_args(args)]
     overrides = {
         "prompt": args.prompt, "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "cfg": args.cfg, "height": args.height, "width": args.width, "seed": args.seed,

@@ -7,11 +7,12 @@ plugin; validation and its error messages come from the plugin's own ``__post_in
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from ..plugins.base import Plugin
+from ..plugins.base import Plugin, plugin_from_dict
 
-__all__ = ["add_plugin_flags", "plugins_from_args"]
+__all__ = ["add_plugin_flags", "plugins_from_args", "plugins_from_json"]
 
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
@@ -20,6 +21,8 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
 
 def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     """Add every plugin's flag group to ``parser``."""
+    parser.add_argument("--plugin", action="append", default=[], metavar="JSON",
+                        help='any plugin as JSON, e.g. \'{"type": "HiDiffusion"}\' (repeatable)')
     hd = parser.add_argument_group("HiDiffusion (RAU-Net + MSW-MSA, U-Nets above native size)")
     hd.add_argument("--hidiffusion", action="store_true", help="enable HiDiffusion")
     hd.add_argument("--hd-t1", type=float, default=None, help="ratio of steps for the T1 modules (preset)")
@@ -46,15 +49,30 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--convfusion", default=None, metavar="DIR", help="load distilled conv blocks from DIR")
 
 
+def plugins_from_json(texts: list[str]) -> list[Plugin]:
+    """Plugins given as ``--plugin JSON`` (``to_dict`` form); a bad one fails before any model loads."""
+    plugins = []
+    for text in texts:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise ValueError(f"--plugin takes a JSON object such as '{{\"type\": \"HiDiffusion\"}}', got {text!r}")
+        plugins.append(plugin_from_dict(data))
+    return plugins
+
+
 def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
-    """The plugins the parsed flags ask for, in a fixed order (structure first, guidance last)."""
+    """Every plugin the parsed flags ask for: ``--plugin`` JSON first, then the flag groups in a fixed order
+    (structure first, guidance last)."""
     from ..plugins.agent import AgentAttention
     from ..plugins.convfusion import ConvFusion
     from ..plugins.hidiffusion import HiDiffusion
     from ..plugins.perturbation import PerturbedAttention
     from ..plugins.token_merging import TokenMerging
 
-    plugins: list[Plugin] = []
+    plugins = plugins_from_json(args.plugin)
     if args.convfusion:
         plugins.append(ConvFusion.from_pretrained(args.convfusion))
     if args.hidiffusion:
