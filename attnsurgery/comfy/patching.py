@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
+from ..families import Family
+
 __all__ = [
-    "AttentionSite", "unet_attention_sites", "select_heads", "select_layers", "claim_token_layers", "token_grid",
+    "AttentionSite", "unet_attention_sites", "model_family", "model_sampling",
+    "select_heads", "select_layers", "claim_token_layers", "token_grid",
     "call_generator", "sigma_window", "current_sigma", "with_attn1_replace", "conditional_prediction",
     "split_heads", "merge_heads",
 ]
@@ -174,10 +177,31 @@ def call_generator(seed: int, extra_options: dict) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
+def model_family(model: Any) -> Family:
+    """The library's family of a ComfyUI U-Net, from its unet_config (presets and native size hang off it).
+
+    SDXL by its 2816-wide pooled/size conditioning (1024 px), SD2 by its 1024-wide text context (768 px for
+    v-prediction, else 512), anything else as SD1.x (512 px).
+    """
+    config = model.model.model_config.unet_config
+    inpaint = int(config.get("in_channels", 4)) == 9
+    if config.get("adm_in_channels") == 2816:
+        return Family("sdxl-inpaint" if inpaint else "sdxl", "unet", 1024, 8, inpaint=inpaint)
+    if config.get("context_dim") == 1024:
+        native = 768 if model.model.model_type.name == "V_PREDICTION" else 512
+        return Family("sd2", "unet", native, 8, inpaint=inpaint)
+    return Family("sd15", "unet", 512, 8, inpaint=inpaint)
+
+
+def model_sampling(model: Any) -> Any:
+    """The MODEL's sampling object (sigmas, ``percent_to_sigma``), honouring object patches on newer ComfyUI."""
+    get_object = getattr(model, "get_model_object", None)
+    return get_object("model_sampling") if get_object is not None else model.model.model_sampling
+
+
 def sigma_window(model: Any, start_percent: float, end_percent: float) -> tuple[float, float]:
     """(sigma at start, sigma at end) of a denoising-percent window; active while end <= sigma <= start."""
-    get_object = getattr(model, "get_model_object", None)  # honours object patches; newer ComfyUI only
-    sampling = get_object("model_sampling") if get_object is not None else model.model.model_sampling
+    sampling = model_sampling(model)
     return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
 
 

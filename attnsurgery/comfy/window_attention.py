@@ -20,27 +20,18 @@ from .patching import (
     DIT_LIMITATION,
     call_generator,
     claim_token_layers,
+    model_family,
     select_layers,
     token_grid,
     unet_attention_sites,
 )
 
-__all__ = ["AttnSurgeryWindowAttention", "native_latent"]
+__all__ = ["AttnSurgeryWindowAttention", "window_patches"]
 
 logger = logging.getLogger(__name__)
 
 GRID_KEY = "attnsurgery_window_grid"
 SHIFTS = ["random", "0", "1", "2", "3"]
-
-
-def native_latent(model: Any) -> int:
-    """Side of the model's training latent: SDXL 128 (1024 px), SD2-v 96 (768 px), else 64 (512 px)."""
-    config = model.model.model_config.unet_config
-    if config.get("adm_in_channels") == 2816:
-        return 128
-    if config.get("context_dim") == 1024 and model.model.model_type.name == "V_PREDICTION":
-        return 96
-    return 64
 
 
 def window_patches(keys: set[tuple[str, int, int]], config: HiDiffusion, native: int):
@@ -103,7 +94,7 @@ class AttnSurgeryWindowAttention(ModelPatchNode):
         keys = select_layers(unet_attention_sites(model), layers)
         patched = model.clone()
         claim_token_layers(patched, keys, "WindowAttention")
-        partition, merge = window_patches(keys, config, native_latent(model))
+        partition, merge = window_patches(keys, config, model_family(model).native_latent)
         patched.set_model_attn1_patch(partition)
         patched.set_model_attn1_output_patch(merge)
         return (patched,)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from ..families import Family
     from ..surgery import Surgery
 
-__all__ = ["HiDiffusion", "HiDiffusionLayout", "RauNetTiming", "check_raunet_sites", "preset_timing", "unet_layout"]
+__all__ = ["HiDiffusion", "HiDiffusionLayout", "RauNetTiming", "check_raunet_sites", "layout_for", "preset_timing",
+           "unet_layout"]
 
 SHIFT_MODES = ("random", "cycle")
 AGGRESSIVE_FRACTION = 8 / 50  # package: RAD/RAU only for the first 8 of 50 steps in aggressive mode
@@ -82,20 +83,42 @@ def check_raunet_sites(unet: torch.nn.Module, layout: RauNetLayout) -> None:
 
 
 def unet_layout(unet: torch.nn.Module, family: Family) -> HiDiffusionLayout:
-    """Read HiDiffusion's sites from a U-Net's block structure (see specs: RAU-Net 'Where').
-
-    SD1.x/2.x (attention from the first block): RAD at that block, pool in the next one. SDXL (first
-    block without attention): pool and RAD both in the first attention block.
+    """Read HiDiffusion's sites from a diffusers U-Net's block structure (see `layout_for`).
 
     Raises:
         NotImplementedError: the family or the block structure is not one HiDiffusion supports.
     """
+    _check_family(family)
+    return layout_for(family, _first_attention_block(unet), len(unet.down_blocks))
+
+
+def _check_family(family: Family) -> None:
     if family.kind != "unet" or family.name not in ("sd15", "sd2", "sdxl", "sdxl-inpaint"):
         raise NotImplementedError(
             f"HiDiffusion supports SD1.x, SD2.x and SDXL U-Nets, not {family.name}; remove it for this model."
         )
-    first = _first_attention_block(unet)
-    num_blocks = len(unet.down_blocks)
+
+
+def layout_for(family: Family, first_attention_block: int, num_blocks: int) -> HiDiffusionLayout:
+    """HiDiffusion's sites from the level structure alone (see specs: RAU-Net 'Where').
+
+    SD1.x/2.x (attention from the first block): RAD at that block, pool in the next one. SDXL (first
+    block without attention): pool and RAD both in the first attention block.
+
+    Args:
+        family: The U-Net's family (SD1.x, SD2.x, SDXL).
+        first_attention_block: Index of the first down block (level) holding attention.
+        num_blocks: Number of down blocks (levels).
+
+    Raises:
+        NotImplementedError: the family is not one HiDiffusion supports.
+
+    Example:
+        >>> layout_for(family, first_attention_block=0, num_blocks=4).raunet.pool_block
+        1
+    """
+    _check_family(family)
+    first = first_attention_block
     sdxl = family.name.startswith("sdxl")
     return HiDiffusionLayout(
         raunet=RauNetLayout(num_blocks, rad_block=first, pool_block=first if sdxl else first + 1),

@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 
 import attnsurgery as surg
 
-from .tiny_comfy import CONTEXT_DIM, MODEL_CHANNELS, sample
+from .tiny_comfy import CONTEXT_DIM, LATENT_SIZE, MODEL_CHANNELS, sample
 
 
 def diffusers_twin() -> UNet2DConditionModel:
@@ -20,7 +20,7 @@ def diffusers_twin() -> UNet2DConditionModel:
     )
 
 
-def capture_first_call(tiny, model) -> dict:
+def capture_first_call(tiny, model, size: int = LATENT_SIZE) -> dict:
     """Input, sigma and predictions of the first (sigma_max) step of a cfg-1 run, after every patch."""
     calls = []
 
@@ -30,12 +30,15 @@ def capture_first_call(tiny, model) -> dict:
 
     model = model.clone()
     model.set_model_sampler_post_cfg_function(capture)  # runs after the node's own post-CFG functions
-    sample(model, tiny.positive, tiny.negative, steps=2, cfg=1.0)
+    sample(model, tiny.positive, tiny.negative, steps=2, cfg=1.0, size=size)
     return calls[0]
 
 
-def diffusers_prediction(tiny, call: dict, plugin: surg.Plugin | None = None) -> torch.Tensor:
-    """The denoised conditional prediction of the diffusers twin (ComfyUI's weights) at that call."""
+def diffusers_prediction(tiny, call: dict, plugin: surg.Plugin | None = None, **unet_kwargs) -> torch.Tensor:
+    """The denoised conditional prediction of the diffusers twin (ComfyUI's weights) at that call.
+
+    ``unet_kwargs`` go to the twin's forward (e.g. ControlNet residuals).
+    """
     import comfy.utils
 
     twin = diffusers_twin()
@@ -47,5 +50,5 @@ def diffusers_prediction(tiny, call: dict, plugin: surg.Plugin | None = None) ->
         unet_in = x / (sigma**2 + 1) ** 0.5
         timestep = tiny.model.model.model_sampling.timestep(call["sigma"]).float()
         with surg.patched(twin.eval(), *([plugin] if plugin else [])):
-            eps = twin(unet_in, timestep, encoder_hidden_states=tiny.positive[0][0]).sample
+            eps = twin(unet_in, timestep, encoder_hidden_states=tiny.positive[0][0], **unet_kwargs).sample
     return x - sigma * eps

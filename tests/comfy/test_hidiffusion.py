@@ -1,0 +1,114 @@
+"""The HiDiffusion RAU-Net node in the real ComfyUI: effect above native, untouched input, no-ops, parity."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from attnsurgery.comfy.hidiffusion import AttnSurgeryHiDiffusion
+from attnsurgery.ops.raunet import DownBlockShape, down_path_sizes
+from attnsurgery.plugins.hidiffusion import HiDiffusion
+
+from .parity import capture_first_call, diffusers_prediction
+from .tiny_comfy import MODEL_CHANNELS, sample
+
+ABOVE_NATIVE = {"size": 72, "width": 16}  # 576 x 128 px: one side above SD1.5's 512 px
+PARITY_SIZE = 32  # big enough that RAD and the pool leave 8x8 and 4x4 grids, not single pixels
+
+
+def _patch(model, t1=-1.0, t2=-1.0, window=False, shift="random", force=True):
+    return AttnSurgeryHiDiffusion().patch(model, t1, t2, "preset", window, shift, 0, force)[0]
+
+
+def _run(tiny, model, **kwargs):
+    return sample(model, tiny.positive, tiny.negative, **kwargs)
+
+
+def test_raunet_changes_the_sample_above_native_and_leaves_the_input_model_alone(tiny):
+    plain = _run(tiny, tiny.model, steps=2, **ABOVE_NATIVE)
+    hires = _run(tiny, _patch(tiny.model, force=False), steps=2, **ABOVE_NATIVE)
+    assert torch.isfinite(hires).all() and (hires - plain).abs().max() > 0.1
+    assert torch.equal(_run(tiny, tiny.model, steps=2, **ABOVE_NATIVE), plain)
+    assert torch.equal(_run(tiny, tiny.model), tiny.baseline)
+
+
+def test_native_size_and_zero_ratios_are_bit_identical(tiny):
+    forced = _run(tiny, _patch(tiny.model, t1=1.0, t2=1.0))
+    assert (forced - tiny.baseline).abs().max() > 0.1  # forcing acts at this size, so the no-ops below mean something
+    assert torch.equal(_run(tiny, _patch(tiny.model, force=False)), tiny.baseline)  # 128 px < 512 px
+    assert torch.equal(_run(tiny, _patch(tiny.model, t1=0.0, t2=0.0)), tiny.baseline)
+
+
+@pytest.mark.parametrize(("t1", "t2"), [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+def test_raunet_matches_the_diffusers_plugin(tiny, t1, t2):
+    """SD1.x: T1 drives RAD/RAU, T2 the block pool; ratio 1 acts in every step, 0 in none."""
+    call = capture_first_call(tiny, _patch(tiny.model, t1=t1, t2=t2), size=PARITY_SIZE)
+    plain = capture_first_call(tiny, tiny.model, size=PARITY_SIZE)["cond_denoised"]
+    assert (call["cond_denoised"] - plain).abs().max() > 0.5  # RAU-Net changes the prediction a lot
+    plugin = HiDiffusion(window_attn=False, t1=t1, t2=t2, force=True)
+    assert torch.allclose(diffusers_prediction(tiny, call, plugin), call["cond_denoised"], rtol=0, atol=1e-3)
+
+
+def test_raunet_with_window_attention_matches_the_diffusers_plugin(tiny):
+    call = capture_first_call(tiny, _patch(tiny.model, t1=1.0, t2=1.0, window=True, shift="1"), size=PARITY_SIZE)
+    raunet_only = capture_first_call(tiny, _patch(tiny.model, t1=1.0, t2=1.0), size=PARITY_SIZE)
+    assert (call["cond_denoised"] - raunet_only["cond_denoised"]).abs().max() > 0.05  # windows add to it
+    plugin = HiDiffusion(t1=1.0, t2=1.0, shift=1, force=True)
+    assert torch.allclose(diffusers_prediction(tiny, call, plugin), call["cond_denoised"], rtol=0, atol=1e-3)
+
+
+def _skip_channels() -> tuple[list[int], int]:
+    mults = (1, 2, 4, 4)
+    channels = [MODEL_CHANNELS]
+    for level, mult in enumerate(mults):
+        channels += [MODEL_CHANNELS * mult] * (3 if level < len(mults) - 1 else 2)
+    return channels, MODEL_CHANNELS * mults[-1]
+
+
+def _residuals(size: int, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Seeded ControlNet-like residuals at the plain U-Net's skip sizes (what a real ControlNet yields)."""
+    shapes = [DownBlockShape(2, (3, 2, 1))] * 3 + [DownBlockShape(2, None)]
+    skips, mid = down_path_sizes((size, size), shapes)
+    channels, mid_channels = _skip_channels()
+    generator = torch.Generator().manual_seed(7)
+    skip_residuals = [torch.randn(batch, c, *s, generator=generator) for c, s in zip(channels, skips)]
+    return skip_residuals, torch.randn(batch, mid_channels, *mid, generator=generator)
+
+
+def _with_control(conditioning, with_inputs: bool):
+    """The conditioning with a ControlNet stand-in: ComfyUI's ControlBase yielding the fixed residuals."""
+    import comfy.controlnet
+
+    class FixedControl(comfy.controlnet.ControlBase):
+        def get_control(self, x_noisy, t, cond, batched_number):
+            skips, mid = _residuals(x_noisy.shape[-1], x_noisy.shape[0])
+            inputs = [None] * 11 + [s.clone() for s in skips[:1]] if with_inputs else []  # T2I-like, reversed
+            return {"input": inputs, "middle": [mid], "output": skips}
+
+        def copy(self):
+            return FixedControl()
+
+    return [[tensor, {**options, "control": FixedControl()}] for tensor, options in conditioning]
+
+
+def test_controlnet_residuals_are_resized_like_the_diffusers_plugin(tiny, caplog):
+    controlled = type(tiny)(**{**vars(tiny), "positive": _with_control(tiny.positive, with_inputs=False)})
+    with caplog.at_level(logging.WARNING):
+        call = capture_first_call(controlled, _patch(tiny.model, t1=1.0, t2=1.0), size=PARITY_SIZE)
+    assert "could not be applied" not in caplog.text  # ComfyUI drops residuals whose size does not match
+    uncontrolled = capture_first_call(tiny, _patch(tiny.model, t1=1.0, t2=1.0), size=PARITY_SIZE)
+    assert (call["cond_denoised"] - uncontrolled["cond_denoised"]).abs().max() > 0.5  # the residuals count
+    skips, mid = _residuals(PARITY_SIZE, 1)
+    plugin = HiDiffusion(window_attn=False, t1=1.0, t2=1.0, force=True)
+    twin = diffusers_prediction(tiny, call, plugin, down_block_additional_residuals=tuple(skips),
+                                mid_block_additional_residual=mid)
+    assert torch.allclose(twin, call["cond_denoised"], rtol=0, atol=1e-3)
+
+
+def test_t2i_style_input_residuals_are_resized_too(tiny, caplog):
+    controlled = _with_control(tiny.positive, with_inputs=True)
+    with caplog.at_level(logging.WARNING):
+        out = sample(_patch(tiny.model, t1=1.0, t2=1.0), controlled, tiny.negative, steps=2, size=PARITY_SIZE)
+    assert torch.isfinite(out).all() and "could not be applied" not in caplog.text
