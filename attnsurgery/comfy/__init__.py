@@ -1,7 +1,7 @@
 """attnsurgery's ComfyUI node pack: attention surgery on ComfyUI's MODEL through its own patch points.
 
 Every node clones the MODEL it receives and registers patches on the clone (attn1 patches, post-CFG
-functions, block and object patches), so the input model samples exactly as before. The maths is
+functions, block and object patches, model wrappers), so the input model samples exactly as before. The maths is
 attnsurgery's (``attnsurgery.ops``), the settings are validated by the plugin configs.
 
 Install: with attnsurgery installed in ComfyUI's Python, create ``ComfyUI/custom_nodes/attnsurgery_nodes/
@@ -15,6 +15,7 @@ node folder under its own name in ``sys.modules``, which would hide the library)
 from __future__ import annotations
 
 from .agent_attention import AttnSurgeryAgentAttention
+from .hidiffusion import AttnSurgeryHiDiffusion
 from .perturbed_attention import AttnSurgeryPerturbedAttention
 from .token_merging import AttnSurgeryTokenMerging
 from .window_attention import AttnSurgeryWindowAttention
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "AttnSurgeryTokenMerging": AttnSurgeryTokenMerging,
     "AttnSurgeryAgentAttention": AttnSurgeryAgentAttention,
     "AttnSurgeryWindowAttention": AttnSurgeryWindowAttention,
+    "AttnSurgeryHiDiffusion": AttnSurgeryHiDiffusion,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -33,4 +35,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "AttnSurgeryTokenMerging": "Token Merging (attnsurgery)",
     "AttnSurgeryAgentAttention": "Agent Attention (attnsurgery)",
     "AttnSurgeryWindowAttention": "HiDiffusion Window Attention, MSW-MSA (attnsurgery)",
+    "AttnSurgeryHiDiffusion": "HiDiffusion RAU-Net (attnsurgery)",
 }

@@ -12,7 +12,7 @@ from attnsurgery.ops.raunet import DownBlockShape, down_path_sizes
 from attnsurgery.plugins.hidiffusion import HiDiffusion
 
 from .parity import capture_first_call, diffusers_prediction
-from .tiny_comfy import MODEL_CHANNELS, sample
+from .tiny_comfy import LATENT_SIZE, MODEL_CHANNELS, sample
 
 ABOVE_NATIVE = {"size": 72, "width": 16}  # 576 x 128 px: one side above SD1.5's 512 px
 PARITY_SIZE = 32  # big enough that RAD and the pool leave 8x8 and 4x4 grids, not single pixels
@@ -112,3 +112,31 @@ def test_t2i_style_input_residuals_are_resized_too(tiny, caplog):
     with caplog.at_level(logging.WARNING):
         out = sample(_patch(tiny.model, t1=1.0, t2=1.0), controlled, tiny.negative, steps=2, size=PARITY_SIZE)
     assert torch.isfinite(out).all() and "could not be applied" not in caplog.text
+
+
+def _steps_with_rad(tiny, model, steps: int) -> list[int]:
+    """Indices of the steps in which the RAD level got the subsampled features."""
+    widths = []
+
+    def record(h, transformer_options):
+        if tuple(transformer_options["block"]) == ("input", 2):
+            widths.append(h.shape[-1])
+        return h
+
+    model = model.clone()
+    model.set_model_input_block_patch_after_skip(record)  # runs after the node's own patch
+    _run(tiny, model, steps=steps)
+    assert len(widths) == steps  # cond and uncond run as one batch: one call per step
+    return [step for step, width in enumerate(widths) if width == LATENT_SIZE // 2]
+
+
+def test_t1_counts_steps_from_sigmas_or_from_the_run_schedule(tiny):
+    import comfy.samplers
+
+    patched = _patch(tiny.model, t1=0.45, t2=0.0)
+    # March-2024 ComfyUI: the step's denoising percent (normal schedule: i / 9) below 0.45 -> steps 0-4
+    assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3, 4]
+    # newer ComfyUI hands the run's sigmas to the patches: the package's rule, step < floor(10 * 0.45) = 4
+    patched.model_options["transformer_options"]["sample_sigmas"] = comfy.samplers.calculate_sigmas_scheduler(
+        tiny.model.model, "normal", 10)
+    assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3]
