@@ -20,6 +20,18 @@ def diffusers_twin() -> UNet2DConditionModel:
     )
 
 
+def diffusers_twin_sdxl() -> UNet2DConditionModel:
+    """The diffusers U-Net of the tiny SDXL layout (same levels, heads, widths and added conditioning)."""
+    channels = tuple(MODEL_CHANNELS * m for m in (1, 2, 4))
+    return UNet2DConditionModel(
+        block_out_channels=channels, layers_per_block=2, attention_head_dim=tuple(max(1, c // 64) for c in channels),
+        cross_attention_dim=CONTEXT_DIM, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), norm_num_groups=32,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
 def capture_first_call(tiny, model, size: int = LATENT_SIZE) -> dict:
     """Input, sigma and predictions of the first (sigma_max) step of a cfg-1 run, after every patch."""
     calls = []
@@ -34,14 +46,16 @@ def capture_first_call(tiny, model, size: int = LATENT_SIZE) -> dict:
     return calls[0]
 
 
-def diffusers_prediction(tiny, call: dict, plugin: surg.Plugin | None = None, **unet_kwargs) -> torch.Tensor:
+def diffusers_prediction(tiny, call: dict, plugin: surg.Plugin | None = None, twin: UNet2DConditionModel | None = None,
+                         **unet_kwargs) -> torch.Tensor:
     """The denoised conditional prediction of the diffusers twin (ComfyUI's weights) at that call.
 
-    ``unet_kwargs`` go to the twin's forward (e.g. ControlNet residuals).
+    ``twin`` defaults to the SD1.5 one; ``unet_kwargs`` go to its forward (ControlNet residuals, SDXL's
+    added conditioning).
     """
     import comfy.utils
 
-    twin = diffusers_twin()
+    twin = twin or diffusers_twin()
     comfy_state = tiny.model.model.diffusion_model.state_dict()
     key_map = comfy.utils.unet_to_diffusers(tiny.model.model.model_config.unet_config)
     twin.load_state_dict({name: comfy_state[key_map[name]] for name in twin.state_dict()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,15 +12,15 @@ from attnsurgery.comfy.hidiffusion import AttnSurgeryHiDiffusion
 from attnsurgery.ops.raunet import DownBlockShape, down_path_sizes
 from attnsurgery.plugins.hidiffusion import HiDiffusion
 
-from .parity import capture_first_call, diffusers_prediction
-from .tiny_comfy import LATENT_SIZE, MODEL_CHANNELS, sample
+from .parity import capture_first_call, diffusers_prediction, diffusers_twin_sdxl
+from .tiny_comfy import LATENT_SIZE, MODEL_CHANNELS, build_tiny_sdxl, conditioning, sample
 
 ABOVE_NATIVE = {"size": 72, "width": 16}  # 576 x 128 px: one side above SD1.5's 512 px
 PARITY_SIZE = 32  # big enough that RAD and the pool leave 8x8 and 4x4 grids, not single pixels
 
 
-def _patch(model, t1=-1.0, t2=-1.0, window=False, shift="random", force=True):
-    return AttnSurgeryHiDiffusion().patch(model, t1, t2, "preset", window, shift, 0, force)[0]
+def _patch(model, t1=-1.0, t2=-1.0, window=False, shift="random", force=True, aggressive="preset"):
+    return AttnSurgeryHiDiffusion().patch(model, t1, t2, aggressive, window, shift, 0, force)[0]
 
 
 def _run(tiny, model, **kwargs):
@@ -140,3 +141,33 @@ def test_t1_counts_steps_from_sigmas_or_from_the_run_schedule(tiny):
     patched.model_options["transformer_options"]["sample_sigmas"] = comfy.samplers.calculate_sigmas_scheduler(
         tiny.model.model, "normal", 10)
     assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(comfyui):
+    with torch.inference_mode():
+        model = build_tiny_sdxl(seed=0)
+    return SimpleNamespace(model=model, positive=conditioning(5, pooled=True), negative=conditioning(6, pooled=True))
+
+
+@pytest.mark.parametrize(("t1", "t2", "aggressive"), [(-1.0, -1.0, "preset"), (1.0, 1.0, "off")])
+def test_sdxl_raunet_matches_the_diffusers_plugin(tiny_sdxl, t1, t2, aggressive):
+    """SDXL: pool and RAD both on the first attention level, T1 drives the pool; the preset is aggressive."""
+    call = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model, t1, t2, aggressive=aggressive), size=PARITY_SIZE)
+    plain = capture_first_call(tiny_sdxl, tiny_sdxl.model, size=PARITY_SIZE)["cond_denoised"]
+    assert (call["cond_denoised"] - plain).abs().max() > 0.5
+    plugin = HiDiffusion(window_attn=False, t1=None if t1 < 0 else t1, t2=None if t2 < 0 else t2,
+                         aggressive={"preset": None, "off": False}[aggressive], force=True)
+    pixels = 8.0 * PARITY_SIZE  # ComfyUI's size conditioning defaults to the latent's size, no crop
+    added = {"text_embeds": tiny_sdxl.positive[0][1]["pooled_output"],
+             "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]])}
+    twin = diffusers_prediction(tiny_sdxl, call, plugin, twin=diffusers_twin_sdxl(), added_cond_kwargs=added)
+    assert torch.allclose(twin, call["cond_denoised"], rtol=0, atol=1e-3)
+
+
+def test_sdxl_preset_runs_rad_alone_in_the_first_steps(tiny_sdxl):
+    preset = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model), size=PARITY_SIZE)
+    rad_only = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model, 0.0, 1.0, aggressive="off"), size=PARITY_SIZE)
+    pool_only = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model, 1.0, 0.0, aggressive="off"), size=PARITY_SIZE)
+    assert torch.equal(preset["cond_denoised"], rad_only["cond_denoised"])
+    assert (preset["cond_denoised"] - pool_only["cond_denoised"]).abs().max() > 0.5

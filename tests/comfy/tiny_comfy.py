@@ -37,16 +37,25 @@ def _reset_parameters(module: torch.nn.Module, seed: int) -> None:
                 base.reset_parameters(sub)
 
 
-def build_tiny_sd15(seed: int = 0):
-    """A ``comfy.model_patcher.ModelPatcher`` around a seeded tiny SD1.5 (EPS) model."""
+# SDXL's layout (no attention on the top level, attention from input 4; output blocks 0-5), narrower and one
+# transformer per block; SDXL.__init__ adds num_head_channels=64, as in the real SDXL (1 and 2 heads here).
+TINY_SDXL_UNET: dict[str, Any] = {
+    **TINY_SD15_UNET, "adm_in_channels": 2816, "num_classes": "sequential", "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 1, 1],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "use_linear_in_transformer": True,
+}
+SDXL_POOLED_DIM = 1280  # the pooled text embedding SDXL's adm input starts with (2816 = 1280 + 6 * 256)
+
+
+def _patcher(base: type, unet: dict[str, Any], seed: int):
+    """A ModelPatcher around a ``supported_models`` entry narrowed to the tiny widths, seeded."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.supported_models as sm
 
-    class TinySD15(sm.SD15):
-        unet_config = dict(sm.SD15.unet_config, model_channels=MODEL_CHANNELS, context_dim=CONTEXT_DIM)
+    class Tiny(base):
+        unet_config = dict(base.unet_config, model_channels=MODEL_CHANNELS, context_dim=CONTEXT_DIM)
 
-    config = TinySD15(dict(TINY_SD15_UNET))
+    config = Tiny(dict(unet))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     _reset_parameters(model.diffusion_model, seed)
@@ -55,10 +64,25 @@ def build_tiny_sd15(seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
-def conditioning(seed: int) -> list:
-    """ComfyUI conditioning without a text encoder: ``[[cond tensor, {}]]``."""
+def build_tiny_sd15(seed: int = 0):
+    """A ``comfy.model_patcher.ModelPatcher`` around a seeded tiny SD1.5 (EPS) model."""
+    import comfy.supported_models as sm
+
+    return _patcher(sm.SD15, TINY_SD15_UNET, seed)
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """A ``comfy.model_patcher.ModelPatcher`` around a seeded tiny SDXL (EPS) model."""
+    import comfy.supported_models as sm
+
+    return _patcher(sm.SDXL, TINY_SDXL_UNET, seed)
+
+
+def conditioning(seed: int, pooled: bool = False) -> list:
+    """ComfyUI conditioning without a text encoder: ``[[cond tensor, {}]]``; SDXL's also holds a pooled one."""
     generator = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 77, CONTEXT_DIM, generator=generator), {}]]
+    options = {"pooled_output": torch.randn(1, SDXL_POOLED_DIM, generator=generator)} if pooled else {}
+    return [[torch.randn(1, 77, CONTEXT_DIM, generator=generator), options]]
 
 
 def sample(model, positive: list, negative: list, steps: int = 3, cfg: float = 5.0, seed: int = 1,
