@@ -74,6 +74,7 @@ class RauNetBlocks:
     """RAU-Net's sites as ComfyUI numbers its blocks, and what the down path does to sizes.
 
     Args:
+        family: The model's family (presets, native size).
         layout: The plugin's layout (diffusers block indices), for presets and window blocks.
         rad_input: Input block after whose skip the features are subsampled (feeds the RAD downsampler).
         pool_input: Input block (first pair of the pooled level) whose output is pooled.
@@ -81,6 +82,7 @@ class RauNetBlocks:
         down_shapes: Per level, pairs and downsampler (kernel, stride, padding), for ControlNet sizes.
     """
 
+    family: Family
     layout: HiDiffusionLayout
     rad_input: int
     pool_input: int
@@ -100,7 +102,7 @@ def _downsampler_shape(block: torch.nn.Module) -> tuple[int, int, int, int]:
     return first(op.kernel_size), first(op.stride), first(op.padding), dilation
 
 
-def raunet_blocks(model: Any, family: Family) -> RauNetBlocks:
+def raunet_blocks(model: Any) -> RauNetBlocks:
     """Find RAU-Net's sites in a ComfyUI U-Net (SD1.x/2.x: RAD at the top level, pool below; SDXL: both at
     the first attention level).
 
@@ -108,6 +110,7 @@ def raunet_blocks(model: Any, family: Family) -> RauNetBlocks:
         NotImplementedError: a DiT, or a U-Net whose blocks are not SD's (the message says what differs).
     """
     sites = unet_attention_sites(model)  # refuses DiTs
+    family = model_family(model)
     unet = model.model.diffusion_model
     pairs = {int(n) for n in unet.num_res_blocks}
     if len(pairs) != 1 or min(pairs) < 2:
@@ -123,6 +126,7 @@ def raunet_blocks(model: Any, family: Family) -> RauNetBlocks:
         raise NotImplementedError(f"RAU-Net needs a 3x3 stride-2 padding-1 downsampler conv after level {rad}, "
                                   f"found (kernel, stride, padding, dilation) {shapes[rad]}; remove the node.")
     blocks = RauNetBlocks(
+        family=family,
         layout=layout,
         rad_input=rad * per_level + per_level - 1,
         pool_input=pool * per_level + 1,
@@ -141,8 +145,8 @@ def raunet_blocks(model: Any, family: Family) -> RauNetBlocks:
 class _RauNet:
     """The phase of a call and the patch functions, closed over one node's settings (no per-call state)."""
 
-    def __init__(self, config: HiDiffusion, family: Family, blocks: RauNetBlocks, sampling: Any) -> None:
-        self.config, self.family, self.blocks, self.sampling = config, family, blocks, sampling
+    def __init__(self, config: HiDiffusion, blocks: RauNetBlocks, sampling: Any) -> None:
+        self.config, self.blocks, self.sampling = config, blocks, sampling
 
     def decide(self, transformer_options: dict, latent_hw: tuple[int, int], controlnet: bool) -> RauNetPhase:
         """What acts in the call these ``transformer_options`` belong to."""
@@ -150,7 +154,7 @@ class _RauNet:
         schedule = transformer_options.get("sample_sigmas")  # newer ComfyUI: the run's sigmas, exact steps
         found = locate_timestep(sigma, schedule[:-1]) if schedule is not None else None
         step_index, num_steps = found if found is not None else (None, None)
-        clock = SigmaClock(self.family, latent_hw=latent_hw, step_index=step_index, num_steps=num_steps,
+        clock = SigmaClock(self.blocks.family, latent_hw=latent_hw, step_index=step_index, num_steps=num_steps,
                            sigma=sigma, percent_to_sigma=self.sampling.percent_to_sigma)
         return self.config.raunet_phase(clock, self.blocks.layout, controlnet)
 
@@ -270,13 +274,12 @@ class AttnSurgeryHiDiffusion(ModelPatchNode):
         config = HiDiffusion(raunet=True, window_attn=window_attention, t1=_ratio(t1), t2=_ratio(t2),
                              aggressive=AGGRESSIVE[aggressive], shift=shift if shift == "random" else int(shift),
                              seed=seed, force=force)
-        family = model_family(model)
-        blocks = raunet_blocks(model, family)
+        blocks = raunet_blocks(model)
         if model.model_options.get(OWNER_KEY):
             raise ValueError("RAU-Net is already on this model (an earlier HiDiffusion node); use one node.")
         patched = model.clone()
         patched.model_options[OWNER_KEY] = True
-        raunet = _RauNet(config, family, blocks, model_sampling(model))
+        raunet = _RauNet(config, blocks, model_sampling(model))
         patched.set_model_input_block_patch(raunet.input_patch)
         patched.set_model_input_block_patch_after_skip(raunet.after_skip_patch)
         patched.set_model_output_block_patch(raunet.output_patch)
@@ -286,7 +289,7 @@ class AttnSurgeryHiDiffusion(ModelPatchNode):
             top = f"down_blocks.{down}.attentions up_blocks.{up}.attentions"
             keys = select_layers(unet_attention_sites(model), top)
             claim_token_layers(patched, keys, "HiDiffusion")
-            partition, merge = window_patches(keys, config, family.native_latent)
+            partition, merge = window_patches(keys, config, blocks.family.native_latent)
             patched.set_model_attn1_patch(partition)
             patched.set_model_attn1_output_patch(merge)
         return (patched,)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attnsurgery.comfy.hidiffusion import AttnSurgeryHiDiffusion
+from attnsurgery.comfy.window_attention import AttnSurgeryWindowAttention
 from attnsurgery.ops.raunet import DownBlockShape, down_path_sizes
 from attnsurgery.plugins.hidiffusion import HiDiffusion
 
@@ -58,6 +59,33 @@ def test_raunet_with_window_attention_matches_the_diffusers_plugin(tiny):
     assert (call["cond_denoised"] - raunet_only["cond_denoised"]).abs().max() > 0.05  # windows add to it
     plugin = HiDiffusion(t1=1.0, t2=1.0, shift=1, force=True)
     assert torch.allclose(diffusers_prediction(tiny, call, plugin), call["cond_denoised"], rtol=0, atol=1e-3)
+
+
+def test_block_patches_decide_the_phase_when_a_caller_bypasses_the_wrapper(tiny):
+    patched = _patch(tiny.model, t1=1.0, t2=1.0)
+    x = torch.randn(1, 4, PARITY_SIZE, PARITY_SIZE, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([10.0])
+    cond = tiny.positive[0][0]
+    c = {"c_crossattn": cond, "transformer_options": {**patched.model_options["transformer_options"], "sigmas": sigma}}
+    with torch.inference_mode():
+        plain = tiny.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options={"sigmas": sigma})
+        direct = patched.model.apply_model(x, sigma, **c)
+        wrapped = patched.model_options["model_function_wrapper"](
+            patched.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+    assert (direct - plain).abs().max() > 0.5 and torch.equal(direct, wrapped)
+
+
+def test_bad_input_names_the_problem(tiny):
+    with pytest.raises(ValueError, match="t1"):
+        _patch(tiny.model, t1=1.5)
+    with pytest.raises(ValueError, match="already on this model"):
+        _patch(_patch(tiny.model))
+    windows = AttnSurgeryWindowAttention().patch(tiny.model, "top", "random", 0, True)[0]
+    with pytest.raises(ValueError, match="both change the tokens"):
+        _patch(windows, window=True)
+    dit = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
+    with pytest.raises(NotImplementedError, match="DiTs"):
+        _patch(dit)
 
 
 def _skip_channels() -> tuple[list[int], int]:
