@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,7 +140,3 @@ class HeadSet:
             )
         return list(self.heads)
 
-
-def heads_from_names(names: Sequence[str]) -> list[Head]:
-    """``"path:head"`` strings as (path, head) tuples."""
-    return [parse_head_name(n) for n in names]
