@@ -25,6 +25,7 @@ are ignored: a conv block has none. LoRAs on attn1 do not apply to replaced laye
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from pathlib import Path
@@ -40,6 +41,8 @@ from .node import ModelPatchNode
 from .patching import DIT_LIMITATION, AttentionSite, claim_token_layers, unet_attention_sites
 
 __all__ = ["AttnSurgeryConvFusion", "blocks_folder", "comfy_fingerprint", "place_blocks"]
+
+logger = logging.getLogger(__name__)
 
 LATENT_SHAPE: ContextVar[tuple[int, ...] | None] = ContextVar("attnsurgery_convfusion_latent", default=None)
 
@@ -132,9 +135,8 @@ def scope_latent_shape(sites: list[AttentionSite], previous: Callable | None) ->
     """The U-Net function wrapper: the latent shape in ``LATENT_SHAPE`` while the U-Net runs, then reset."""
 
     def wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
-        refuse_replace_patches(args["c"].get("transformer_options", {}), sites)
-
         def scoped(x: torch.Tensor, t: torch.Tensor, **c: Any) -> torch.Tensor:
+            refuse_replace_patches(c.get("transformer_options", {}), sites)  # as the wrappers outside left them
             token = LATENT_SHAPE.set(tuple(x.shape))
             try:
                 return apply_model(x, t, **c)
@@ -182,6 +184,10 @@ class AttnSurgeryConvFusion(ModelPatchNode):
         check_fingerprint(saved, {key: current[key] for key in saved}, f"The ConvFusion blocks in {folder}")
         placed = place_blocks(model, sites, blocks, f"The ConvFusion blocks in {folder}")
         dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+        with_lora = [site.path for site in placed if any(key.startswith(site.module + ".") for key in model.patches)]
+        if with_lora:
+            logger.warning("ConvFusion replaces %d attn1 layers that carry LoRA or other weight patches (e.g. %s); "
+                           "those patches no longer apply there", len(with_lora), with_lora[0])
         patched = model.clone()
         claim_token_layers(patched, {site.key for site in placed}, "ConvFusion")
         for site, block in placed.items():

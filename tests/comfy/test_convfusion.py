@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -105,3 +107,14 @@ def test_wrappers_chain_and_a_lost_wrapper_fails_clearly(tiny, folder):
     later.set_model_unet_function_wrapper(counting)  # overwrites ConvFusion's wrapper
     with pytest.raises(RuntimeError, match="outside its U-Net wrapper"):
         _run(tiny, later, steps=1)
+
+
+def test_weight_patches_on_replaced_layers_are_reported(tiny, folder, caplog):
+    with_lora = tiny.model.clone()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    assert with_lora.add_patches({key: (torch.zeros(32, 32),)}) == [key]
+    with caplog.at_level(logging.WARNING, logger="attnsurgery.comfy.convfusion"):
+        _patch(tiny.model, folder)
+        assert not caplog.records
+        _patch(with_lora, folder)
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in caplog.text
