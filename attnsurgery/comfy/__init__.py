@@ -15,6 +15,7 @@ node folder under its own name in ``sys.modules``, which would hide the library)
 from __future__ import annotations
 
 from .agent_attention import AttnSurgeryAgentAttention
+from .convfusion import AttnSurgeryConvFusion
 from .perturbed_attention import AttnSurgeryPerturbedAttention
 from .token_merging import AttnSurgeryTokenMerging
 from .window_attention import AttnSurgeryWindowAttention
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "AttnSurgeryTokenMerging": AttnSurgeryTokenMerging,
     "AttnSurgeryAgentAttention": AttnSurgeryAgentAttention,
     "AttnSurgeryWindowAttention": AttnSurgeryWindowAttention,
+    "AttnSurgeryConvFusion": AttnSurgeryConvFusion,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -33,4 +35,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "AttnSurgeryTokenMerging": "Token Merging (attnsurgery)",
     "AttnSurgeryAgentAttention": "Agent Attention (attnsurgery)",
     "AttnSurgeryWindowAttention": "HiDiffusion Window Attention, MSW-MSA (attnsurgery)",
+    "AttnSurgeryConvFusion": "ConvFusion distilled blocks (attnsurgery)",
 }

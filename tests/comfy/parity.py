@@ -20,7 +20,7 @@ def diffusers_twin() -> UNet2DConditionModel:
     )
 
 
-def capture_first_call(tiny, model) -> dict:
+def capture_first_call(tiny, model, **sample_options) -> dict:
     """Input, sigma and predictions of the first (sigma_max) step of a cfg-1 run, after every patch."""
     calls = []
 
@@ -30,7 +30,7 @@ def capture_first_call(tiny, model) -> dict:
 
     model = model.clone()
     model.set_model_sampler_post_cfg_function(capture)  # runs after the node's own post-CFG functions
-    sample(model, tiny.positive, tiny.negative, steps=2, cfg=1.0)
+    sample(model, tiny.positive, tiny.negative, steps=2, cfg=1.0, **sample_options)
     return calls[0]
 
 
