@@ -9,6 +9,7 @@ Example:
 
 from .context import StepContext
 from .families import Family, detect_family
+from .headhunter import HeadSet, Racing, hunt
 from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.agent import AgentAttention, AgentPhase
 from .plugins.base import Plugin, plugin_from_dict
@@ -26,16 +27,19 @@ __all__ = [
     "AttentionLayer",
     "ConvFusion",
     "Family",
+    "HeadSet",
     "HiDiffusion",
     "ModelInfo",
     "PerturbedAttention",
     "Plugin",
+    "Racing",
     "StepContext",
     "Surgery",
     "TokenMerging",
     "active_surgeries",
     "apply",
     "describe",
+    "hunt",
     "detect_family",
     "patched",
     "plugin_from_dict",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import (
@@ -227,12 +225,6 @@ def test_schedule_adaptive_scale_and_window():
     assert schedule.at(0.25, 500.0) == 0.0
     assert schedule.at(0.75, 999.0) == 0.0
     assert GuidanceSchedule(scale=3.0).at(1.0, 1.0) == 3.0
-
-
-def test_head_set_files_are_a_later_feature(sd3):
-    with pytest.raises(NotImplementedError, match="HeadHunter"):
-        surg.apply(sd3, PerturbedAttention(heads=Path("heads.json")))
-    assert not surg.active_surgeries(sd3)
 
 
 def test_remove_restores_the_processors(sd3):

@@ -15,6 +15,7 @@ node folder under its own name in ``sys.modules``, which would hide the library)
 from __future__ import annotations
 
 from .agent_attention import AttnSurgeryAgentAttention
+from .convfusion import AttnSurgeryConvFusion
 from .hidiffusion import AttnSurgeryHiDiffusion
 from .perturbed_attention import AttnSurgeryPerturbedAttention
 from .token_merging import AttnSurgeryTokenMerging
@@ -28,6 +29,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "AttnSurgeryAgentAttention": AttnSurgeryAgentAttention,
     "AttnSurgeryWindowAttention": AttnSurgeryWindowAttention,
     "AttnSurgeryHiDiffusion": AttnSurgeryHiDiffusion,
+    "AttnSurgeryConvFusion": AttnSurgeryConvFusion,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -36,4 +38,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "AttnSurgeryAgentAttention": "Agent Attention (attnsurgery)",
     "AttnSurgeryWindowAttention": "HiDiffusion Window Attention, MSW-MSA (attnsurgery)",
     "AttnSurgeryHiDiffusion": "HiDiffusion RAU-Net (attnsurgery)",
+    "AttnSurgeryConvFusion": "ConvFusion distilled blocks (attnsurgery)",
 }

@@ -40,6 +40,7 @@ class AttentionSite:
     heads: int
     path: str
     level: int  # 0 at the latent resolution, +1 per downsampler
+    module: str  # the attn1 module's path in ComfyUI's model: the key of object patches
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -69,15 +70,18 @@ def unet_attention_sites(model: Any) -> list[AttentionSite]:
     per_level = int(unet.num_res_blocks[0]) + 1
     deepest = len(unet.num_res_blocks) - 1
     sites = []
-    groups = [("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)]
-    for name, blocks in groups:
+    groups = [("input", "input_blocks.{}", unet.input_blocks), ("middle", "middle_block", [unet.middle_block]),
+              ("output", "output_blocks.{}", unet.output_blocks)]
+    for name, attribute, blocks in groups:
         for number, block in enumerate(blocks):
-            for layer in block:
+            container = "diffusion_model." + attribute.format(number)
+            for position, layer in enumerate(block):
                 for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
                     path = f"{_diffusers_prefix(name, number, per_level)}.transformer_blocks.{index}.attn1"
                     level = {"input": (number - 1) // per_level, "middle": deepest,
                              "output": deepest - number // per_level}[name]
-                    site = AttentionSite((name, number), index, int(transformer.attn1.heads), path, level)
+                    module = f"{container}.{position}.transformer_blocks.{index}.attn1"
+                    site = AttentionSite((name, number), index, int(transformer.n_heads), path, level, module)
                     sites.append(site)
     return sites
 

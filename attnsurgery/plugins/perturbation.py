@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..headhunter.headset import SELF_KINDS, HeadSet
 from ..ops.perturb import KINDS
 from ..pipelines.guidance import GuidanceSchedule, PerturbationGuidance
 from ..processors.perturb import HeadPerturbationProcessor, PerturbationState
@@ -24,12 +26,10 @@ if TYPE_CHECKING:
     from ..inventory import ModelInfo
     from ..surgery import Surgery
 
-__all__ = ["PerturbedAttention", "default_layers"]
+__all__ = ["PerturbedAttention", "default_layers", "install_perturbation"]
 
 MODES = ("batched", "sequential")
 JOINT = ("full", "image_only")
-# Layers that can be perturbed: image tokens attending to themselves (never cross-attention).
-SELF_KINDS = ("self", "joint", "single")
 
 
 def default_layers(model: ModelInfo) -> str:
@@ -57,7 +57,8 @@ class PerturbedAttention(Plugin):
         scale: s, the guidance scale (the PAG authors: 3.0 with CFG 4.0, 5.0 without CFG). 0 disables it.
         layers: layer selector (path, enclosing path, glob or group); every head of those layers.
             None with heads=None: the family default (see `default_layers`).
-        heads: head spec: "path:head" strings and (block_index, head) tuples, or a list of them.
+        heads: head spec: "path:head" strings and (block_index, head) tuples, or a list of them; or the
+            `Path` of a head-set JSON written by `attnsurgery.hunt` (checked against the model).
         soft: u, the SoftPAG blend toward the perturbed map (1 = full PAG, 0 = nothing).
         kind: "identity" (PAG), "uniform", "mean_query" (SEG with infinite blur) or "temperature".
         temperature: tau for kind="temperature" (tau > 1 flattens the map).
@@ -125,13 +126,11 @@ class PerturbedAttention(Plugin):
         Raises:
             ValueError: the selection matches no self/joint attention layer or names a head out of range.
         """
-        if isinstance(self.heads, os.PathLike):
-            raise NotImplementedError(
-                f"heads={self.heads!r}: head-set files come with the HeadHunter search; pass 'path:head' "
-                "strings or (block_index, head) tuples for now"
-            )
-        if self.heads is not None:
-            selected = model.select_heads(self.heads, kinds=SELF_KINDS)
+        heads = self.heads
+        if isinstance(heads, os.PathLike):
+            heads = HeadSet.load(heads).heads_for(model)
+        if heads is not None:
+            selected = model.select_heads(heads, kinds=SELF_KINDS)
         else:
             layers = self.layers if self.layers is not None else default_layers(model)
             selected = {layer.path: None for layer in model.select(layers, kinds=SELF_KINDS)}
@@ -147,28 +146,56 @@ class PerturbedAttention(Plugin):
         weights = self.head_weights(surgery.model)
         if self.scale == 0.0 or self.soft == 0.0:
             return  # nothing to add: the pipeline stays bit-identical
-        family = surgery.model.family
-        state = PerturbationState(
-            kind=self.kind, temperature=self.temperature, image_only=self.joint == "image_only",
-            text_first=family.joint_order == "text_image",
+        install_perturbation(
+            surgery, list(weights), lambda: weights,
+            GuidanceSchedule(self.scale, self.adaptive_scale, self.start, self.stop),
+            kind=self.kind, temperature=self.temperature, joint=self.joint, sequential=self.mode == "sequential",
         )
-        for path in weights:
-            layer = surgery.model.layer(path)
-            wrapper = HeadPerturbationProcessor(layer.module.processor, path, state)
-            surgery.set_processor(layer, wrapper, role="heads")
-        surgery.claim("<denoiser>", "guidance")
-        guidance = PerturbationGuidance(
-            state=state,
-            head_weights=lambda: weights,
-            schedule=GuidanceSchedule(self.scale, self.adaptive_scale, self.start, self.stop),
-            sequential=self.mode == "sequential",
-            clock=lambda: _clock(surgery),
-            cfg_active=lambda: _pipeline_runs_cfg(surgery.pipeline),
-            image_tokens=lambda: _image_tokens(surgery),
-        )
-        surgery.add_hook(surgery.denoiser, guidance.pre_hook, pre=True, with_kwargs=True)
-        surgery.add_hook(surgery.denoiser, guidance.post_hook, pre=False, with_kwargs=True)
 
+
+def install_perturbation(
+    surgery: Surgery,
+    paths: list[str],
+    head_weights: Callable[[], Mapping[str, torch.Tensor]],
+    schedule: GuidanceSchedule,
+    kind: str = "identity",
+    temperature: float | None = None,
+    joint: str = "full",
+    sequential: bool = False,
+) -> PerturbationState:
+    """Wrap the processors of ``paths`` and put the guidance hooks on the denoiser.
+
+    Shared by `PerturbedAttention` (one fixed head set) and the head search (a table per call, one row
+    per candidate head set).
+
+    Args:
+        surgery: the surgery recording the changes.
+        paths: the layers whose heads may be perturbed.
+        head_weights: returns layer path -> [rows, heads] weights for the current call.
+        schedule: s_t over the run.
+        kind, temperature, joint, sequential: as in `PerturbedAttention`.
+    """
+    family = surgery.model.family
+    state = PerturbationState(
+        kind=kind, temperature=temperature, image_only=joint == "image_only",
+        text_first=family.joint_order == "text_image",
+    )
+    for path in paths:
+        layer = surgery.model.layer(path)
+        surgery.set_processor(layer, HeadPerturbationProcessor(layer.module.processor, path, state), role="heads")
+    surgery.claim("<denoiser>", "guidance")
+    guidance = PerturbationGuidance(
+        state=state,
+        head_weights=head_weights,
+        schedule=schedule,
+        sequential=sequential,
+        clock=lambda: _clock(surgery),
+        cfg_active=lambda: _pipeline_runs_cfg(surgery.pipeline),
+        image_tokens=lambda: _image_tokens(surgery),
+    )
+    surgery.add_hook(surgery.denoiser, guidance.pre_hook, pre=True, with_kwargs=True)
+    surgery.add_hook(surgery.denoiser, guidance.post_hook, pre=False, with_kwargs=True)
+    return state
 
 def _clock(surgery: Surgery) -> tuple[float, float]:
     """(progress, timestep on the 0-1000 scale) of the current call; FLUX passes t / 1000."""

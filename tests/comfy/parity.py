@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 
 import attnsurgery as surg
 
-from .tiny_comfy import CONTEXT_DIM, LATENT_SIZE, MODEL_CHANNELS, sample
+from .tiny_comfy import CONTEXT_DIM, MODEL_CHANNELS, sample
 
 
 def diffusers_twin() -> UNet2DConditionModel:
@@ -32,7 +32,7 @@ def diffusers_twin_sdxl() -> UNet2DConditionModel:
     )
 
 
-def capture_first_call(tiny, model, size: int = LATENT_SIZE) -> dict:
+def capture_first_call(tiny, model, **sample_options) -> dict:
     """Input, sigma and predictions of the first (sigma_max) step of a cfg-1 run, after every patch."""
     calls = []
 
@@ -42,7 +42,7 @@ def capture_first_call(tiny, model, size: int = LATENT_SIZE) -> dict:
 
     model = model.clone()
     model.set_model_sampler_post_cfg_function(capture)  # runs after the node's own post-CFG functions
-    sample(model, tiny.positive, tiny.negative, steps=2, cfg=1.0, size=size)
+    sample(model, tiny.positive, tiny.negative, steps=2, cfg=1.0, **sample_options)
     return calls[0]
 
 

@@ -16,7 +16,7 @@ from attnsurgery.plugins.hidiffusion import HiDiffusion
 from .parity import capture_first_call, diffusers_prediction, diffusers_twin_sdxl
 from .tiny_comfy import LATENT_SIZE, MODEL_CHANNELS, build_tiny_sdxl, conditioning, sample
 
-ABOVE_NATIVE = {"size": 72, "width": 16}  # 576 x 128 px: one side above SD1.5's 512 px
+ABOVE_NATIVE = {"size": (72, 16)}  # 576 x 128 px: one side above SD1.5's 512 px
 PARITY_SIZE = 32  # big enough that RAD and the pool leave 8x8 and 4x4 grids, not single pixels
 
 

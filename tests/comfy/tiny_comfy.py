@@ -86,12 +86,13 @@ def conditioning(seed: int, pooled: bool = False) -> list:
 
 
 def sample(model, positive: list, negative: list, steps: int = 3, cfg: float = 5.0, seed: int = 1,
-           size: int = LATENT_SIZE, width: int | None = None) -> torch.Tensor:
-    """``comfy.sample.sample`` with euler / normal on a ``size`` x ``width`` (default ``size``) latent."""
+           size: int | tuple[int, int] = LATENT_SIZE) -> torch.Tensor:
+    """``comfy.sample.sample`` with euler / normal on a ``size`` x ``size`` (or (h, w)) latent, in inference mode."""
     import comfy.sample
 
+    height, width = (size, size) if isinstance(size, int) else size
     with torch.inference_mode():
-        latent = torch.zeros([1, 4, size, width or size])
+        latent = torch.zeros([1, 4, height, width])
         noise = comfy.sample.prepare_noise(latent, seed)
         return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
                                    disable_pbar=True, seed=seed)
