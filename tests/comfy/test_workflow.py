@@ -1,4 +1,4 @@
-"""The documented workflow (docs/comfyui.md) names registered nodes with their inputs, and its nodes run."""
+"""The documented workflows (README, docs/comfyui.md) name registered nodes with their inputs, and their nodes run."""
 
 from __future__ import annotations
 
@@ -6,21 +6,25 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import attnsurgery.comfy as pack
 
 from .tiny_comfy import sample
 
+DOCUMENTS = ("README.md", "docs/comfyui.md")
 
-def _docs_workflow() -> dict:
-    text = (Path(__file__).parents[2] / "docs" / "comfyui.md").read_text()
+
+def _docs_workflow(document: str) -> dict:
+    text = (Path(__file__).parents[2] / document).read_text()
     return json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1))
 
 
-def test_documented_workflow_uses_registered_nodes_with_their_inputs(comfyui):
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_documented_workflow_uses_registered_nodes_with_their_inputs(comfyui, document):
     comfyui.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)
-    workflow = _docs_workflow()
+    workflow = _docs_workflow(document)
     used = {node["class_type"] for node in workflow.values()}
     assert len(used & set(pack.NODE_CLASS_MAPPINGS)) >= 2
     for node_id, node in workflow.items():
@@ -33,9 +37,10 @@ def test_documented_workflow_uses_registered_nodes_with_their_inputs(comfyui):
                 assert value in required[name][0], (node_id, name, value)  # a choice
 
 
-def test_documented_workflow_runs_on_the_tiny_model(tiny):
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_documented_workflow_runs_on_the_tiny_model(tiny, document):
     """The workflow's attnsurgery nodes, fed the tiny model in place of the checkpoint, sample and guide."""
-    workflow = _docs_workflow()
+    workflow = _docs_workflow(document)
     outputs = {"1": (tiny.model,)}
 
     def evaluate(node_id: str):
