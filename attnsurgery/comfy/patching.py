@@ -12,11 +12,13 @@ import json
 import math
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..families import Family
+from ..headhunter.headset import FORMAT as HEADSET_FORMAT
 
 __all__ = [
     "AttentionSite", "unet_attention_sites", "model_family", "model_sampling",
@@ -87,10 +89,15 @@ def unet_attention_sites(model: Any) -> list[AttentionSite]:
 
 
 def _parse_entries(spec: str) -> list[tuple[str, list[int] | None]]:
-    """"selector" / "selector:h,h" entries from text (newline, ';' or space separated) or a JSON head set."""
+    """"selector" / "selector:h,h" entries from text (newline, ';' or space separated), a JSON head set, or
+    the path of a head-set file written by ``attnsurgery hunt``."""
     text = spec.strip()
+    if text.endswith(".json") and Path(text).expanduser().is_file():
+        text = Path(text).expanduser().read_text().strip()
     if text.startswith(("[", "{")):
         data = json.loads(text)
+        if isinstance(data, dict) and data.get("format") == HEADSET_FORMAT:  # `attnsurgery hunt --out`
+            data = data["heads"]
         if isinstance(data, dict):  # {"path": [heads] or null}
             return [(path, None if heads is None else [int(h) for h in heads]) for path, heads in data.items()]
         entries = [str(item) for item in data]

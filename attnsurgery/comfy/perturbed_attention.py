@@ -64,7 +64,8 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
                                  "tooltip": "Layers and heads in diffusers names: 'mid_block' (all heads), "
                                             "'up_blocks.1.attentions.0:0,3' (heads 0 and 3), globs, or a "
                                             "JSON head set such as {\"mid_block.attentions.0."
-                                            "transformer_blocks.0.attn1\": [1, 5]}."}),
+                                            "transformer_blocks.0.attn1\": [1, 5]}, or the path of a "
+                                            "head-set file from `attnsurgery hunt`."}),
             "soft": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
                                "tooltip": "Blend toward the perturbed map (1 = PAG, below 1 = SoftPAG)."}),
             "kind": (list(KINDS), {"default": "identity",

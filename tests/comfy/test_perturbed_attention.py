@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attnsurgery.comfy.perturbed_attention import AttnSurgeryPerturbedAttention
+from attnsurgery.headhunter import HeadSet
 
 from .tiny_comfy import sample
 
@@ -44,6 +45,17 @@ def test_single_heads_differ_from_whole_layers(tiny):
     assert (heads - layer).abs().max() > 1e-4
     as_json = _run(tiny, _patch(tiny.model, heads='{"up_blocks.1.attentions.0.transformer_blocks.0.attn1": [0, 3]}'))
     assert torch.equal(as_json, heads)
+
+
+def test_a_head_set_file_from_the_search_is_accepted(tiny, tmp_path):
+    """`attnsurgery hunt --out` files, by path or pasted, select the same heads as the text spec."""
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    head_set = HeadSet((f"{layer}:0", f"{layer}:3"), {"family": "sd15"})
+    path = head_set.save(tmp_path / "heads.json")
+    heads = _run(tiny, _patch(tiny.model, heads=UP_HEADS))
+    assert (heads - tiny.baseline).abs().max() > 1e-4
+    assert torch.equal(_run(tiny, _patch(tiny.model, heads=str(path))), heads)
+    assert torch.equal(_run(tiny, _patch(tiny.model, heads=path.read_text())), heads)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "mean_query", "temperature"])
