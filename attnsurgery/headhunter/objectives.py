@@ -38,22 +38,10 @@ def _from_pretrained(loader: Callable[[str], Any], name: str, what: str, flag: s
         raise RuntimeError(f"could not load the {what} from {name!r}: {hint} ({error})") from None
 
 
-class ClipScore:
-    """CLIP score, ``logit_scale * cos(image, text)`` (PickScore's formula; CLIP's scale is 100).
+class _ClipObjective:
+    """A CLIP model and its processor, loaded offline-friendly, scoring images in batches."""
 
-    Args:
-        model: hub id or local folder of a transformers ``CLIPModel``.
-        processor: hub id or folder of its ``CLIPProcessor`` (default: ``model``).
-        device: where the model runs (default: CPU).
-        batch_size: images per forward.
-
-    Example:
-        >>> clip = ClipScore("path/to/clip-vit-large-patch14")
-        >>> clip([image], ["a red circle"])
-    """
-
-    def __init__(self, model: str = CLIP_MODEL, processor: str | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 16) -> None:
+    def __init__(self, model: str, processor: str | None, device: str | torch.device, batch_size: int) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         self.model = _from_pretrained(CLIPModel.from_pretrained, model, "CLIP model", "--objective-model")
@@ -69,15 +57,39 @@ class ClipScore:
         scores: list[float] = []
         for begin in range(0, len(images), self.batch_size):
             chunk = slice(begin, begin + self.batch_size)
-            inputs = self.processor(text=list(prompts[chunk]), images=list(images[chunk]), return_tensors="pt",
-                                    padding=True, truncation=True).to(self.device)
-            out = self.model(**inputs)
-            cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both are unit vectors
-            scores += (self.model.logit_scale.exp() * cosine).float().tolist()
+            scores += self._scores(list(images[chunk]), list(prompts[chunk])).float().tolist()
         return scores
 
+    def _scores(self, images: list[np.ndarray], prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
 
-class AestheticScore:
+
+class ClipScore(_ClipObjective):
+    """CLIP score, ``logit_scale * cos(image, text)`` (PickScore's formula; CLIP's scale is 100).
+
+    Args:
+        model: hub id or local folder of a transformers ``CLIPModel``.
+        processor: hub id or folder of its ``CLIPProcessor`` (default: ``model``).
+        device: where the model runs (default: CPU).
+        batch_size: images per forward.
+
+    Example:
+        >>> clip = ClipScore("path/to/clip-vit-large-patch14")
+        >>> clip([image], ["a red circle"])
+    """
+
+    def __init__(self, model: str = CLIP_MODEL, processor: str | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 16) -> None:
+        super().__init__(model, processor, device, batch_size)
+
+    def _scores(self, images: list[np.ndarray], prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
+        out = self.model(**inputs.to(self.device))
+        cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both are unit vectors
+        return self.model.logit_scale.exp() * cosine
+
+
+class AestheticScore(_ClipObjective):
     """The LAION aesthetic predictor (v2): an MLP on unit-norm CLIP image embeddings.
 
     The head is the MLP 768-1024-128-64-16-1 of ``sac+logos+ava1-l14-linearMSE.pth`` (keys ``layers.0``,
@@ -88,6 +100,7 @@ class AestheticScore:
         clip_model: hub id or folder of the CLIP model the head was trained on (ViT-L/14).
         processor: its processor (default: ``clip_model``).
         device: where both run.
+        batch_size: images per forward.
 
     Example:
         >>> aesthetic = AestheticScore("sac+logos+ava1-l14-linearMSE.pth", clip_model="path/to/clip-vit-large-patch14")
@@ -95,28 +108,17 @@ class AestheticScore:
 
     def __init__(self, head: str | os.PathLike, clip_model: str = CLIP_MODEL, processor: str | None = None,
                  device: str | torch.device = "cpu", batch_size: int = 16) -> None:
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.clip = _from_pretrained(CLIPModel.from_pretrained, clip_model, "CLIP model", "--objective-model")
-        self.clip = self.clip.eval().requires_grad_(False).to(device)
-        self.processor = _from_pretrained(
-            CLIPProcessor.from_pretrained, processor or clip_model, "CLIP processor", "--objective-processor"
-        )
-        self.head = aesthetic_head(self.clip.config.projection_dim).to(device)
-        self.head.load_state_dict(_load_state_dict(Path(head)))
+        state = _load_state_dict(Path(head))
+        super().__init__(clip_model, processor, device, batch_size)
+        self.head = aesthetic_head(self.model.config.projection_dim).to(device)
+        self.head.load_state_dict(state)
         self.head.eval().requires_grad_(False)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for begin in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[begin : begin + self.batch_size]), return_tensors="pt")
-            features = self.clip.get_image_features(pixel_values=pixels.pixel_values.to(self.device))
-            features = features if isinstance(features, torch.Tensor) else features.pooler_output
-            scores += self.head(features / features.norm(dim=-1, keepdim=True)).squeeze(-1).float().tolist()
-        return scores
+    def _scores(self, images: list[np.ndarray], prompts: list[str]) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+        features = self.model.get_image_features(pixel_values=pixels)
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        return self.head(features / features.norm(dim=-1, keepdim=True)).squeeze(-1)
 
 
 def aesthetic_head(width: int) -> torch.nn.Sequential:
