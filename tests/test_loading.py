@@ -64,6 +64,16 @@ def test_a_reference_trainer_folder_loads_by_path(tmp_path):
     assert torch.equal(loaded.unet.state_dict()[weight], pipe.unet.state_dict()[weight].half().float())
 
 
+def test_the_readme_main_job_runs_offline_with_the_default_model(tmp_path):
+    from attnsurgery.cli import main
+    from attnsurgery.reference.model import has_reference_weights
+
+    if not has_reference_weights():
+        pytest.skip("this build ships no trained reference weights")
+    assert main(["generate", "a red circle and a blue square", "--steps", "4", "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
 def test_default_model_without_shipped_weights_is_a_one_line_error(tmp_path, capsys):
     from attnsurgery.cli import main
     from attnsurgery.reference.model import has_reference_weights

@@ -80,3 +80,15 @@ def test_shipped_weights_make_a_64_px_image_in_two_steps() -> None:
                     output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     assert image.std() > 0.01  # a picture, not a flat field
+
+
+@pytest.mark.skipif(not has_reference_weights(), reason="trained reference weights are not in the package")
+def test_shipped_weights_draw_the_prompted_object() -> None:
+    """A small sample of the model card's gate (held-out one-object prompts, 20 steps, CFG 7.5)."""
+    from attnsurgery.reference.eval import evaluate, heldout_pairs, pipeline_sampler
+
+    shipped = load_reference_pipeline()
+    shipped.set_progress_bar_config(disable=True)
+    report = evaluate(pipeline_sampler(shipped, 20, 7.5), heldout_pairs(16, num_objects=1, start=500_000),
+                      progress=False)
+    assert report.metrics.fidelity >= 0.6, report.metrics
