@@ -9,10 +9,12 @@ import pytest
 import torch
 from diffusers import (
     ControlNetModel,
+    StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
+    T2IAdapter,
 )
 
 import attnsurgery as surg
@@ -168,6 +170,25 @@ def test_controlnet_residuals_follow_raunet(family):
     with surg.patched(pipe, HiDiffusion(t1=0.5, t2=0.5, aggressive=False)):
         out = run_latents(pipe, ABOVE_NATIVE, steps=3, image=image)
     assert torch.isfinite(out).all() and changed(out, plain)
+
+
+def test_t2i_adapter_residuals_follow_raunet():
+    """T2I-Adapter residuals are added inside the down blocks; without resizing they crash RAU-Net's steps."""
+    base = tiny.tiny_sd15()
+    torch.manual_seed(0)
+    adapter = T2IAdapter(in_channels=3, channels=list(base.unet.config.block_out_channels), num_res_blocks=1,
+                         downscale_factor=8, adapter_type="full_adapter")
+    components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+    pipe = StableDiffusionAdapterPipeline(**components, adapter=adapter)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, ABOVE_NATIVE, ABOVE_NATIVE)
+    with surg.patched(pipe, HiDiffusion(t1=0.5, t2=0.5, window_attn=False)):
+        out = run_latents(pipe, ABOVE_NATIVE, steps=3, image=image)
+        without = run_latents(pipe, ABOVE_NATIVE, steps=3, image=image, adapter_conditioning_scale=0.0)
+        plain_raunet = run_latents(base, ABOVE_NATIVE, steps=3)
+    assert torch.isfinite(out).all() and changed(out, without)  # the adapter still acts
+    assert changed(without, run_latents(base, ABOVE_NATIVE, steps=3))  # and RAU-Net acted
+    assert torch.allclose(without, plain_raunet, atol=1e-5)  # zero-scale residuals change nothing
 
 
 def test_img2img_and_inpainting(sd15):

@@ -7,7 +7,10 @@
   matching downsampler), which also makes odd and non-square sizes line up.
 - CA pool/unpool: a hook after the first attention of a down block average-pools its output; a hook
   after the second attention of the mirrored up block resizes back to the pre-pool size.
-- ControlNet residuals are resized (bicubic) to the sizes the down path will have this call.
+- ControlNet residuals are resized (bicubic) to the sizes the down path will have this call, and so are
+  T2I-Adapter residuals (``down_intrablock_additional_residuals``), which the U-Net adds inside its down
+  blocks: after the last pair of a cross-attention block, after the whole block otherwise, then one more
+  at the mid block when its shape matches there.
 
 Sizes recorded during a call live in `RauNetHooks.call`, reset when the next denoiser call starts.
 """
@@ -110,6 +113,7 @@ class RauNetHooks:
         self.phase = phase
         self.call = _CallState()
         self._block_shapes = _down_block_shapes(unet)
+        self._adds_before_downsampler = [bool(getattr(b, "has_cross_attention", False)) for b in unet.down_blocks]
 
     def attach(self, surgery: Any) -> None:
         """Register every hook through `surgery.add_hook`, so `remove()` takes them all away."""
@@ -130,29 +134,50 @@ class RauNetHooks:
 
     # -- per call -----------------------------------------------------------------------------------
     def begin_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Decide this call's phase; fit ControlNet residuals to the sizes RAU-Net will produce."""
+        """Decide this call's phase; fit ControlNet and T2I-Adapter residuals to the sizes RAU-Net will produce."""
         down = kwargs.get("down_block_additional_residuals")
         mid = kwargs.get("mid_block_additional_residual")
+        intrablock = kwargs.get("down_intrablock_additional_residuals")
         controlnet = down is not None and mid is not None
         self.call = _CallState(phase=self.phase(controlnet))
-        if not controlnet or not (self.call.phase.rad or self.call.phase.pool):
+        if not (controlnet or intrablock) or not (self.call.phase.rad or self.call.phase.pool):
             return None
         sample = args[0] if args else kwargs["sample"]
+        latent = tuple(sample.shape[-2:])
         skips, mid_size = down_path_sizes(
-            tuple(sample.shape[-2:]),
+            latent,
             self._block_shapes,
             rad_blocks=frozenset({self.layout.rad_block} if self.call.phase.rad else ()),
             pooled_blocks=frozenset({self.layout.pool_block} if self.call.phase.pool else ()),
         )
-        if len(skips) != len(down):
-            raise ValueError(
-                f"ControlNet gave {len(down)} down-block residuals but this U-Net saves {len(skips)} skips; "
-                "the ControlNet does not match the U-Net."
-            )
         kwargs = dict(kwargs)
-        kwargs["down_block_additional_residuals"] = tuple(resize_features(r, s) for r, s in zip(down, skips))
-        kwargs["mid_block_additional_residual"] = resize_features(mid, mid_size)
+        if controlnet:
+            if len(skips) != len(down):
+                raise ValueError(
+                    f"ControlNet gave {len(down)} down-block residuals but this U-Net saves {len(skips)} skips; "
+                    "the ControlNet does not match the U-Net."
+                )
+            kwargs["down_block_additional_residuals"] = tuple(resize_features(r, s) for r, s in zip(down, skips))
+            kwargs["mid_block_additional_residual"] = resize_features(mid, mid_size)
+        if intrablock:
+            native = self._intrablock_sizes(*down_path_sizes(latent, self._block_shapes))
+            patched = self._intrablock_sizes(skips, mid_size)
+            kwargs["down_intrablock_additional_residuals"] = [
+                resize_features(r, new) if tuple(r.shape[-2:]) == old else r
+                for r, old, new in zip(intrablock, native, patched)
+            ] + list(intrablock[len(native) :])
         return args, kwargs
+
+    def _intrablock_sizes(self, skips: list[Size], mid_size: Size) -> list[Size]:
+        """Where the U-Net adds T2I-Adapter residuals, in order: each down block, then the mid block."""
+        sizes, index = [], 1  # skips[0] is conv_in's
+        for block, before in zip(self._block_shapes, self._adds_before_downsampler):
+            index += block.num_layers
+            last_pair = skips[index - 1]
+            if block.downsample is not None:
+                index += 1
+            sizes.append(last_pair if before else skips[index - 1])
+        return [*sizes, mid_size]
 
     def _record_downsampler_input(self, index: int) -> Callable[..., None]:
         def record(module: torch.nn.Module, args: tuple) -> None:
