@@ -143,32 +143,35 @@ def _expect_shape(tensor: torch.Tensor, shape: tuple[int, ...], key: str, why: s
         raise ValueError(f"{key} has shape {list(tensor.shape)}, expected {list(shape)} ({why}).")
 
 
-def _convert_block(
-    block_path: str, params: Mapping[str, torch.Tensor], scales: Sequence[float], gate: OfficialGate
-) -> PyramidConvBlock:
-    """One official ``conv1`` -> a PyramidConvBlock holding the same function."""
-    name = f"{block_path}.conv1"
-    gate_params = {match.groups(): key for key in params if (match := _GATE_PARAM.match(key))}
-    unknown = sorted(set(params) - set(_PLAIN_PARAMS) - set(gate_params.values()))
-    if unknown:
-        raise ValueError(f"{name} has unexpected parameters {unknown}; expected "
-                         f"{[k.rsplit('.conv1.', 1)[1] for k in official_block_keys(block_path, len(scales))]}.")
-    if any(kind == "bias" for _, kind in gate_params):
+def _check_block_keys(name: str, params: Mapping[str, torch.Tensor], num_scales: int) -> None:
+    """Raise on parameters a block should not have, lacks, or that cannot be converted."""
+    expected = [key.rsplit(".conv1.", 1)[1] for key in official_block_keys(name.removesuffix(".conv1"), num_scales)]
+    gates = sorted(int(match[1]) for key in params if (match := _GATE_PARAM.match(key)) and match[2] == "weight")
+    if any(key.startswith("gates.") and key.endswith(".conv_spatial.bias") for key in params):
         raise ValueError(
             f"{name} has a bias on its depthwise convs (gates.*.conv_spatial.bias). The released blocks have "
             "none, and PyramidConvBlock cannot hold one: the gate multiplies the two halves after the conv, "
             "so the bias cannot be folded elsewhere. This file is from a variant that cannot be converted."
         )
-    expected = [k.rsplit(".conv1.", 1)[1] for k in official_block_keys(block_path, len(scales))]
-    missing = [p for p in expected if p not in params and p != "conv_up.bias"]
+    unknown = sorted(key for key in params if key not in _PLAIN_PARAMS and not _GATE_PARAM.match(key))
+    if unknown:
+        raise ValueError(f"{name} has unexpected parameters {unknown}; a block has {expected}.")
+    missing = [key for key in expected if key not in params and key != "conv_up.bias"]
     if missing:
         raise ValueError(f"{name} lacks {missing}; a block has {expected}.")
-    found = sorted(int(index) for index, _ in gate_params)
-    if found != list(range(len(scales))):
+    if gates != list(range(num_scales)):
         raise ValueError(
-            f"{name} has gates {found}, but {len(scales)} scales {list(scales)} were given; the file's scales "
-            "are not stored in it: pass `scales` with one entry per gate (the released files use (1, 1/2))."
+            f"{name} has gates {gates}, but {num_scales} scales were given; the file's scales are not stored "
+            "in it: pass `scales` with one entry per gate (the released files use (1, 1/2))."
         )
+
+
+def _convert_block(
+    block_path: str, params: Mapping[str, torch.Tensor], scales: Sequence[float], gate: OfficialGate
+) -> PyramidConvBlock:
+    """One official ``conv1`` -> a PyramidConvBlock holding the same function."""
+    name = f"{block_path}.conv1"
+    _check_block_keys(name, params, len(scales))
     up = _as_matrix(params["conv_up.weight"], f"{name}.conv_up.weight")
     hidden, channels = up.shape
     if channels % 4 or hidden != channels // 2:
@@ -183,9 +186,9 @@ def _convert_block(
         raise ValueError(f"{name} uses kernel sizes {sorted(sizes)} across its scales; PyramidConvBlock uses one.")
     out = _as_matrix(params["conv_out.weight"], f"{name}.conv_out.weight")
     pool = _as_matrix(params["conv_pool.weight"], f"{name}.conv_pool.weight")
+    up_bias = params.get("conv_up.bias", torch.zeros(hidden, dtype=up.dtype))
     _expect_shape(out, (channels, hidden // 2 * len(scales)), f"{name}.conv_out.weight", "C x C/4 per scale")
     _expect_shape(pool, (channels, channels), f"{name}.conv_pool.weight", "C x C")
-    up_bias = params.get("conv_up.bias", torch.zeros(hidden, dtype=up.dtype))
     _expect_shape(up_bias, (hidden,), f"{name}.conv_up.bias", "C/2")
     for part in ("conv_out", "conv_pool"):
         _expect_shape(params[f"{part}.bias"], (channels,), f"{name}.{part}.bias", "C")
@@ -245,11 +248,11 @@ def convert_official(
     extra = sorted(set(by_layer) - set(widths))
     missing = sorted(set(widths) - set(by_layer))
     if extra or missing:
+        expected = [official_block_keys(path.removesuffix(".attn1"), len(scales))[0] for path in missing[:2]]
         raise ValueError(
             f"The file's blocks do not match this {info.family.name} model's self-attention layers: "
             f"{len(extra)} blocks name no attn1 of the model (e.g. {extra[:3]}), and {len(missing)} of its "
-            f"{len(widths)} attn1 layers have no block (e.g. {missing[:3]}, expected keys such as "
-            f"{official_block_keys(missing[0].removesuffix('.attn1'), len(scales))[:2] if missing else []}). "
+            f"{len(widths)} attn1 layers have no block (e.g. {missing[:3]}; expected keys such as {expected}). "
             "Convert with the model the weights were released for (SD1.5 or SDXL)."
         )
     blocks = {}
