@@ -299,8 +299,10 @@ def test_bad_blocks_fail_clearly(changes: dict, message: str) -> None:
 def test_files_that_do_not_fit_the_model_fail_clearly(tmp_path: Path) -> None:
     pipe = tiny_sd15()
     state = official_file(pipe, SD15_KERNELS)
+    whole = {**state, "down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}  # e.g. a whole saved UNet
     with pytest.raises(ValueError, match=r"1 keys are no official ConvFusion block weights.*resnets"):
-        convert_official({**state, "down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, pipe)
+        convert_official(whole, pipe)
+    assert len(convert_official(whole, pipe, skip_other_keys=True).blocks) == 16
     with pytest.raises(ValueError, match="do not match this sdxl model"):
         convert_official(state, tiny_sdxl())
     partial = {k: v for k, v in state.items() if not k.startswith("mid_block.")}

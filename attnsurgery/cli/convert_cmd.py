@@ -20,6 +20,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--gate", choices=("mul", "sigmoid"), default="mul",
                         help="gate the weights were trained with: mul (released SD1.5/SDXL) or sigmoid")
+    parser.add_argument("--skip-other-keys", action="store_true",
+                        help="ignore tensors that are no conv1 block weight (a whole saved ConvFusion UNet)")
     parser.set_defaults(run=run)
 
 
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..plugins.convfusion_convert import convert_official
 
     denoiser = meta_denoiser(read_denoiser_spec(args.model))
-    plugin = convert_official(args.weights, denoiser, gate=args.gate)
+    plugin = convert_official(args.weights, denoiser, gate=args.gate, skip_other_keys=args.skip_other_keys)
     folder = plugin.save(args.out)
     print(f"{len(plugin.blocks)} ConvFusion blocks written to {folder}; load them with "
           f"attnsurgery.ConvFusion.from_pretrained({str(folder)!r})")

@@ -88,8 +88,11 @@ def load_official(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _group_by_block(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{transformer block path: {parameter: tensor}}; raises on keys that are no ``conv1`` parameter."""
+def _group_by_block(
+    state: Mapping[str, torch.Tensor], skip_other_keys: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{transformer block path: {parameter: tensor}}; raises on keys that are no ``conv1`` parameter unless
+    ``skip_other_keys``."""
     blocks: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state.items():
@@ -102,12 +105,13 @@ def _group_by_block(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, to
             raise ValueError(f"Two keys name {match['block']}.conv1.{match['param']} (different prefixes); "
                              "pass the weights of one model only.")
         params[match["param"]] = tensor
-    if unknown:
+    if unknown and not skip_other_keys:
         raise ValueError(
             f"{len(unknown)} keys are no official ConvFusion block weights (e.g. {sorted(unknown)[:3]}); "
             "expected only '<...>.transformer_blocks.N.conv1.<parameter>' keys such as "
             f"{official_block_keys('down_blocks.0.attentions.0.transformer_blocks.0')[:3]}. "
-            "Pass the released ConvFusion weights file, not a whole model."
+            "Pass the released ConvFusion weights file; for a whole ConvFusion UNet (whose other weights "
+            "are the base model's), skip the other keys (skip_other_keys=True, --skip-other-keys)."
         )
     if not blocks:
         raise ValueError("The file holds no tensors; pass the released ConvFusion weights file.")
@@ -208,6 +212,7 @@ def convert_official(
     target: Any,
     gate: OfficialGate = "mul",
     scales: Sequence[float] = (1.0, 0.5),
+    skip_other_keys: bool = False,
 ) -> ConvFusion:
     """Turn the authors' released ConvFusion weights into a :class:`ConvFusion` for ``target``'s model.
 
@@ -221,6 +226,8 @@ def convert_official(
         gate: ``"mul"`` for the released SD1.5/SDXL files (x1 * x2 * sqrt(C/4)), ``"sigmoid"`` for files
             of the sigmoid-gated variant.
         scales: the pyramid scales the file was trained with, one per gate (released: (1, 1/2)).
+        skip_other_keys: ignore keys that are no ``conv1`` parameter (a whole saved ConvFusion UNet, whose
+            other weights are the frozen base model's) instead of refusing the file.
 
     Returns:
         A ConvFusion holding the converted blocks and ``target``'s architecture fingerprint; ``save`` it
@@ -242,7 +249,7 @@ def convert_official(
         raise NotImplementedError(f"The released ConvFusion weights are for SD1.x/SDXL UNets; this model is "
                                   f"{info.family.name} ({info.family.kind}).")
     state = load_official(source) if isinstance(source, (str, Path)) else dict(source)
-    grouped = _group_by_block(state)
+    grouped = _group_by_block(state, skip_other_keys)
     widths = {layer.path: layer.module.to_q.in_features for layer in info.layers if layer.kind == "self"}
     by_layer = {f"{block}.attn1": params for block, params in grouped.items()}
     extra = sorted(set(by_layer) - set(widths))
