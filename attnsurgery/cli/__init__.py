@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import distill_cmd, eval_cmd, generate_cmd, hunt_cmd, inspect_cmd
+from . import convert_cmd, distill_cmd, eval_cmd, generate_cmd, hunt_cmd, inspect_cmd
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (inspect_cmd, generate_cmd, eval_cmd, hunt_cmd, distill_cmd)
+SUBCOMMANDS = (inspect_cmd, generate_cmd, eval_cmd, hunt_cmd, distill_cmd, convert_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
