@@ -6,8 +6,13 @@ text encoder learn epsilon-prediction on the frozen VAE's latents of freshly gen
 (10% empty captions, for classifier-free guidance), with min-SNR weighting and an EMA of the weights,
 which is what gets saved. Writes fp16 safetensors, ``config.json`` and ``MODEL_CARD.md`` to ``--out``.
 
+Training on 2 CPU cores takes hours, so a run can be split: every 100 UNet steps the full state (weights,
+EMA, optimiser, data and noise generators) goes to ``checkpoint.pt``; ``--resume`` continues it exactly
+(raising ``--steps`` trains further), and ``--init-from DIR`` starts a new UNet stage from saved weights.
+
 Usage:
     python -m attnsurgery.reference.train --out /tmp/reference --seed 0 --vae-steps 400 --steps 3000
+    python -m attnsurgery.reference.train --out /tmp/reference --seed 0 --vae-steps 400 --steps 9000 --resume
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +51,8 @@ OBJECT_WEIGHT = 5.0
 #: The latent scaling factor is 1 / std of the latents of this many batches of fresh images.
 SCALE_SAMPLE_BATCHES, SCALE_SAMPLE_SIZE = 4, 32
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_EVERY = 100
+CHECKPOINT_VERSION = 2
 #: Creating this file in the output folder ends the UNet stage early; the weights are still written.
 STOP_FILE = "STOP"
 #: The VAE stage stops once reconstructions of these held-out probe scenes pass the evaluator.
@@ -165,26 +174,52 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1.0 - decay)
 
 
+@dataclass
+class DenoiserState:
+    """Everything the UNet stage needs to continue exactly where it stopped (saved in ``checkpoint.pt``)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    model: dict | None = None  # trained UNet + text encoder weights
+    ema: dict | None = None
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+
+
 def train_denoiser(
     pipe: StableDiffusionPipeline, cfg: TrainConfig, stream: SceneStream, generator: torch.Generator,
-    out: Path, max_minutes: float | None,
+    out: Path, max_minutes: float | None, state: DenoiserState | None = None,
+    save: Callable[[DenoiserState], None] | None = None,
 ) -> list[float]:
     """Train UNet + text encoder on latents; the EMA copies replace the pipeline's modules at the end.
 
     Stops early (the returned history is then shorter) when ``max_minutes`` runs out or a ``STOP`` file
-    appears in ``out``.
+    appears in ``out``. ``state`` continues an interrupted run; ``save`` receives the state every
+    ``CHECKPOINT_EVERY`` steps and at the end.
     """
+    state = state or DenoiserState()
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train().requires_grad_(True)
+    if state.model is not None:
+        trained.load_state_dict(state.model)
     ema = copy.deepcopy(trained).eval().requires_grad_(False)
+    if state.ema is not None:
+        ema.load_state_dict(state.ema)
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    if state.optimizer is not None:
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
     alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-    losses: list[float] = []
+    losses = state.losses
     start = time.monotonic()
-    bar = tqdm(range(cfg.steps), desc="unet", dynamic_ncols=True)
+
+    def snapshot(step: int) -> DenoiserState:
+        return DenoiserState(step, losses, trained.state_dict(), ema.state_dict(), opt.state_dict(), sched.state_dict())
+
+    bar = tqdm(range(state.step, cfg.steps), desc="unet", dynamic_ncols=True, initial=state.step, total=cfg.steps)
     for step in bar:
         images, captions = stream.batch(cfg.batch_size)
         captions = ["" if stream.rng.random() < CAPTION_DROPOUT else c for c in captions]
@@ -203,14 +238,15 @@ def train_denoiser(
         _ema_update(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % 100 == 0:
-            state = {"step": step + 1, "ema": ema.state_dict(), "vae": vae.state_dict()}
-            torch.save(state, out / CHECKPOINT_FILE)
+        stopping = None
         if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
-            bar.write(f"stopping at step {step + 1}: --max-minutes {max_minutes} reached")
-            break
-        if (out / STOP_FILE).exists():
-            bar.write(f"stopping at step {step + 1}: {out / STOP_FILE} exists")
+            stopping = f"--max-minutes {max_minutes} reached"
+        elif (out / STOP_FILE).exists():
+            stopping = f"{out / STOP_FILE} exists"
+        if save is not None and ((step + 1) % CHECKPOINT_EVERY == 0 or stopping or step + 1 == cfg.steps):
+            save(snapshot(step + 1))
+        if stopping:
+            bar.write(f"stopping at step {step + 1}: {stopping}")
             break
     pipe.unet.load_state_dict(ema["unet"].state_dict())
     pipe.text_encoder.load_state_dict(ema["text_encoder"].state_dict())
@@ -231,6 +267,7 @@ def loss_summary(losses: list[float], rows: int = 10) -> list[tuple[int, float]]
 def write_model_card(out: Path, record: dict) -> None:
     """MODEL_CARD.md from the training record (``training.json``) and any evaluation results in it."""
     cfg = record["config"]
+    unet_steps = record.get("total_steps", record["steps_done"])
     lines = [
         "# attnsurgery reference model",
         "",
@@ -240,10 +277,10 @@ def write_model_card(out: Path, record: dict) -> None:
         "",
         "## Reproduce",
         "",
-        f"    {record['command']}",
+        *[f"    {command}" for command in record.get("commands", [record["command"]])],
         "",
         f"Seed {cfg['seed']}; VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, "
-        f"{cfg['vae_crop']} px crops, lr {cfg['vae_lr']}); UNet + text encoder {record['steps_done']} steps "
+        f"{cfg['vae_crop']} px crops, lr {cfg['vae_lr']}); UNet + text encoder {unet_steps} steps "
         f"(batch {cfg['batch_size']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, EMA {cfg['ema_decay']}, "
         f"min-SNR {MIN_SNR_GAMMA}, {int(CAPTION_DROPOUT * 100)}% empty captions). "
         f"Wall clock {record['minutes']:.1f} min on {record['device']}. Weights stored in fp16.",
@@ -267,17 +304,58 @@ def write_model_card(out: Path, record: dict) -> None:
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
-def train(cfg: TrainConfig, out: Path, max_minutes: float | None = None) -> StableDiffusionPipeline:
+def _checkpoint_settings(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share (``steps`` may grow: nothing depends on the total)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "steps"}
+
+
+def _load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist; start without --resume")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"--resume: {path} was written by an older trainer and cannot be continued exactly; "
+                         "use --init-from with the weights it produced")
+    if checkpoint["settings"] != _checkpoint_settings(cfg):
+        changed = sorted(k for k, v in _checkpoint_settings(cfg).items() if checkpoint["settings"].get(k) != v)
+        raise ValueError(f"--resume: {path} was written with other settings ({changed}); pass the same ones "
+                         "(only --steps may change)")
+    return checkpoint
+
+
+def _warm_start(pipe: StableDiffusionPipeline, init_from: Path) -> tuple[DenoiserState, list[str], int]:
+    """The VAE and the denoiser weights of an earlier run; its commands and UNet steps (for the card)."""
+    earlier = load_reference_pipeline(weights_dir=init_from)
+    pipe.vae.load_state_dict(earlier.vae.state_dict())
+    pipe.vae.register_to_config(scaling_factor=earlier.vae.config.scaling_factor)
+    weights = torch.nn.ModuleDict({"unet": earlier.unet, "text_encoder": earlier.text_encoder}).state_dict()
+    record_file = init_from / "training.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    commands = record.get("commands", [record["command"]] if "command" in record else [])
+    return DenoiserState(model=weights, ema=weights), commands, record.get("total_steps", record.get("steps_done", 0))
+
+
+def train(
+    cfg: TrainConfig, out: Path, max_minutes: float | None = None, resume: bool = False,
+    init_from: Path | None = None,
+) -> StableDiffusionPipeline:
     """Run both stages and write the weights, ``training.json`` and the model card into ``out``.
 
     Args:
         cfg: the training settings; equal settings give equal weights on the same machine.
         out: output folder (created).
         max_minutes: stop the UNet stage early after this many minutes (the card records the steps done).
+        resume: continue exactly from ``out``'s checkpoint (written every ``CHECKPOINT_EVERY`` steps): the
+            weights equal those of an uninterrupted run; ``cfg.steps`` may be raised to train longer.
+        init_from: a folder of trained reference weights to start the UNet stage from (its VAE is kept;
+            the optimiser starts afresh): a second stage whose command the card lists after the first's.
 
     Example:
         >>> train(TrainConfig(vae_steps=2, steps=2), Path("/tmp/ref"))  # doctest: +SKIP
     """
+    if resume and init_from is not None:
+        raise ValueError("give --resume (continue this folder's run) or --init-from (start from other weights)")
     out.mkdir(parents=True, exist_ok=True)
     (out / STOP_FILE).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)  # module initialisation only; data and noise use private generators
@@ -285,16 +363,46 @@ def train(cfg: TrainConfig, out: Path, max_minutes: float | None = None) -> Stab
     pipe = build_reference_pipeline()
     stream = SceneStream(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    vae_losses = train_vae(pipe, cfg, stream)
-    torch.save({"vae": pipe.vae.state_dict()}, out / CHECKPOINT_FILE)
-    unet_losses = train_denoiser(pipe, cfg, stream, generator, out, max_minutes)
+    command = "python -m attnsurgery.reference.train " + " ".join(sys.argv[1:])
+    earlier_steps, minutes_before = 0, 0.0
+    if resume:
+        checkpoint = _load_checkpoint(out, cfg)
+        pipe.vae.load_state_dict(checkpoint["vae"])
+        pipe.vae.register_to_config(scaling_factor=checkpoint["scaling_factor"])
+        stream.rng.bit_generator.state = checkpoint["stream_rng"]
+        generator.set_state(checkpoint["generator"])
+        vae_losses, state = checkpoint["vae_losses"], DenoiserState(**checkpoint["denoiser"])
+        commands, earlier_steps = [*checkpoint["commands"], command], checkpoint["earlier_steps"]
+        minutes_before = checkpoint["minutes"]
+    elif init_from is not None:
+        state, commands, earlier_steps = _warm_start(pipe, init_from)
+        commands, vae_losses = [*commands, command], []
+    else:
+        vae_losses, state, commands = train_vae(pipe, cfg, stream), DenoiserState(), [command]
+
+    def save(current: DenoiserState) -> None:
+        checkpoint = {
+            "version": CHECKPOINT_VERSION, "settings": _checkpoint_settings(cfg), "commands": commands,
+            "earlier_steps": earlier_steps, "vae": pipe.vae.state_dict(),
+            "scaling_factor": float(pipe.vae.config.scaling_factor), "vae_losses": vae_losses,
+            "stream_rng": stream.rng.bit_generator.state, "generator": generator.get_state(),
+            "denoiser": vars(current), "minutes": minutes_before + (time.monotonic() - begin) / 60,
+        }
+        torch.save(checkpoint, out / (CHECKPOINT_FILE + ".tmp"))
+        os.replace(out / (CHECKPOINT_FILE + ".tmp"), out / CHECKPOINT_FILE)
+
+    if not resume:
+        save(state)
+    unet_losses = train_denoiser(pipe, cfg, stream, generator, out, max_minutes, state, save)
     save_reference_weights(pipe, out)
     record = {
-        "command": "python -m attnsurgery.reference.train " + " ".join(sys.argv[1:]),
+        "command": commands[-1],
+        "commands": commands,
         "config": asdict(cfg),
         "vae_steps_done": len(vae_losses),
         "steps_done": len(unet_losses),
-        "minutes": (time.monotonic() - begin) / 60,
+        "total_steps": earlier_steps + len(unet_losses),
+        "minutes": minutes_before + (time.monotonic() - begin) / 60,
         "device": f"CPU, {torch.get_num_threads()} threads",
         "parameters": ", ".join(
             f"{n} {sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6:.2f}M"
@@ -323,6 +431,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval", action="store_true",
                         help="evaluate after training and put the evaluator numbers into the model card")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights already in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue --out's run exactly from its checkpoint (--steps may be raised)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start the UNet stage from the weights of an earlier run (a second stage)")
     parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale used by the evaluation")
     parser.add_argument("--eval-pairs", type=int, nargs=len(CARD_SUITE), default=None,
                         help=f"pairs per evaluation row ({', '.join(r[0] for r in CARD_SUITE)}); 0 skips")
@@ -334,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr)
-    train(cfg, args.out, args.max_minutes)
+    train(cfg, args.out, args.max_minutes, resume=args.resume, init_from=args.init_from)
     if args.eval:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
 

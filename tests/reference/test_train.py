@@ -48,3 +48,45 @@ def test_module_runs_as_a_script() -> None:
     result = subprocess.run([sys.executable, "-m", "attnsurgery.reference.train", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--steps" in result.stdout and "--eval-pairs" in result.stdout
+
+
+TINY = dict(vae_steps=2, vae_batch_size=2, batch_size=2, warmup_steps=1)
+
+
+def _weights(folder):
+    pipe = load_reference_pipeline(weights_dir=folder)
+    return {f"{name}.{k}": v for name in ("unet", "text_encoder", "vae")
+            for k, v in getattr(pipe, name).state_dict().items()}
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 1)
+    train(TrainConfig(steps=4, **TINY), tmp_path / "whole")
+    train(TrainConfig(steps=2, **TINY), tmp_path / "parts")
+    first_half = _weights(tmp_path / "parts")
+    train(TrainConfig(steps=4, **TINY), tmp_path / "parts", resume=True)  # --steps raised from 2 to 4
+    whole, parts = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert any(not torch.equal(first_half[k], parts[k]) for k in parts)  # the resumed steps did train
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    record = json.loads((tmp_path / "parts" / "training.json").read_text())
+    assert record["steps_done"] == 4 and len(record["commands"]) == 2
+    with pytest.raises(ValueError, match=r"other settings \(\['lr'\]\)"):
+        train(TrainConfig(steps=5, lr=1e-4, **TINY), tmp_path / "parts", resume=True)
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_second_stage_from_earlier_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)
+    train(TrainConfig(steps=2, **TINY), tmp_path / "first")
+    train(TrainConfig(steps=3, **TINY), tmp_path / "second", init_from=tmp_path / "first")
+    first, second = _weights(tmp_path / "first"), _weights(tmp_path / "second")
+    assert all(torch.equal(first[k], second[k]) for k in first if k.startswith("vae."))  # the VAE is kept
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.startswith("unet."))
+    record = json.loads((tmp_path / "second" / "training.json").read_text())
+    assert record["total_steps"] == 5 and record["vae_steps_done"] == 0 and len(record["commands"]) == 2
+    card = (tmp_path / "second" / "MODEL_CARD.md").read_text()
+    assert card.count("python -m attnsurgery.reference.train") == 2 and "UNet + text encoder 5 steps" in card
+    with pytest.raises(ValueError, match="--resume .* or --init-from"):
+        train(TrainConfig(steps=3, **TINY), tmp_path / "second", resume=True, init_from=tmp_path / "first")
