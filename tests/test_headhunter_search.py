@@ -139,3 +139,10 @@ def test_racing_rejects_bad_settings():
         Racing(keep=1.0)
     with pytest.raises(ValueError, match="first_pairs"):
         Racing(first_pairs=0)
+
+
+def test_only_the_writing_process_saves_the_checkpoint(tmp_path):
+    ScoreStore(tmp_path / "other.json", {}, write=False).put([(ScoreStore.key(1, BASE, 0), 1.0)])
+    assert not (tmp_path / "other.json").exists()
+    ScoreStore(tmp_path / "first.json", {}).put([(ScoreStore.key(1, BASE, 0), 1.0)])
+    assert ScoreStore(tmp_path / "first.json", {}, write=False).get(1, BASE, 0) == 1.0

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         batch_candidates=args.batch_candidates, racing=None if args.no_racing else DEFAULT_RACING,
         resume=progress, progress=not args.no_progress,
     )
+    if result.process_index != 0:  # under `accelerate launch` the first process writes the results
+        return 0
     result.head_set.save(args.out)
     progress.unlink(missing_ok=True)
     print(report_table(result.head_set))

@@ -76,6 +76,7 @@ class HuntResult:
         images: images this process generated.
         seconds: wall-clock time of the search.
         exhaustive_calls: denoiser calls the paper's loop (one candidate per pass, every pair) would need.
+        process_index: this process under ``accelerate launch`` (0 alone); the first one saves results.
     """
 
     head_set: HeadSet
@@ -83,6 +84,7 @@ class HuntResult:
     images: int
     seconds: float
     exhaustive_calls: int
+    process_index: int = 0
 
 
 def hunt(
@@ -136,7 +138,8 @@ def hunt(
         negative_prompt: for CFG.
         progress: show a progress bar.
         processes: splitting over processes (None: accelerate's, one process unless launched by
-            ``accelerate launch``).
+            ``accelerate launch``; move the pipeline to ``accelerate.PartialState().device`` first). Every
+            process returns the same result; only the first writes the checkpoint.
 
     Returns:
         The head set with per-round scores and the search's cost.
@@ -167,7 +170,8 @@ def hunt(
         "racing": None if racing is None else asdict(racing), "generation": asdict(generation),
         "model": model_fingerprint(model),
     }
-    store = ScoreStore(resume, settings)
+    processes = processes or Processes()
+    store = ScoreStore(resume, settings, write=processes.rank == 0)
     start = time.perf_counter()
     with CandidateScorer(pipe, pairs, score_fn, generation, {layer.path: layer.heads for layer in pool}) as scorer:
         rounds_done = greedy_search(heads, len(pairs), scorer.score, store, preset.rounds, preset.top_k,
@@ -176,7 +180,8 @@ def hunt(
     head_set = HeadSet(selected, model_fingerprint(model), tuple(rounds_done),
                        {k: v for k, v in settings.items() if k != "model"})
     exhaustive = sum(len(heads) - i * preset.top_k for i in range(len(rounds_done))) * len(pairs) * preset.steps
-    return HuntResult(head_set, scorer.denoiser_calls, scorer.images, time.perf_counter() - start, exhaustive)
+    return HuntResult(head_set, scorer.denoiser_calls, scorer.images, time.perf_counter() - start, exhaustive,
+                      processes.rank)
 
 
 def _check(preset: HuntPreset, prompts: Sequence[str], seeds: Sequence[int], batch: int, kind: str) -> None:

@@ -92,10 +92,12 @@ class ScoreStore:
     Args:
         path: the checkpoint (None: in memory only). An existing file is resumed when its settings match.
         settings: everything the scores depend on; a checkpoint written under other settings is refused.
+        write: whether this process writes the checkpoint (one process of several does; all read it).
     """
 
-    def __init__(self, path: str | os.PathLike | None, settings: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike | None, settings: dict[str, Any], write: bool = True) -> None:
         self.path = None if path is None else Path(path)
+        self.write = write
         self.settings = json.loads(json.dumps(settings))  # as it will read back
         self.scores: dict[str, float] = {}
         if self.path is not None and self.path.exists():
@@ -119,7 +121,7 @@ class ScoreStore:
     def put(self, entries: Sequence[tuple[str, float]]) -> None:
         """Record scored items and write the checkpoint (atomically)."""
         self.scores.update(entries)
-        if self.path is not None:
+        if self.path is not None and self.write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps({"settings": self.settings, "scores": self.scores}))
