@@ -138,8 +138,9 @@ def hunt(
         negative_prompt: for CFG.
         progress: show a progress bar.
         processes: splitting over processes (None: accelerate's, one process unless launched by
-            ``accelerate launch``; move the pipeline to ``accelerate.PartialState().device`` first). Every
-            process returns the same result; only the first writes the checkpoint.
+            ``accelerate launch``/``torchrun``; move the pipeline to ``accelerate.PartialState().device``
+            first, and on CPU-only machines create ``PartialState(cpu=True)`` first). Every process returns
+            the same result; only the first writes the checkpoint.
 
     Returns:
         The head set with per-round scores and the search's cost.
