@@ -164,6 +164,7 @@ def save_reference_weights(pipe: StableDiffusionPipeline, out_dir: str | Path) -
     out.mkdir(parents=True, exist_ok=True)
     configs = reference_configs()
     configs["vae"]["scaling_factor"] = float(pipe.vae.config.scaling_factor)
+    configs["scheduler"]["prediction_type"] = pipe.scheduler.config.prediction_type
     for name, file in WEIGHT_FILES.items():
         state = getattr(pipe, name).state_dict()
         half = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}

@@ -53,6 +53,7 @@ SCALE_SAMPLE_BATCHES, SCALE_SAMPLE_SIZE = 4, 32
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_EVERY = 100
 CHECKPOINT_VERSION = 2
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 #: Creating this file in the output folder ends the UNet stage early; the weights are still written.
 STOP_FILE = "STOP"
 #: The VAE stage stops once reconstructions of these held-out probe scenes pass the evaluator.
@@ -75,6 +76,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.995
+    prediction_type: str = "epsilon"  # or "v_prediction": the model predicts x0 directly at high noise
 
 
 class SceneStream:
@@ -212,7 +214,9 @@ def train_denoiser(
         sched.load_state_dict(state.scheduler)
     alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    # min-SNR weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v targets
+    velocity = cfg.prediction_type == "v_prediction"
+    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1 if velocity else snr)
     losses = state.losses
     start = time.monotonic()
 
@@ -229,7 +233,8 @@ def train_denoiser(
         t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
         noisy = pipe.scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, _encode_prompts(pipe, captions)).sample
-        loss = (weights[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        target = pipe.scheduler.get_velocity(latents, noise, t) if velocity else noise
+        loss = (weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -268,6 +273,7 @@ def write_model_card(out: Path, record: dict) -> None:
     """MODEL_CARD.md from the training record (``training.json``) and any evaluation results in it."""
     cfg = record["config"]
     unet_steps = record.get("total_steps", record["steps_done"])
+    prediction = cfg.get("prediction_type", "epsilon")
     lines = [
         "# attnsurgery reference model",
         "",
@@ -282,7 +288,7 @@ def write_model_card(out: Path, record: dict) -> None:
         f"Seed {cfg['seed']}; VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, "
         f"{cfg['vae_crop']} px crops, lr {cfg['vae_lr']}); UNet + text encoder {unet_steps} steps "
         f"(batch {cfg['batch_size']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, EMA {cfg['ema_decay']}, "
-        f"min-SNR {MIN_SNR_GAMMA}, {int(CAPTION_DROPOUT * 100)}% empty captions). "
+        f"min-SNR {MIN_SNR_GAMMA}, {prediction} prediction, {int(CAPTION_DROPOUT * 100)}% empty captions). "
         f"Wall clock {record['minutes']:.1f} min on {record['device']}. Weights stored in fp16.",
         "",
         f"Parameters: {record['parameters']}. VAE scaling factor {record['scaling_factor']:.4f}.",
@@ -360,7 +366,10 @@ def train(
     (out / STOP_FILE).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)  # module initialisation only; data and noise use private generators
     begin = time.monotonic()
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {cfg.prediction_type!r} is not one of {PREDICTION_TYPES}")
     pipe = build_reference_pipeline()
+    pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
     stream = SceneStream(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     command = "python -m attnsurgery.reference.train " + " ".join(sys.argv[1:])
@@ -426,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="UNet + text encoder steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=defaults.prediction_type)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
     parser.add_argument("--eval", action="store_true",
@@ -445,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
         return
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr)
+                      lr=args.lr, prediction_type=args.prediction_type)
     train(cfg, args.out, args.max_minutes, resume=args.resume, init_from=args.init_from)
     if args.eval:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)

@@ -90,3 +90,14 @@ def test_init_from_starts_a_second_stage_from_earlier_weights(tmp_path, monkeypa
     assert card.count("python -m attnsurgery.reference.train") == 2 and "UNet + text encoder 5 steps" in card
     with pytest.raises(ValueError, match="--resume .* or --init-from"):
         train(TrainConfig(steps=3, **TINY), tmp_path / "second", resume=True, init_from=tmp_path / "first")
+
+
+@pytest.mark.slow
+def test_v_prediction_training_saves_a_v_prediction_pipeline(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)
+    train(TrainConfig(steps=2, prediction_type="v_prediction", **TINY), tmp_path)
+    pipe = load_reference_pipeline(weights_dir=tmp_path)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert "v_prediction prediction" in (tmp_path / "MODEL_CARD.md").read_text()
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        train(TrainConfig(steps=2, prediction_type="sample", **TINY), tmp_path / "bad")
