@@ -67,7 +67,7 @@ def checkpoint_path(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..headhunter.api import DEFAULT_RACING, head_grid, hunt, report_table
+    from ..headhunter.api import DEFAULT_RACING, head_grid, hunt, report_table, search_pairs
     from ..headhunter.objectives import make_objective
     from ..pipelines.loading import load_pipeline
 
@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{len(result.head_set.heads)} heads -> {args.out}; {result.denoiser_calls} denoiser calls "
           f"({result.exhaustive_calls} for the exhaustive loop), {result.images} images, {result.seconds:.1f} s")
     if args.grid is not None:
-        pairs = [(p, s) for s in seeds for p in prompts][:4]
-        head_grid(pipe, result.head_set, pairs, path=args.grid)
+        head_grid(pipe, result.head_set, search_pairs(prompts, seeds)[:4], path=args.grid)
         print(f"grid -> {args.grid}")
     return 0

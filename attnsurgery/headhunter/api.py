@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..inventory import describe
+from ..inventory import ModelInfo, describe
 from ..ops.perturb import KINDS
 from ..selectors import LayerSelector
 from ..surgery import resolve_target
@@ -25,7 +25,7 @@ from .objectives import Objective, make_objective
 from .scoring import CandidateScorer, GenerationSettings
 from .search import Processes, Racing, ScoreStore, greedy_search
 
-__all__ = ["hunt", "HuntPreset", "HuntResult", "preset_for", "report_table", "Racing"]
+__all__ = ["hunt", "HuntPreset", "HuntResult", "preset_for", "report_table", "search_pairs", "Racing"]
 
 
 @dataclass(frozen=True)
@@ -150,15 +150,14 @@ def hunt(
         >>> result.head_set.save("heads.json")
         >>> surg.apply(pipe, surg.PerturbedAttention(scale=3.0, heads=Path("heads.json")))
     """
-    _, denoiser = resolve_target(pipe)
-    model = describe(denoiser, getattr(pipe, "vae_scale_factor", None))
+    model = _model_of(pipe)
     preset = preset_for(model.family.name, model.family.kind)
     preset = replace(preset, **{k: v for k, v in (("rounds", rounds), ("top_k", top_k), ("soft", soft),
                                                   ("scale", scale), ("steps", steps), ("cfg", cfg)) if v is not None})
     _check(preset, prompts, seeds, batch_candidates, kind)
-    pool = [layer for layer in model.select(candidates, kinds=SELF_KINDS)]
+    pool = model.select(candidates, kinds=SELF_KINDS)
     heads: list[Head] = [(layer.path, h) for layer in pool for h in range(layer.heads)]
-    pairs = [(prompt, int(seed)) for seed in seeds for prompt in prompts]
+    pairs = search_pairs(prompts, seeds)
     height = height or preset.size
     width = width or preset.size
     generation = GenerationSettings(steps=preset.steps, scale=preset.scale, soft=preset.soft, cfg=preset.cfg,
@@ -183,6 +182,16 @@ def hunt(
     exhaustive = sum(len(heads) - i * preset.top_k for i in range(len(rounds_done))) * len(pairs) * preset.steps
     return HuntResult(head_set, scorer.denoiser_calls, scorer.images, time.perf_counter() - start, exhaustive,
                       processes.rank)
+
+
+def search_pairs(prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, int]]:
+    """Every prompt with every seed, seed-major, so that the first pairs (racing's) cover many prompts."""
+    return [(prompt, int(seed)) for seed in seeds for prompt in prompts]
+
+
+def _model_of(pipe: Any) -> ModelInfo:
+    _, denoiser = resolve_target(pipe)
+    return describe(denoiser, getattr(pipe, "vae_scale_factor", None))
 
 
 def _check(preset: HuntPreset, prompts: Sequence[str], seeds: Sequence[int], batch: int, kind: str) -> None:
@@ -227,9 +236,7 @@ def head_grid(pipe: Any, head_set: HeadSet, pairs: Sequence[tuple[str, int]], to
     """
     generation = GenerationSettings(**head_set.settings["generation"])
     rows: list[tuple[Head, ...]] = [(), *[(parse_head_name(h),) for h in head_set.heads[:top]]]
-    _, denoiser = resolve_target(pipe)
-    model = describe(denoiser, getattr(pipe, "vae_scale_factor", None))
-    layers = {layer.path: layer.heads for layer in model.layers if layer.kind in SELF_KINDS}
+    layers = {layer.path: layer.heads for layer in _model_of(pipe).layers if layer.kind in SELF_KINDS}
     items = [(heads, p) for heads in rows for p in range(len(pairs))]
 
     def no_score(images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
