@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
+    cooldown_steps: int = 0  # the LR falls linearly to 0 over the last cooldown_steps of steps
     ema_decay: float = 0.995
     prediction_type: str = "epsilon"  # or "v_prediction": the model predicts x0 directly at high noise
 
@@ -208,7 +210,7 @@ def train_denoiser(
     if state.ema is not None:
         ema.load_state_dict(state.ema)
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg))
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
         sched.load_state_dict(state.scheduler)
@@ -287,7 +289,8 @@ def write_model_card(out: Path, record: dict) -> None:
         "",
         f"Seed {cfg['seed']}; VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, "
         f"{cfg['vae_crop']} px crops, lr {cfg['vae_lr']}); UNet + text encoder {unet_steps} steps "
-        f"(batch {cfg['batch_size']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, EMA {cfg['ema_decay']}, "
+        f"(batch {cfg['batch_size']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, "
+        f"cool-down {cfg.get('cooldown_steps', 0)}, EMA {cfg['ema_decay']}, "
         f"min-SNR {MIN_SNR_GAMMA}, {prediction} prediction, {int(CAPTION_DROPOUT * 100)}% empty captions). "
         f"Wall clock {record['minutes']:.1f} min on {record['device']}. Weights stored in fp16.",
         "",
@@ -310,9 +313,20 @@ def write_model_card(out: Path, record: dict) -> None:
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Warm-up, constant, then a linear cool-down to 0: the end of the run averages out the noise of the
+    constant phase (a cool-down can be added to a resumed run, since the constant phase is the same)."""
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps)
+    return warmup * min(1.0, (cfg.steps - step) / cfg.cooldown_steps) if cfg.cooldown_steps else warmup
+
+
+#: Settings a resumed run may change: nothing before the current step depends on them.
+RESUMABLE_CHANGES = ("steps", "cooldown_steps")
+
+
 def _checkpoint_settings(cfg: TrainConfig) -> dict:
-    """The settings a resumed run must share (``steps`` may grow: nothing depends on the total)."""
-    return {k: v for k, v in asdict(cfg).items() if k != "steps"}
+    """The settings a resumed run must share."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
 def _load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
@@ -326,7 +340,7 @@ def _load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
     if checkpoint["settings"] != _checkpoint_settings(cfg):
         changed = sorted(k for k, v in _checkpoint_settings(cfg).items() if checkpoint["settings"].get(k) != v)
         raise ValueError(f"--resume: {path} was written with other settings ({changed}); pass the same ones "
-                         "(only --steps may change)")
+                         "(only --steps and --cooldown-steps may change)")
     return checkpoint
 
 
@@ -366,6 +380,8 @@ def train(
     (out / STOP_FILE).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)  # module initialisation only; data and noise use private generators
     begin = time.monotonic()
+    if not 0 <= cfg.cooldown_steps <= cfg.steps:
+        raise ValueError(f"cooldown_steps must be between 0 and steps ({cfg.steps}), got {cfg.cooldown_steps}")
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {cfg.prediction_type!r} is not one of {PREDICTION_TYPES}")
     pipe = build_reference_pipeline()
@@ -435,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="UNet + text encoder steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--cooldown-steps", type=int, default=defaults.cooldown_steps,
+                        help="let the LR fall linearly to 0 over the last N steps (may be set on --resume)")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=defaults.prediction_type)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
@@ -455,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
         return
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, prediction_type=args.prediction_type)
+                      lr=args.lr, cooldown_steps=args.cooldown_steps, prediction_type=args.prediction_type)
     train(cfg, args.out, args.max_minutes, resume=args.resume, init_from=args.init_from)
     if args.eval:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)

@@ -101,3 +101,25 @@ def test_v_prediction_training_saves_a_v_prediction_pipeline(tmp_path, monkeypat
     assert "v_prediction prediction" in (tmp_path / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="prediction_type 'sample'"):
         train(TrainConfig(steps=2, prediction_type="sample", **TINY), tmp_path / "bad")
+
+
+def test_lr_warms_up_holds_then_cools_down_to_zero() -> None:
+    cfg = TrainConfig(steps=10, warmup_steps=2, cooldown_steps=4)
+    factors = [train_module.lr_factor(cfg, step) for step in range(10)]
+    assert factors == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert train_module.lr_factor(TrainConfig(steps=10, warmup_steps=2), 9) == 1.0  # no cool-down by default
+
+
+@pytest.mark.slow
+def test_a_cool_down_can_be_added_when_resuming(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 1)
+    train(TrainConfig(steps=2, **TINY), tmp_path / "constant")
+    train(TrainConfig(steps=4, cooldown_steps=2, **TINY), tmp_path / "constant", resume=True)
+    train(TrainConfig(steps=4, cooldown_steps=2, **TINY), tmp_path / "planned")
+    assert _weights(tmp_path / "constant").keys() == _weights(tmp_path / "planned").keys()
+    planned, resumed = _weights(tmp_path / "planned"), _weights(tmp_path / "constant")
+    assert all(torch.equal(planned[k], resumed[k]) for k in planned)  # the cool-down starts after step 2 either way
+    assert "cool-down 2" in (tmp_path / "constant" / "MODEL_CARD.md").read_text()
+    with pytest.raises(ValueError, match="cooldown_steps must be between 0 and steps"):
+        train(TrainConfig(steps=2, cooldown_steps=3, **TINY), tmp_path / "bad")
