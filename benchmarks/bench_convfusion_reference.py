@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import attnsurgery as surg
 from attnsurgery.plugins.distill import DistillConfig, distill
 from attnsurgery.reference.eval import evaluate, heldout_pairs, pipeline_sampler
-from attnsurgery.reference.model import load_reference_pipeline
+from attnsurgery.reference.model import GUIDANCE_SCALE, load_reference_pipeline
 from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, make_scene, render
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--pairs", type=int, default=200, help="held-out one-object pairs per row")
-    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--cfg", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--weights", type=Path, default=None, help="reference weights folder (default: shipped)")
     args = parser.parse_args()

@@ -68,3 +68,18 @@ def test_png_without_our_metadata_is_rejected(tmp_path):
     params = GenerationParams("a blue square", plugins=({"type": "X", "layers": ["a", "b"]},))
     save_png(Image.new("RGB", (4, 4)), path, params)
     assert read_png_params(path) == params
+
+
+def test_the_reference_model_samples_with_its_own_guidance_scale(tmp_path, capsys):
+    from attnsurgery.pipelines.loading import DEFAULT_GUIDANCE_SCALE, default_guidance_scale
+    from attnsurgery.reference.model import GUIDANCE_SCALE, build_reference_pipeline, save_reference_weights
+
+    weights = tmp_path / "weights"
+    save_reference_weights(build_reference_pipeline(), weights)  # random weights in the trainer's layout
+    assert GUIDANCE_SCALE != DEFAULT_GUIDANCE_SCALE
+    assert default_guidance_scale("reference") == default_guidance_scale(weights) == GUIDANCE_SCALE
+    assert default_guidance_scale(tmp_path) == DEFAULT_GUIDANCE_SCALE  # a folder without reference weights
+    argv = ["generate", "a red circle", "--model", str(weights), "--steps", "1", "--out", str(tmp_path / "out"),
+            "--no-progress"]
+    assert main(argv) == 0
+    assert read_png_params(capsys.readouterr().out.split()[0]).cfg == GUIDANCE_SCALE

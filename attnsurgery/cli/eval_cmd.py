@@ -21,7 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="objects per prompt (default: mixed)")
     parser.add_argument("--sizes", default="1,2,4", help="multiples of the native size (default 1,2,4)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="guidance scale (default: the reference model's own, 7.5 for other models)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-progress", action="store_true")
     add_plugin_flags(parser)
@@ -40,7 +41,7 @@ def _sizes(text: str, native: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..families import detect_family
-    from ..pipelines.loading import load_pipeline
+    from ..pipelines.loading import default_guidance_scale, load_pipeline
     from ..reference.eval import evaluate, heldout_pairs, pipeline_sampler
     from ..surgery import patched, resolve_target
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = _sizes(args.sizes, detect_family(denoiser, getattr(pipe, "vae_scale_factor", None)).native_resolution)
     objects = None if args.objects == "mixed" else int(args.objects)
     pairs = heldout_pairs(args.pairs, objects)
-    sampler = pipeline_sampler(pipe, num_inference_steps=args.steps, guidance_scale=args.cfg)
+    guidance = default_guidance_scale(args.model) if args.cfg is None else args.cfg
+    sampler = pipeline_sampler(pipe, num_inference_steps=args.steps, guidance_scale=guidance)
     setups = [("plain", [])] + ([(" + ".join(type(p).__name__ for p in plugins), plugins)] if plugins else [])
     header = f"{'setup':<32} {'size':>5} {'fidelity':>9} {'duplication':>12} {'clean shapes':>13} {'s/image':>8}"
     rows = [header, "-" * len(header)]

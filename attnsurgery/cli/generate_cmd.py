@@ -22,7 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, help="'reference' (default), diffusers folder, hub id or single file")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale "
+                        "(default: the reference model's own, 7.5 for other models)")
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first image (default 0)")

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..plugins.base import plugin_from_dict
 from ..surgery import patched
+from .loading import default_guidance_scale
 from .metadata import GenerationParams
 
 __all__ = ["generate"]
@@ -38,7 +39,8 @@ def generate(
     """Generate ``num_images`` images with seeds ``params.seed, params.seed + 1, ...``.
 
     The plugins in ``params.plugins`` (``to_dict`` form) are applied around the whole run and removed
-    afterwards, also on an error. Each image comes back with the exact parameters that reproduce it.
+    afterwards, also on an error. Each image comes back with the exact parameters that reproduce it
+    (an unset guidance scale becomes the model's own).
 
     Example:
         >>> params = GenerationParams("a red circle", steps=20, seed=3)
@@ -46,6 +48,8 @@ def generate(
     """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if params.cfg is None:
+        params = dataclasses.replace(params, cfg=default_guidance_scale(params.model))
     plugins = [plugin_from_dict(dict(data)) for data in params.plugins]
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     results = []

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["DenoiserSpec", "read_denoiser_spec", "meta_denoiser", "load_pipeline", "single_file_pipeline_class"]
+__all__ = [
+    "DenoiserSpec", "read_denoiser_spec", "meta_denoiser", "load_pipeline", "single_file_pipeline_class",
+    "default_guidance_scale",
+]
 
 DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 DENOISER_SUBFOLDERS = ("unet", "transformer")
@@ -185,6 +188,29 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, config: str | os.Pa
     with _fetch_failure(f"{path.name}: loading a single file needs the model's configs, which could not be fetched",
                         "pass config=<local diffusers folder of the same architecture>"):
         return getattr(diffusers, class_name).from_single_file(str(path), **kwargs)
+
+
+#: Classifier-free guidance for models that recommend none (diffusers' Stable Diffusion default).
+DEFAULT_GUIDANCE_SCALE = 7.5
+
+
+def _is_reference(model: str | os.PathLike[str]) -> bool:
+    from ..reference.model import has_reference_weights
+
+    path = Path(model).expanduser()
+    return str(model) == "reference" or (path.is_dir() and has_reference_weights(path))
+
+
+def default_guidance_scale(model: str | os.PathLike[str]) -> float:
+    """The guidance scale to use when none is given: the reference model's own, 7.5 for every other model.
+
+    Example:
+        >>> default_guidance_scale("stabilityai/stable-diffusion-2-1")
+        7.5
+    """
+    from ..reference.model import GUIDANCE_SCALE
+
+    return GUIDANCE_SCALE if _is_reference(model) else DEFAULT_GUIDANCE_SCALE
 
 
 def load_pipeline(

@@ -26,7 +26,7 @@ class GenerationParams:
     model: str = "reference"
     negative_prompt: str = ""
     steps: int = 20
-    cfg: float = 7.5
+    cfg: float | None = None  # None: the model's own (``default_guidance_scale``), filled in by ``generate``
     height: int | None = None
     width: int | None = None
     seed: int = 0

@@ -23,12 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 NATIVE_SIZE = 64
+#: The guidance scale the reference weights are used and evaluated at. SD's 7.5 is too strong for a model
+#: this small: on 200 held-out one-object pairs (20 steps) fidelity falls as guidance rises above ~2.
+GUIDANCE_SCALE = 2.0
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CONFIG_FILE = "config.json"
 #: Component name -> weights file name inside ``weights/``.
@@ -206,6 +215,8 @@ def load_reference_pipeline(
     pipe = build_reference_pipeline(json.loads((folder / CONFIG_FILE).read_text()))
     for name, file in WEIGHT_FILES.items():
         getattr(pipe, name).load_state_dict(load_file(str(folder / file)), strict=True)
+    # Training uses DDIM's noise maths; sampling uses DPM-Solver++ (2M): +0.06 fidelity over DDIM at 20 steps.
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.to(device=device, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=None)
     return pipe

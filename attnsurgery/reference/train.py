@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, pipeline_sampler
 from attnsurgery.reference.evaluator import score
 from attnsurgery.reference.model import (
+    GUIDANCE_SCALE,
     build_reference_pipeline,
     load_reference_pipeline,
     save_reference_weights,
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue --out's run exactly from its checkpoint (--steps may be raised)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start the UNet stage from the weights of an earlier run (a second stage)")
-    parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale used by the evaluation")
+    parser.add_argument("--cfg", type=float, default=GUIDANCE_SCALE, help="guidance scale used by the evaluation")
     parser.add_argument("--eval-pairs", type=int, nargs=len(CARD_SUITE), default=None,
                         help=f"pairs per evaluation row ({', '.join(r[0] for r in CARD_SUITE)}); 0 skips")
     args = parser.parse_args(argv)
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evaluate_into_card(
-    out: Path, guidance_scale: float = 7.5, steps: int = 20, counts: list[int] | None = None
+    out: Path, guidance_scale: float = GUIDANCE_SCALE, steps: int = 20, counts: list[int] | None = None
 ) -> None:
     """Evaluate the weights in ``out`` on held-out pairs and merge the rows into its model card.
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from attnsurgery.reference.model import (
+    GUIDANCE_SCALE,
     build_reference_pipeline,
     has_reference_weights,
     load_reference_pipeline,
@@ -59,6 +60,8 @@ def test_save_and_load_round_trip_in_fp16(pipe: StableDiffusionPipeline, tmp_pat
     loaded = load_reference_pipeline(weights_dir=tmp_path)
     assert loaded.vae.config.scaling_factor == 0.75
     assert loaded.unet.dtype == torch.float32
+    assert isinstance(loaded.scheduler, DPMSolverMultistepScheduler)  # sampler; trained with DDIM's maths
+    assert loaded.scheduler.config.num_train_timesteps == pipe.scheduler.config.num_train_timesteps
     for name in ("unet", "vae", "text_encoder"):
         original, restored = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert original.keys() == restored.keys()
@@ -84,11 +87,11 @@ def test_shipped_weights_make_a_64_px_image_in_two_steps() -> None:
 
 @pytest.mark.skipif(not has_reference_weights(), reason="trained reference weights are not in the package")
 def test_shipped_weights_draw_the_prompted_object() -> None:
-    """A small sample of the model card's gate (held-out one-object prompts, 20 steps, CFG 7.5)."""
+    """A small sample of the model card's gate (held-out one-object prompts, 20 steps, the model's CFG)."""
     from attnsurgery.reference.eval import evaluate, heldout_pairs, pipeline_sampler
 
     shipped = load_reference_pipeline()
     shipped.set_progress_bar_config(disable=True)
-    report = evaluate(pipeline_sampler(shipped, 20, 7.5), heldout_pairs(16, num_objects=1, start=500_000),
+    report = evaluate(pipeline_sampler(shipped, 20, GUIDANCE_SCALE), heldout_pairs(16, num_objects=1, start=500_000),
                       progress=False)
     assert report.metrics.fidelity >= 0.6, report.metrics
