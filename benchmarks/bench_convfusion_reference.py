@@ -67,7 +67,7 @@ def main() -> None:
     print(f"distillation: {len(losses)} steps, loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}")
     pipe.set_progress_bar_config(disable=True)
     sampler = pipeline_sampler(pipe, num_inference_steps=20, guidance_scale=args.cfg)
-    print(f"\nReference model, DDIM 20 steps, CFG {args.cfg}, held-out prompts:\n")
+    print(f"\nReference model, {type(pipe.scheduler).__name__} 20 steps, CFG {args.cfg}, held-out prompts:\n")
     print("| model | prompts | pairs | fidelity | duplication | clean shapes | s/image | fidelity vs teacher |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for objects in (1, 2):

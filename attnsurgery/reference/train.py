@@ -77,9 +77,10 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
-    cooldown_steps: int = 0  # the LR falls linearly to 0 over the last cooldown_steps of steps
+    cooldown_steps: int = 600  # the LR falls linearly to 0 over the last cooldown_steps of steps
     ema_decay: float = 0.995
-    prediction_type: str = "epsilon"  # or "v_prediction": the model predicts x0 directly at high noise
+    # v_prediction: the model predicts x0 directly at high noise, where epsilon errors grow ~12x into x0
+    prediction_type: str = "v_prediction"
 
 
 class SceneStream:
@@ -452,8 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="UNet + text encoder steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--cooldown-steps", type=int, default=defaults.cooldown_steps,
-                        help="let the LR fall linearly to 0 over the last N steps (may be set on --resume)")
+    parser.add_argument("--cooldown-steps", type=int, default=None,
+                        help="let the LR fall linearly to 0 over the last N steps (default: the last fifth; "
+                        "may be changed on --resume)")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=defaults.prediction_type)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
@@ -473,8 +475,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_only:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
         return
+    cooldown = args.steps // 5 if args.cooldown_steps is None else args.cooldown_steps
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, cooldown_steps=args.cooldown_steps, prediction_type=args.prediction_type)
+                      lr=args.lr, cooldown_steps=cooldown, prediction_type=args.prediction_type)
     train(cfg, args.out, args.max_minutes, resume=args.resume, init_from=args.init_from)
     if args.eval:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)

@@ -15,7 +15,7 @@ from attnsurgery.reference.train import SceneStream, TrainConfig, evaluate_into_
 @pytest.mark.slow
 def test_two_step_training_writes_loadable_weights_and_card(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)  # keep the test cheap
-    cfg = TrainConfig(vae_steps=2, vae_batch_size=2, steps=2, batch_size=2, warmup_steps=1)
+    cfg = TrainConfig(vae_steps=2, vae_batch_size=2, steps=2, batch_size=2, warmup_steps=1, cooldown_steps=0)
     train(cfg, tmp_path)
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["steps_done"] == 2 and record["vae_steps_done"] == 2
@@ -50,7 +50,7 @@ def test_module_runs_as_a_script() -> None:
     assert "--steps" in result.stdout and "--eval-pairs" in result.stdout
 
 
-TINY = dict(vae_steps=2, vae_batch_size=2, batch_size=2, warmup_steps=1)
+TINY = dict(vae_steps=2, vae_batch_size=2, batch_size=2, warmup_steps=1, cooldown_steps=0)
 
 
 def _weights(folder):
@@ -107,7 +107,7 @@ def test_lr_warms_up_holds_then_cools_down_to_zero() -> None:
     cfg = TrainConfig(steps=10, warmup_steps=2, cooldown_steps=4)
     factors = [train_module.lr_factor(cfg, step) for step in range(10)]
     assert factors == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
-    assert train_module.lr_factor(TrainConfig(steps=10, warmup_steps=2), 9) == 1.0  # no cool-down by default
+    assert train_module.lr_factor(TrainConfig(steps=10, warmup_steps=2, cooldown_steps=0), 9) == 1.0
 
 
 @pytest.mark.slow
@@ -115,11 +115,21 @@ def test_a_cool_down_can_be_added_when_resuming(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(train_module, "SCALE_SAMPLE_SIZE", 2)
     monkeypatch.setattr(train_module, "CHECKPOINT_EVERY", 1)
     train(TrainConfig(steps=2, **TINY), tmp_path / "constant")
-    train(TrainConfig(steps=4, cooldown_steps=2, **TINY), tmp_path / "constant", resume=True)
-    train(TrainConfig(steps=4, cooldown_steps=2, **TINY), tmp_path / "planned")
+    cooled = {**TINY, "cooldown_steps": 2}
+    train(TrainConfig(steps=4, **cooled), tmp_path / "constant", resume=True)
+    train(TrainConfig(steps=4, **cooled), tmp_path / "planned")
     assert _weights(tmp_path / "constant").keys() == _weights(tmp_path / "planned").keys()
     planned, resumed = _weights(tmp_path / "planned"), _weights(tmp_path / "constant")
     assert all(torch.equal(planned[k], resumed[k]) for k in planned)  # the cool-down starts after step 2 either way
     assert "cool-down 2" in (tmp_path / "constant" / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="cooldown_steps must be between 0 and steps"):
-        train(TrainConfig(steps=2, cooldown_steps=3, **TINY), tmp_path / "bad")
+        train(TrainConfig(steps=2, **{**TINY, "cooldown_steps": 3}), tmp_path / "bad")
+
+
+def test_the_command_cools_down_over_the_last_fifth_unless_told(tmp_path, monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda cfg, *args, **kwargs: seen.append(cfg))
+    train_module.main(["--out", str(tmp_path), "--steps", "50"])
+    train_module.main(["--out", str(tmp_path), "--steps", "50", "--cooldown-steps", "0"])
+    assert [cfg.cooldown_steps for cfg in seen] == [10, 0]
+    assert seen[0].prediction_type == "v_prediction"
