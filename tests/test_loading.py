@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -65,21 +67,23 @@ def test_a_reference_trainer_folder_loads_by_path(tmp_path):
 
 
 def test_the_readme_main_job_runs_offline_with_the_default_model(tmp_path):
+    import shlex
+
     from attnsurgery.cli import main
-    from attnsurgery.reference.model import has_reference_weights
 
-    if not has_reference_weights():
-        pytest.skip("this build ships no trained reference weights")
-    assert main(["generate", "a red circle and a blue square", "--steps", "4", "--out", str(tmp_path)]) == 0
-    assert len(list(tmp_path.glob("*.png"))) == 1
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    [line] = [line for line in readme.splitlines()
+              if line.startswith('attnsurgery generate "a red circle and a') and "--model" not in line]
+    argv = shlex.split(line.split("#")[0])[1:]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == int(argv[argv.index("--num-images") + 1])
 
 
-def test_default_model_without_shipped_weights_is_a_one_line_error(tmp_path, capsys):
+def test_default_model_without_its_weights_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     from attnsurgery.cli import main
-    from attnsurgery.reference.model import has_reference_weights
+    from attnsurgery.reference import model
 
-    if has_reference_weights():
-        pytest.skip("this build ships trained reference weights")
+    monkeypatch.setattr(model, "WEIGHTS_DIR", tmp_path / "missing")  # as if the package data were lost
     assert main(["generate", "a red circle", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "reference weights not found" in err and len(err.splitlines()) == 1
+    assert "reference weights not found" in err and "train them" in err and len(err.splitlines()) == 1

@@ -208,9 +208,9 @@ def load_reference_pipeline(
     if not has_reference_weights(folder):
         missing = [f for f in [CONFIG_FILE, *WEIGHT_FILES.values()] if not (folder / f).is_file()]
         raise FileNotFoundError(
-            f"reference weights not found in {folder} (missing: {', '.join(missing)}); this build ships none yet. "
-            "Train them with `python -m attnsurgery.reference.train --out DIR`, then use --model DIR "
-            "(or load_reference_pipeline(weights_dir=DIR))"
+            f"reference weights not found in {folder} (missing: {', '.join(missing)}). Reinstall attnsurgery "
+            "for the shipped ones, or train them with `python -m attnsurgery.reference.train --out DIR`, "
+            "then use --model DIR (or load_reference_pipeline(weights_dir=DIR))"
         )
     pipe = build_reference_pipeline(json.loads((folder / CONFIG_FILE).read_text()))
     for name, file in WEIGHT_FILES.items():

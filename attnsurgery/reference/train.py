@@ -491,7 +491,7 @@ def evaluate_into_card(
     Args:
         out: a folder written by ``train``.
         guidance_scale: classifier-free guidance scale.
-        steps: DDIM steps per image.
+        steps: sampling steps per image.
         counts: pairs per ``CARD_SUITE`` row (0 skips a row, keeping any earlier result for it).
     """
     pipe = load_reference_pipeline(weights_dir=out)
@@ -499,7 +499,8 @@ def evaluate_into_card(
     rows = evaluation_rows(pipeline_sampler(pipe, steps, guidance_scale), counts)
     record = json.loads((out / "training.json").read_text())  # re-read: other evaluations may have landed
     record["evaluation_setting"] = (
-        f"DDIM, {steps} steps, guidance scale {guidance_scale}; held-out seeds (never trained on)."
+        f"{type(pipe.scheduler).__name__}, {steps} steps, guidance scale {guidance_scale}; "
+        "held-out seeds (never trained on)."
     )
     record["evaluation_rows"] = {**record.get("evaluation_rows", {}), **rows}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
