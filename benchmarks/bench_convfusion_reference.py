@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--cooldown-steps", type=int, default=0)
     parser.add_argument("--pairs", type=int, default=200, help="held-out one-object pairs per row")
     parser.add_argument("--cfg", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--threads", type=int, default=1)
@@ -61,7 +62,7 @@ def main() -> None:
     pipe = load_reference_pipeline(weights_dir=args.weights)
     data = render_training_folder(args.out / "images", args.images)
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                           checkpoint_every=0)
+                           cooldown_steps=args.cooldown_steps, checkpoint_every=0)
     result = distill(pipe, data, args.out / "blocks", config)
     losses = [row["loss"] for row in result.history]
     print(f"distillation: {len(losses)} steps, loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}")

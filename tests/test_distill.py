@@ -138,3 +138,10 @@ def test_sdxl_pipeline_trains_with_its_added_conditioning(tmp_path: Path) -> Non
     result = distill(tiny_sdxl(), prompts, tmp_path / "out", DistillConfig(**{**TEST_CONFIG.__dict__, "steps": 1}))
     assert len(result.plugin.blocks) == 70  # SDXL's attn1 count: 2 * 2 + 2 * 10 down, 10 mid, 3 * (2 + 10) up
     assert result.history[0]["feature"] > 0 and result.history[0]["teacher"] > 0
+
+
+def test_the_learning_rate_cools_down_to_zero_over_the_last_steps(latents: Path, tmp_path: Path) -> None:
+    config = DistillConfig(**{**TEST_CONFIG.__dict__, "steps": 4, "warmup_steps": 0, "cooldown_steps": 2})
+    result = distill(tiny_sd15(), latents, tmp_path / "run", config)
+    lr = TEST_CONFIG.lr
+    assert [row["lr"] for row in result.history] == pytest.approx([lr, lr, lr, lr / 2])

@@ -25,6 +25,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..families import detect_family
+from ..lr_schedule import warmup_cooldown
 from ..pipelines.loading import load_pipeline
 from ..surgery import active_surgeries, apply, resolve_target
 from .convfusion import ConvFusion
@@ -68,6 +70,7 @@ class DistillConfig:
         batch_size: samples per step and process.
         lr, weight_decay, betas: AdamW (paper: 3e-4, 0.03, (0.9, 0.99)).
         warmup_steps: linear learning-rate warm-up (paper: 500).
+        cooldown_steps: linear learning-rate fall to 0 over the last steps (paper: none, 0).
         grad_clip: max gradient norm (paper: 1.0).
         caption_dropout: probability of training a sample on the empty prompt (keeps CFG working).
         resolution: training image side in pixels; None for the family's native one.
@@ -88,6 +91,7 @@ class DistillConfig:
     weight_decay: float = 0.03
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 500
+    cooldown_steps: int = 0
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     resolution: int | None = None
@@ -106,9 +110,11 @@ class DistillConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("warmup_steps", "checkpoint_every", "teacher_steps"):
+        for name in ("warmup_steps", "cooldown_steps", "checkpoint_every", "teacher_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.cooldown_steps > self.steps:
+            raise ValueError(f"cooldown_steps must be <= steps ({self.steps}), got {self.cooldown_steps}.")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError(f"lr and grad_clip must be > 0, got lr={self.lr}, grad_clip={self.grad_clip}.")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -274,12 +280,12 @@ class _Trainer:
                 student.get_submodule(path), self._recorder(self.student_features, path), pre=False
             )
             teacher.get_submodule(path).register_forward_hook(self._recorder(self.teacher_features, path))
-        warmup = config.warmup_steps
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            self.optimizer, partial(warmup_cooldown, steps=config.steps, warmup_steps=config.warmup_steps,
+                                    cooldown_steps=config.cooldown_steps)
         )
         self.student = accelerator.prepare_model(student) if accelerator.num_processes > 1 else student
 
@@ -386,10 +392,11 @@ class _Trainer:
         )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(self.params, config.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"step": step + 1, "loss": loss.item(), **parts}
+        return {"step": step + 1, "loss": loss.item(), "lr": lr, **parts}
 
 
 def distill(
@@ -504,6 +511,8 @@ def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--cooldown-steps", type=int, default=defaults.cooldown_steps,
+                        help="let the learning rate fall linearly to 0 over the last N steps")
     parser.add_argument(
         "--resolution", type=int, default=None, help="pixels; default: the model's native size"
     )
@@ -540,6 +549,7 @@ def distill_from_args(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         warmup_steps=args.warmup_steps,
+        cooldown_steps=args.cooldown_steps,
         resolution=args.resolution,
         checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=args.gradient_checkpointing,

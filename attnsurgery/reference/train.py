@@ -34,6 +34,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from attnsurgery.lr_schedule import warmup_cooldown
 from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, pipeline_sampler
 from attnsurgery.reference.evaluator import score
 from attnsurgery.reference.model import (
@@ -316,10 +317,9 @@ def write_model_card(out: Path, record: dict) -> None:
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Warm-up, constant, then a linear cool-down to 0: the end of the run averages out the noise of the
-    constant phase (a cool-down can be added to a resumed run, since the constant phase is the same)."""
-    warmup = min(1.0, (step + 1) / cfg.warmup_steps)
-    return warmup * min(1.0, (cfg.steps - step) / cfg.cooldown_steps) if cfg.cooldown_steps else warmup
+    """Warm-up, constant, then the cool-down to 0 (a cool-down can be added to a resumed run, since the
+    constant phase before it is the same)."""
+    return warmup_cooldown(step, cfg.steps, cfg.warmup_steps, cfg.cooldown_steps)
 
 
 #: Settings a resumed run may change: nothing before the current step depends on them.
