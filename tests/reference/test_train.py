@@ -118,8 +118,10 @@ def test_a_cool_down_can_be_added_when_resuming(tmp_path, monkeypatch) -> None:
     cooled = {**TINY, "cooldown_steps": 2}
     train(TrainConfig(steps=4, **cooled), tmp_path / "constant", resume=True)
     train(TrainConfig(steps=4, **cooled), tmp_path / "planned")
-    assert _weights(tmp_path / "constant").keys() == _weights(tmp_path / "planned").keys()
+    train(TrainConfig(steps=4, **TINY), tmp_path / "never cooled")
     planned, resumed = _weights(tmp_path / "planned"), _weights(tmp_path / "constant")
+    never = _weights(tmp_path / "never cooled")
+    assert any(not torch.equal(planned[k], never[k]) for k in planned)  # the cool-down changes the weights
     assert all(torch.equal(planned[k], resumed[k]) for k in planned)  # the cool-down starts after step 2 either way
     assert "cool-down 2" in (tmp_path / "constant" / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="cooldown_steps must be between 0 and steps"):
