@@ -167,18 +167,22 @@ def build_reference_pipeline(configs: dict[str, dict[str, Any]] | None = None) -
     return pipe
 
 
-def save_reference_weights(pipe: StableDiffusionPipeline, out_dir: str | Path) -> None:
-    """Write the pipeline's UNet, VAE and text encoder as fp16 safetensors plus ``config.json``."""
-    out = Path(out_dir)
+def save_components(pipe: Any, files: dict[str, str], configs: dict[str, Any], out: Path) -> None:
+    """Write ``pipe``'s components named in ``files`` as fp16 safetensors, and ``configs`` as ``config.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    configs = reference_configs()
-    configs["vae"]["scaling_factor"] = float(pipe.vae.config.scaling_factor)
-    configs["scheduler"]["prediction_type"] = pipe.scheduler.config.prediction_type
-    for name, file in WEIGHT_FILES.items():
+    for name, file in files.items():
         state = getattr(pipe, name).state_dict()
         half = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}
         save_file(half, str(out / file))
     (out / CONFIG_FILE).write_text(json.dumps(configs, indent=2) + "\n")
+
+
+def save_reference_weights(pipe: StableDiffusionPipeline, out_dir: str | Path) -> None:
+    """Write the pipeline's UNet, VAE and text encoder as fp16 safetensors plus ``config.json``."""
+    configs = reference_configs()
+    configs["vae"]["scaling_factor"] = float(pipe.vae.config.scaling_factor)
+    configs["scheduler"]["prediction_type"] = pipe.scheduler.config.prediction_type
+    save_components(pipe, WEIGHT_FILES, configs, Path(out_dir))
 
 
 def has_reference_weights(weights_dir: str | Path | None = None) -> bool:

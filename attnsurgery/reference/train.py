@@ -1,18 +1,23 @@
-"""Train the reference model from scratch, deterministically from a seed.
+"""Train a reference model from scratch, deterministically from a seed: the U-Net or the DiT topology.
 
-Two stages: (1) the AutoencoderKL learns to reconstruct shapes images (on random crops, which it sees
-as whole images because it is convolutional), and its latent scale is measured; (2) the UNet and the
-text encoder learn epsilon-prediction on the frozen VAE's latents of freshly generated captioned scenes
-(10% empty captions, for classifier-free guidance), with min-SNR weighting and an EMA of the weights,
-which is what gets saved. Writes fp16 safetensors, ``config.json`` and ``MODEL_CARD.md`` to ``--out``.
+U-Net (``--topology unet``), two stages: (1) the AutoencoderKL learns to reconstruct shapes images (on
+random crops, which it sees as whole images because it is convolutional), and its latent scale is
+measured; (2) the UNet and the text encoder learn epsilon or velocity prediction on the frozen VAE's
+latents of freshly generated captioned scenes (10% empty captions, for classifier-free guidance), with
+min-SNR weighting and an EMA of the weights, which is what gets saved.
 
-Training on 2 CPU cores takes hours, so a run can be split: every 100 UNet steps the full state (weights,
-EMA, optimiser, data and noise generators) goes to ``checkpoint.pt``; ``--resume`` continues it exactly
-(raising ``--steps`` trains further), and ``--init-from DIR`` starts a new UNet stage from saved weights.
+DiT (``--topology flux``): the FluxPipeline takes the U-Net reference's VAE (frozen; its latent mean and
+scale are measured) and CLIP text encoder, and its transformer and both text encoders learn rectified flow
+in the same loop (see ``topologies``). Both write fp16 safetensors, ``config.json`` and ``MODEL_CARD.md``.
+
+Training on 2 CPU cores takes hours, so a run can be split: every 100 denoiser steps the full state
+(weights, EMA, optimiser, data and noise generators) goes to ``checkpoint.pt``; ``--resume`` continues it
+exactly (raising ``--steps`` trains further), and ``--init-from DIR`` starts a new stage from saved weights.
 
 Usage:
     python -m attnsurgery.reference.train --out /tmp/reference --seed 0 --vae-steps 400 --steps 3000
     python -m attnsurgery.reference.train --out /tmp/reference --seed 0 --vae-steps 400 --steps 9000 --resume
+    python -m attnsurgery.reference.train --topology flux --out /tmp/reference-flux --steps 6000 --lr 6e-4
 """
 
 from __future__ import annotations
@@ -31,24 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from attnsurgery.lr_schedule import warmup_cooldown
-from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, pipeline_sampler
+from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, reference_sampler
 from attnsurgery.reference.evaluator import score
-from attnsurgery.reference.model import (
-    GUIDANCE_SCALE,
-    build_reference_pipeline,
-    load_reference_pipeline,
-    save_reference_weights,
-)
+from attnsurgery.reference.model import GUIDANCE_SCALE, load_reference_pipeline
 from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, Scene, heldout_seed, make_scene, render
+from attnsurgery.reference.topologies import MIN_SNR_GAMMA, TOPOLOGIES, Topology
 
 #: Training scenes draw 1, 2 or 3 objects with these probabilities (one-object prompts are the gate).
 OBJECT_COUNT_PROBS = (0.5, 0.25, 0.25)
 CAPTION_DROPOUT = 0.1
-MIN_SNR_GAMMA = 5.0  # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
 KL_WEIGHT = 1e-6
 OBJECT_WEIGHT = 5.0
 #: The latent scaling factor is 1 / std of the latents of this many batches of fresh images.
@@ -81,7 +81,8 @@ class TrainConfig:
     cooldown_steps: int = 600  # the LR falls linearly to 0 over the last cooldown_steps of steps
     ema_decay: float = 0.995
     # v_prediction: the model predicts x0 directly at high noise, where epsilon errors grow ~12x into x0
-    prediction_type: str = "v_prediction"
+    prediction_type: str = "v_prediction"  # U-Net only; the DiT always learns rectified flow's velocity
+    topology: str = "unet"
 
 
 class SceneStream:
@@ -159,20 +160,26 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: TrainConfig, stream: SceneStre
                 break
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", probe_fidelity=f"{fidelity:.2f}")
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        batches = [stream.batch(SCALE_SAMPLE_SIZE)[0] for _ in range(SCALE_SAMPLE_BATCHES)]
-        latents = torch.cat([vae.encode(images).latent_dist.mode() for images in batches])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.register_to_config(scaling_factor=float(1.0 / _sample_latents(vae, stream).std()))
     bar.write(f"vae: {len(losses)} steps, round-trip fidelity on {len(probe)} held-out scenes {fidelity:.3f}")
     return losses
 
 
-def _encode_prompts(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids)[0]
+def _sample_latents(vae: torch.nn.Module, stream: SceneStream) -> torch.Tensor:
+    """Latents (distribution modes) of ``SCALE_SAMPLE_BATCHES`` fresh batches, for the latent statistics."""
+    with torch.no_grad():
+        batches = [stream.batch(SCALE_SAMPLE_SIZE)[0] for _ in range(SCALE_SAMPLE_BATCHES)]
+        return torch.cat([vae.encode(images).latent_dist.mode() for images in batches])
+
+
+def adopt_unet_reference_parts(pipe: DiffusionPipeline, stream: SceneStream) -> None:
+    """Give the reference DiT the shipped U-Net reference's VAE and CLIP text encoder (one image space),
+    and set the latent shift and scale to the mean and 1 / std of its latents."""
+    source = load_reference_pipeline()
+    pipe.vae.load_state_dict(source.vae.state_dict())
+    pipe.text_encoder.load_state_dict(source.text_encoder.state_dict())
+    latents = _sample_latents(pipe.vae, stream)
+    pipe.vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -187,26 +194,27 @@ class DenoiserState:
 
     step: int = 0
     losses: list[float] = field(default_factory=list)
-    model: dict | None = None  # trained UNet + text encoder weights
+    model: dict | None = None  # trained denoiser + text encoder weights
     ema: dict | None = None
     optimizer: dict | None = None
     scheduler: dict | None = None
 
 
 def train_denoiser(
-    pipe: StableDiffusionPipeline, cfg: TrainConfig, stream: SceneStream, generator: torch.Generator,
+    pipe: DiffusionPipeline, cfg: TrainConfig, stream: SceneStream, generator: torch.Generator,
     out: Path, max_minutes: float | None, state: DenoiserState | None = None,
     save: Callable[[DenoiserState], None] | None = None,
 ) -> list[float]:
-    """Train UNet + text encoder on latents; the EMA copies replace the pipeline's modules at the end.
+    """Train the topology's denoiser and text encoders on latents; the EMA copies replace the pipeline's
+    modules at the end.
 
     Stops early (the returned history is then shorter) when ``max_minutes`` runs out or a ``STOP`` file
     appears in ``out``. ``state`` continues an interrupted run; ``save`` receives the state every
     ``CHECKPOINT_EVERY`` steps and at the end.
     """
     state = state or DenoiserState()
-    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    trained = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train().requires_grad_(True)
+    topology = TOPOLOGIES[cfg.topology]
+    trained = _trained_modules(pipe, topology).train().requires_grad_(True)
     if state.model is not None:
         trained.load_state_dict(state.model)
     ema = copy.deepcopy(trained).eval().requires_grad_(False)
@@ -217,29 +225,19 @@ def train_denoiser(
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
         sched.load_state_dict(state.scheduler)
-    alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    # min-SNR weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v targets
-    velocity = cfg.prediction_type == "v_prediction"
-    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1 if velocity else snr)
+    objective = topology.objective(pipe, cfg.prediction_type)
     losses = state.losses
     start = time.monotonic()
 
     def snapshot(step: int) -> DenoiserState:
         return DenoiserState(step, losses, trained.state_dict(), ema.state_dict(), opt.state_dict(), sched.state_dict())
 
-    bar = tqdm(range(state.step, cfg.steps), desc="unet", dynamic_ncols=True, initial=state.step, total=cfg.steps)
+    bar = tqdm(range(state.step, cfg.steps), desc=topology.denoiser, dynamic_ncols=True, initial=state.step,
+               total=cfg.steps)
     for step in bar:
         images, captions = stream.batch(cfg.batch_size)
         captions = ["" if stream.rng.random() < CAPTION_DROPOUT else c for c in captions]
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
-        noisy = pipe.scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, _encode_prompts(pipe, captions)).sample
-        target = pipe.scheduler.get_velocity(latents, noise, t) if velocity else noise
-        loss = (weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = objective(pipe, images, captions, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -258,11 +256,14 @@ def train_denoiser(
         if stopping:
             bar.write(f"stopping at step {step + 1}: {stopping}")
             break
-    pipe.unet.load_state_dict(ema["unet"].state_dict())
-    pipe.text_encoder.load_state_dict(ema["text_encoder"].state_dict())
-    pipe.unet.eval().requires_grad_(False)
-    pipe.text_encoder.eval().requires_grad_(False)
+    for name, module in ema.items():
+        getattr(pipe, name).load_state_dict(module.state_dict())
+        getattr(pipe, name).eval().requires_grad_(False)
     return losses
+
+
+def _trained_modules(pipe: DiffusionPipeline, topology: Topology) -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict({name: getattr(pipe, name) for name in topology.trained})
 
 
 def loss_summary(losses: list[float], rows: int = 10) -> list[tuple[int, float]]:
@@ -277,24 +278,30 @@ def loss_summary(losses: list[float], rows: int = 10) -> list[tuple[int, float]]
 def write_model_card(out: Path, record: dict) -> None:
     """MODEL_CARD.md from the training record (``training.json``) and any evaluation results in it."""
     cfg = record["config"]
-    unet_steps = record.get("total_steps", record["steps_done"])
-    prediction = cfg.get("prediction_type", "epsilon")
+    topology = TOPOLOGIES[cfg.get("topology", "unet")]
+    steps = record.get("total_steps", record["steps_done"])
+    if topology.name == "unet":
+        title = "# attnsurgery reference model"
+        stage_one = (f"VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, {cfg['vae_crop']} px "
+                     f"crops, lr {cfg['vae_lr']}); UNet + text encoder {steps} steps")
+        objective = f"min-SNR {MIN_SNR_GAMMA}, {cfg.get('prediction_type', 'epsilon')} prediction"
+    else:
+        title = "# attnsurgery reference DiT"
+        stage_one = f"VAE and CLIP from the U-Net reference; transformer + text encoders {steps} steps"
+        objective = "rectified flow, logit-normal noise levels shifted as the scheduler shifts 64 px"
     lines = [
-        "# attnsurgery reference model",
+        title,
         "",
-        "A small StableDiffusionPipeline (SD1.x UNet topology, AutoencoderKL of factor 4, CLIP text encoder",
-        "with the real CLIP BPE tokenizer) trained from scratch on procedural captioned shapes, so that",
-        "attention-surgery quality is measurable offline. Native size 64 px (16 x 16 latents).",
+        topology.description,
         "",
         "## Reproduce",
         "",
         *[f"    {command}" for command in record.get("commands", [record["command"]])],
         "",
-        f"Seed {cfg['seed']}; VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, "
-        f"{cfg['vae_crop']} px crops, lr {cfg['vae_lr']}); UNet + text encoder {unet_steps} steps "
+        f"Seed {cfg['seed']}; {stage_one} "
         f"(batch {cfg['batch_size']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, "
         f"cool-down {cfg.get('cooldown_steps', 0)}, EMA {cfg['ema_decay']}, "
-        f"min-SNR {MIN_SNR_GAMMA}, {prediction} prediction, {int(CAPTION_DROPOUT * 100)}% empty captions). "
+        f"{objective}, {int(CAPTION_DROPOUT * 100)}% empty captions). "
         f"Wall clock {record['minutes']:.1f} min on {record['device']}. Weights stored in fp16.",
         "",
         f"Parameters: {record['parameters']}. VAE scaling factor {record['scaling_factor']:.4f}.",
@@ -304,8 +311,8 @@ def write_model_card(out: Path, record: dict) -> None:
         "| stage | up to step | loss |",
         "| --- | ---: | ---: |",
     ]
-    for stage in ("vae", "unet"):
-        lines += [f"| {stage} | {s} | {v:.4f} |" for s, v in record[f"{stage}_loss"]]
+    for stage in ("vae", topology.denoiser):
+        lines += [f"| {stage} | {s} | {v:.4f} |" for s, v in record.get(f"{stage}_loss", [])]
     if record.get("notes"):
         lines += ["", "## Status", "", *record["notes"]]
     rows = record.get("evaluation_rows", {})
@@ -346,12 +353,15 @@ def _load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
     return checkpoint
 
 
-def _warm_start(pipe: StableDiffusionPipeline, init_from: Path) -> tuple[DenoiserState, list[str], int]:
-    """The VAE and the denoiser weights of an earlier run; its commands and UNet steps (for the card)."""
-    earlier = load_reference_pipeline(weights_dir=init_from)
+def _warm_start(
+    pipe: DiffusionPipeline, topology: Topology, init_from: Path
+) -> tuple[DenoiserState, list[str], int]:
+    """The VAE and the denoiser weights of an earlier run; its commands and denoiser steps (for the card)."""
+    earlier = topology.load(init_from)
     pipe.vae.load_state_dict(earlier.vae.state_dict())
-    pipe.vae.register_to_config(scaling_factor=earlier.vae.config.scaling_factor)
-    weights = torch.nn.ModuleDict({"unet": earlier.unet, "text_encoder": earlier.text_encoder}).state_dict()
+    latent_keys = ("scaling_factor", "shift_factor")
+    pipe.vae.register_to_config(**{k: earlier.vae.config[k] for k in latent_keys if k in earlier.vae.config})
+    weights = _trained_modules(earlier, topology).state_dict()
     record_file = init_from / "training.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     commands = record.get("commands", [record["command"]] if "command" in record else [])
@@ -361,8 +371,8 @@ def _warm_start(pipe: StableDiffusionPipeline, init_from: Path) -> tuple[Denoise
 def train(
     cfg: TrainConfig, out: Path, max_minutes: float | None = None, resume: bool = False,
     init_from: Path | None = None,
-) -> StableDiffusionPipeline:
-    """Run both stages and write the weights, ``training.json`` and the model card into ``out``.
+) -> DiffusionPipeline:
+    """Run the topology's stages and write the weights, ``training.json`` and the model card into ``out``.
 
     Args:
         cfg: the training settings; equal settings give equal weights on the same machine.
@@ -386,8 +396,12 @@ def train(
         raise ValueError(f"cooldown_steps must be between 0 and steps ({cfg.steps}), got {cfg.cooldown_steps}")
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {cfg.prediction_type!r} is not one of {PREDICTION_TYPES}")
-    pipe = build_reference_pipeline()
-    pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    if cfg.topology not in TOPOLOGIES:
+        raise ValueError(f"topology {cfg.topology!r} is not one of {tuple(TOPOLOGIES)}")
+    topology = TOPOLOGIES[cfg.topology]
+    pipe = topology.build()
+    if topology.name == "unet":
+        pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
     stream = SceneStream(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     command = "python -m attnsurgery.reference.train " + " ".join(sys.argv[1:])
@@ -396,14 +410,19 @@ def train(
         checkpoint = _load_checkpoint(out, cfg)
         pipe.vae.load_state_dict(checkpoint["vae"])
         pipe.vae.register_to_config(scaling_factor=checkpoint["scaling_factor"])
+        if "shift_factor" in checkpoint:
+            pipe.vae.register_to_config(shift_factor=checkpoint["shift_factor"])
         stream.rng.bit_generator.state = checkpoint["stream_rng"]
         generator.set_state(checkpoint["generator"])
         vae_losses, state = checkpoint["vae_losses"], DenoiserState(**checkpoint["denoiser"])
         commands, earlier_steps = [*checkpoint["commands"], command], checkpoint["earlier_steps"]
         minutes_before = checkpoint["minutes"]
     elif init_from is not None:
-        state, commands, earlier_steps = _warm_start(pipe, init_from)
+        state, commands, earlier_steps = _warm_start(pipe, topology, init_from)
         commands, vae_losses = [*commands, command], []
+    elif topology.name == "flux":
+        adopt_unet_reference_parts(pipe, stream)
+        vae_losses, state, commands = [], DenoiserState(), [command]
     else:
         vae_losses, state, commands = train_vae(pipe, cfg, stream), DenoiserState(), [command]
 
@@ -412,6 +431,7 @@ def train(
             "version": CHECKPOINT_VERSION, "settings": _checkpoint_settings(cfg), "commands": commands,
             "earlier_steps": earlier_steps, "vae": pipe.vae.state_dict(),
             "scaling_factor": float(pipe.vae.config.scaling_factor), "vae_losses": vae_losses,
+            "shift_factor": pipe.vae.config.get("shift_factor"),
             "stream_rng": stream.rng.bit_generator.state, "generator": generator.get_state(),
             "denoiser": vars(current), "minutes": minutes_before + (time.monotonic() - begin) / 60,
         }
@@ -420,24 +440,24 @@ def train(
 
     if not resume:
         save(state)
-    unet_losses = train_denoiser(pipe, cfg, stream, generator, out, max_minutes, state, save)
-    save_reference_weights(pipe, out)
+    denoiser_losses = train_denoiser(pipe, cfg, stream, generator, out, max_minutes, state, save)
+    topology.save(pipe, out)
     record = {
         "command": commands[-1],
         "commands": commands,
         "config": asdict(cfg),
         "vae_steps_done": len(vae_losses),
-        "steps_done": len(unet_losses),
-        "total_steps": earlier_steps + len(unet_losses),
+        "steps_done": len(denoiser_losses),
+        "total_steps": earlier_steps + len(denoiser_losses),
         "minutes": minutes_before + (time.monotonic() - begin) / 60,
         "device": f"CPU, {torch.get_num_threads()} threads",
         "parameters": ", ".join(
             f"{n} {sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6:.2f}M"
-            for n in ("unet", "vae", "text_encoder")
+            for n in (*topology.trained, "vae")
         ),
         "scaling_factor": float(pipe.vae.config.scaling_factor),
         "vae_loss": loss_summary(vae_losses),
-        "unet_loss": loss_summary(unet_losses),
+        f"{topology.denoiser}_loss": loss_summary(denoiser_losses),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     write_model_card(out, record)
@@ -448,9 +468,11 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder for weights and model card")
+    parser.add_argument("--topology", choices=tuple(TOPOLOGIES), default=defaults.topology,
+                        help="unet: the SD1.x-topology reference; flux: the reference DiT (FLUX.1 topology)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="UNet + text encoder steps")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoiser + text encoder steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--cooldown-steps", type=int, default=None,
@@ -477,7 +499,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     cooldown = args.steps // 5 if args.cooldown_steps is None else args.cooldown_steps
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, cooldown_steps=cooldown, prediction_type=args.prediction_type)
+                      lr=args.lr, cooldown_steps=cooldown, prediction_type=args.prediction_type,
+                      topology=args.topology)
     train(cfg, args.out, args.max_minutes, resume=args.resume, init_from=args.init_from)
     if args.eval:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
@@ -494,9 +517,10 @@ def evaluate_into_card(
         steps: sampling steps per image.
         counts: pairs per ``CARD_SUITE`` row (0 skips a row, keeping any earlier result for it).
     """
-    pipe = load_reference_pipeline(weights_dir=out)
+    record = json.loads((out / "training.json").read_text())
+    pipe = TOPOLOGIES[record["config"].get("topology", "unet")].load(out)
     pipe.set_progress_bar_config(disable=True)
-    rows = evaluation_rows(pipeline_sampler(pipe, steps, guidance_scale), counts)
+    rows = evaluation_rows(reference_sampler(pipe, steps, guidance_scale), counts)
     record = json.loads((out / "training.json").read_text())  # re-read: other evaluations may have landed
     record["evaluation_setting"] = (
         f"{type(pipe.scheduler).__name__}, {steps} steps, guidance scale {guidance_scale}; "
