@@ -5,34 +5,11 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery.processors.base import WrappingProcessor
+from attnsurgery.testing import snapshot
 from tests.conftest import run_pipe
 from tests.plugins_for_tests import Everything, Recorder
 
-HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks")
-
-
-def state_of(pipe):
-    """Everything remove() must put back: module tree, attributes, hooks, processors, parameters."""
-    modules = {}
-    for name, component in pipe.components.items():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for path, module in component.named_modules():
-            entry = {
-                "id": id(module),
-                "type": type(module),
-                "dict": {k: id(v) for k, v in vars(module).items() if k not in HOOK_TABLES},
-                "modules": {k: id(v) for k, v in module._modules.items()},
-                "params": {k: id(v) for k, v in module._parameters.items()},
-                "hooks": {t: dict(getattr(module, t, {})) for t in HOOK_TABLES},
-            }
-            if hasattr(module, "processor"):
-                entry["processor"] = id(module.processor)
-            modules[f"{name}:{path}"] = entry
-    # the pipeline's own per-call state (_guidance_scale, _num_timesteps, ...) is not ours to compare
-    public = {k: id(v) for k, v in vars(pipe).items() if not k.startswith("_")}
-    return {"modules": modules, "pipe": public}
+state_of = snapshot
 
 
 def test_apply_changes_output_and_remove_restores_everything(sd15):

@@ -176,8 +176,3 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
         image[_object_mask(obj, xs, ys)] = PALETTE[obj.colour]
     return image
 
-
-def render_batch(seeds: list[int], size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """Images ``[n, size, size, 3]`` uint8 and captions for a list of scene seeds."""
-    scenes = [make_scene(s) for s in seeds]
-    return np.stack([render(s, size) for s in scenes]), [s.caption for s in scenes]

@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,8 +41,8 @@ from transformers import (
 
 from ..reference.model import bytes_to_unicode
 
-__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "TINY_PIPELINES",
-           "byte_clip_tokenizer", "tiny_t5_tokenizer"]
+__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "byte_clip_tokenizer",
+           "tiny_t5_tokenizer"]
 
 CLIP_VOCAB = 514  # 256 bytes, 256 word-final bytes, <|startoftext|>, <|endoftext|>
 CLIP_BOS, CLIP_EOS = 512, 513
@@ -195,8 +194,3 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te1, tokenizer=byte_clip_tokenizer(),
         text_encoder_2=te2, tokenizer_2=tiny_t5_tokenizer(), transformer=transformer,
     )
-
-
-TINY_PIPELINES: dict[str, Callable[..., Any]] = {
-    "sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "sd35": tiny_sd35, "flux": tiny_flux,
-}
