@@ -65,7 +65,7 @@ class _HeapPeak(TorchDispatchMode):
         self.base = in_use()
         self.peak = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.peak = max(self.peak, self.in_use() - self.base)
         return out

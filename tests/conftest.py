@@ -8,8 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Tiny models run many small ops: one thread is as fast on an idle machine and ~100x faster on a busy one
 # (two threads per process spin-wait for each other when other processes hold the cores).

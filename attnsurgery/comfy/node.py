@@ -22,7 +22,7 @@ class ModelPatchNode:
     DESCRIPTION = ""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         model = ("MODEL", {"tooltip": "The model to patch; it is cloned, never changed."})
         return {"required": {"model": model, **cls.inputs()}}
 

@@ -54,7 +54,7 @@ class FirstAttentionCall(TorchFunctionMode):
         self.edit = edit
         self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is not F.scaled_dot_product_attention:

@@ -121,7 +121,7 @@ def reference_t5_tokenizer() -> T5TokenizerFast:
 class ReferenceFluxPipeline(FluxPipeline):
     """FluxPipeline whose prompts are padded to the reference DiT's ``TEXT_TOKENS`` by default."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - FluxPipeline's call
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("max_sequence_length", TEXT_TOKENS)
         return super().__call__(*args, **kwargs)
 

@@ -83,15 +83,15 @@ def bootstrap(comfy_dir: Path) -> None:
         # Only Stable Cascade uses torchvision (at construction); an empty module lets the snapshot import.
         stub = sys.modules["torchvision"] = types.ModuleType("torchvision")
     import comfy.cli_args
-    import comfy.options  # noqa: F401  (args_parsing stays False: parse_args([]))
+    import comfy.options
 
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.disable_xformers = True
     comfy.cli_args.args.use_pytorch_cross_attention = True  # SDPA: ~6x faster than the CPU default here
-    import comfy.model_management  # noqa: F401
-    import comfy.model_patcher  # noqa: F401
-    import comfy.sample  # noqa: F401
-    import comfy.samplers  # noqa: F401
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.samplers
     import nodes  # noqa: F401
 
     if stub is not None and sys.modules.get("torchvision") is stub:
