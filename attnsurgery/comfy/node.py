@@ -22,7 +22,7 @@ class ModelPatchNode:
     DESCRIPTION = ""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # ComfyUI's name
         model = ("MODEL", {"tooltip": "The model to patch; it is cloned, never changed."})
         return {"required": {"model": model, **cls.inputs()}}
 

@@ -83,7 +83,7 @@ def bootstrap(comfy_dir: Path) -> None:
         # Only Stable Cascade uses torchvision (at construction); an empty module lets the snapshot import.
         stub = sys.modules["torchvision"] = types.ModuleType("torchvision")
     import comfy.cli_args
-    import comfy.options
+    import comfy.options  # args_parsing stays False: parse_args([])
 
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.disable_xformers = True
