@@ -18,9 +18,9 @@ from PIL import Image
 
 from ..inventory import ModelInfo, describe
 from ..ops.perturb import KINDS
+from ..perturbation.headset import SELF_KINDS, Head, HeadSet, head_name, model_fingerprint, parse_head_name
 from ..selectors import LayerSelector
 from ..surgery import resolve_target
-from .headset import SELF_KINDS, Head, HeadSet, head_name, model_fingerprint, parse_head_name
 from .objectives import Objective, make_objective
 from .scoring import CandidateScorer, GenerationSettings
 from .search import Processes, Racing, ScoreStore, greedy_search

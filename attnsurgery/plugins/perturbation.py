@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..headhunter.headset import SELF_KINDS, HeadSet
 from ..ops.perturb import KINDS
+from ..perturbation.headset import SELF_KINDS, HeadSet
 from ..pipelines.guidance import GuidanceSchedule, PerturbationGuidance
 from ..processors.perturb import HeadPerturbationProcessor, PerturbationState
 from .base import Plugin
