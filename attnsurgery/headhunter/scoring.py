@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..perturbation.guidance import GuidanceSchedule
 from ..perturbation.headset import Head
-from ..pipelines.guidance import GuidanceSchedule
 from ..plugins.base import Plugin
 from ..plugins.perturbation import install_perturbation
 from ..surgery import apply
