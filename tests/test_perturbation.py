@@ -14,8 +14,8 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import attnsurgery as surg
 from attnsurgery import PerturbedAttention
-from attnsurgery.pipelines.guidance import GuidanceSchedule
-from attnsurgery.processors.perturb import HeadPerturbationProcessor, PerturbationState
+from attnsurgery.perturbation.guidance import GuidanceSchedule
+from attnsurgery.perturbation.processor import HeadPerturbationProcessor, PerturbationState
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd3, tiny_sd15, tiny_sd35
 
 MID = "mid_block.attentions.0.transformer_blocks.0.attn1"

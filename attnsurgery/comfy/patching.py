@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..families import Family
-from ..headhunter.headset import FORMAT as HEADSET_FORMAT
+from ..perturbation.headset import FORMAT as HEADSET_FORMAT
 
 __all__ = [
     "AttentionSite", "unet_attention_sites", "model_family", "model_sampling",

@@ -1,7 +1,7 @@
 """HeadHunter: greedy search for the attention heads whose perturbation serves an objective."""
 
+from ..perturbation.headset import HeadSet
 from .api import HuntPreset, HuntResult, Racing, head_grid, hunt, preset_for, report_table
-from .headset import HeadSet
 from .objectives import AestheticScore, ClipScore, ReferenceScore, make_objective
 
 __all__ = [

@@ -1,8 +1,9 @@
 """``attnsurgery.hunt``: find the heads whose perturbation guidance serves an objective.
 
-Spec: specs/perturbation.md (HeadHunter). The search loop lives in `search`, the batched generation in
-`scoring`; this module resolves the settings (the paper's presets per family), runs the search and
-returns a `HeadSet` that `PerturbedAttention(heads=Path(...))` loads.
+The search is HeadHunter's greedy head selection ("Fine-Grained Perturbation Guidance via Attention Head
+Selection", 2025). The search loop lives in `search`, the batched generation in `scoring`; this module
+resolves the settings (the paper's presets per family), runs the search and returns a `HeadSet` that
+`PerturbedAttention(heads=Path(...))` loads.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from PIL import Image
 
 from ..inventory import ModelInfo, describe
 from ..ops.perturb import KINDS
+from ..perturbation.headset import SELF_KINDS, Head, HeadSet, head_name, model_fingerprint, parse_head_name
 from ..selectors import LayerSelector
 from ..surgery import resolve_target
-from .headset import SELF_KINDS, Head, HeadSet, head_name, model_fingerprint, parse_head_name
 from .objectives import Objective, make_objective
 from .scoring import CandidateScorer, GenerationSettings
 from .search import Processes, Racing, ScoreStore, greedy_search

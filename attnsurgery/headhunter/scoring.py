@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..pipelines.guidance import GuidanceSchedule
+from ..perturbation.guidance import GuidanceSchedule
+from ..perturbation.headset import Head
 from ..plugins.base import Plugin
 from ..plugins.perturbation import install_perturbation
 from ..surgery import apply
-from .headset import Head
 from .objectives import Objective
 from .prompts import PromptCache
 

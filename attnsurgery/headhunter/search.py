@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .headset import Head, RoundResult, SelectedHead, head_name
+from ..perturbation.headset import Head, RoundResult, SelectedHead, head_name
 
 __all__ = ["Racing", "ScoreStore", "Processes", "greedy_search", "Item", "BASE"]
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ..ops.agent import K_SCALE2, K_SHORTCUT
-from ..processors.agent import AgentProcessor, check_agent_layer
+from ..processors.agent import AgentPhase, AgentProcessor, check_agent_layer
 from ..selectors import LayerSelector
 from .base import Plugin
-from .token_merging import check_cells, check_fraction, install_merging, normalize_layers
+from .token_merging import install_merging, normalize_layers
 
 if TYPE_CHECKING:
     from ..surgery import Surgery
@@ -20,32 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["AgentAttention", "AgentPhase", "PUBLISHED_SCHEDULE"]
 
 PRECISIONS = {None: None, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class AgentPhase:
-    """Settings used while the denoising progress lies in the first ``until`` of the schedule.
-
-    Attributes:
-        until: end of the phase as a fraction of the schedule (the last phase should reach 1.0).
-        sx: dst / pooling cell width.
-        sy: dst / pooling cell height.
-        ratio: fraction of tokens ToMe removes from queries, keys and values.
-        agent_ratio: fraction of tokens merged away to form the agents.
-    """
-
-    until: float
-    sx: int
-    sy: int
-    ratio: float
-    agent_ratio: float
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.until <= 1.0:
-            raise ValueError(f"AgentPhase.until={self.until!r} must lie in (0, 1]: it is a schedule fraction")
-        check_cells("AgentPhase", self.sx, self.sy)
-        check_fraction("AgentPhase", "ratio", self.ratio)
-        check_fraction("AgentPhase", "agent_ratio", self.agent_ratio)
 
 
 PUBLISHED_SCHEDULE = (

@@ -1,9 +1,9 @@
 """PerturbedAttention: perturbation guidance (PAG, SoftPAG, uniform, mean-query, temperature) at head level.
 
-Spec: specs/perturbation.md. The plugin wraps the chosen layers' own processors (the perturbation is a
-per-(row, head) lerp of their attention output, see `attnsurgery.ops.perturb`) and puts the guidance wrapper
-on the denoiser (`attnsurgery.pipelines.guidance`), which adds the perturbed rows and folds their prediction
-into the pipeline's own classifier-free guidance.
+The plugin is a validated config over the perturbation engine (`attnsurgery.perturbation`): it wraps the
+chosen layers' own processors (the perturbation is a per-(row, head) lerp of their attention output, see
+`attnsurgery.ops.perturb`) and puts the guidance wrapper on the denoiser (`attnsurgery.perturbation.guidance`),
+which adds the perturbed rows and folds their prediction into the pipeline's own classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..headhunter.headset import SELF_KINDS, HeadSet
 from ..ops.perturb import KINDS
-from ..pipelines.guidance import GuidanceSchedule, PerturbationGuidance
-from ..processors.perturb import HeadPerturbationProcessor, PerturbationState
+from ..perturbation.guidance import GuidanceSchedule, PerturbationGuidance
+from ..perturbation.headset import SELF_KINDS, HeadSet
+from ..perturbation.processor import HeadPerturbationProcessor, PerturbationState
 from .base import Plugin
 
 if TYPE_CHECKING:

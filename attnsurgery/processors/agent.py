@@ -9,20 +9,44 @@ tokens, exactly like :class:`~attnsurgery.processors.token_merge.TokenMergeProce
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from ..ops.agent import agent_attention, agents_pay_off, merge_counts, pool_agents
 from ..ops.token_merge import plan_merge
-from .token_merge import MergingProcessor, check_self_attention_call
+from .token_merge import MergingProcessor, check_cells, check_fraction, check_self_attention_call
 
-if TYPE_CHECKING:
-    from ..plugins.agent import AgentPhase
-
-__all__ = ["AgentProcessor", "check_agent_layer"]
+__all__ = ["AgentPhase", "AgentProcessor", "check_agent_layer"]
 
 AgentSource = Literal["tome", "pool"]
+
+
+@dataclass(frozen=True)
+class AgentPhase:
+    """Settings used while the denoising progress lies in the first ``until`` of the schedule.
+
+    Attributes:
+        until: end of the phase as a fraction of the schedule (the last phase should reach 1.0).
+        sx: dst / pooling cell width.
+        sy: dst / pooling cell height.
+        ratio: fraction of tokens ToMe removes from queries, keys and values.
+        agent_ratio: fraction of tokens merged away to form the agents.
+    """
+
+    until: float
+    sx: int
+    sy: int
+    ratio: float
+    agent_ratio: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.until <= 1.0:
+            raise ValueError(f"AgentPhase.until={self.until!r} must lie in (0, 1]: it is a schedule fraction")
+        check_cells("AgentPhase", self.sx, self.sy)
+        check_fraction("AgentPhase", "ratio", self.ratio)
+        check_fraction("AgentPhase", "agent_ratio", self.agent_ratio)
 
 
 def check_agent_layer(attn: torch.nn.Module, path: str) -> None:

@@ -18,9 +18,25 @@ from ..context import StepContext
 from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
 from .base import WrappingProcessor
 
-__all__ = ["BlockInput", "MergingProcessor", "TokenMergeProcessor", "check_self_attention_call"]
+__all__ = ["BlockInput", "MergingProcessor", "TokenMergeProcessor", "check_cells", "check_fraction",
+           "check_self_attention_call"]
 
 GeneratorFactory = Callable[[], torch.Generator]
+
+
+def check_fraction(owner: str, name: str, value: float) -> None:
+    """Merge ratios are fractions of the tokens in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.{name}={value!r} must lie in [0, 1): the fraction of tokens merged away")
+
+
+def check_cells(owner: str, sx: int, sy: int) -> None:
+    """Cell sizes are positive integers, and a cell holds a source token besides its destination."""
+    for name, value in (("sx", sx), ("sy", sy)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{name}={value!r} must be a positive integer (tokens per cell side)")
+    if sx * sy < 2:
+        raise ValueError(f"{owner}(sx=1, sy=1): a 1x1 cell is all destination, nothing merges; use sx * sy >= 2")
 
 
 class BlockInput:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..ops.perturb import head_pairs, perturb_heads
-from .base import WrappingProcessor
-from .sdpa_intercept import FirstAttentionCall
+from ..processors.base import WrappingProcessor
+from ..processors.sdpa_intercept import FirstAttentionCall
 
 
 @dataclass

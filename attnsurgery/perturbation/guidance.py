@@ -4,12 +4,12 @@ The denoiser's forward pre-hook appends perturbed copies of the conditional rows
 forward hook splits them off again and folds their prediction into the rows the pipeline sees. Sequential
 mode runs the conditional rows once more through the denoiser with the perturbation on, instead.
 
-How the term reaches the pipeline's own guidance line (spec: eps = eps_u + w (eps_c - eps_u) + s_t d with
-d = eps_c - eps_p, or eps_c + s_t d without CFG): we add s_t d to *every* prediction of the same prompt at
-that step, conditional and unconditional alike. Any guidance combination whose weights sum to one (CFG:
+How the term reaches the pipeline's own guidance line (the target: eps = eps_u + w (eps_c - eps_u) + s_t d
+with d = eps_c - eps_p, or eps_c + s_t d without CFG): we add s_t d to *every* prediction of the same prompt
+at that step, conditional and unconditional alike. Any guidance combination whose weights sum to one (CFG:
 (1 - w) eps_u + w eps_c; FLUX true CFG, a separate unconditional call; SD3 skip-layer guidance, whose extra
 term is a difference) then gains exactly s_t d, so the wrapper needs neither w nor the combination itself.
-(The spec's alternative, eps_c + (s_t / w) d on the conditional rows only, needs w, which FluxPipeline keeps
+(The alternative, eps_c + (s_t / w) d on the conditional rows only, needs w, which FluxPipeline keeps
 in a local variable.) What the wrapper must know is which rows are conditional: it reads the pipeline's
 `do_classifier_free_guidance` property at call time (SD, SDXL, SD3 pipelines batch [uncond, cond] when it
 is true); a pipeline without that property (FLUX) or a bare denoiser is taken to run conditional rows only.
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..processors.perturb import PerturbationState
+from .processor import PerturbationState
 
 # Denoiser kwargs that are not batched even though they are tensors (FLUX's 2-D position ids).
 _UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})
