@@ -26,6 +26,9 @@ def test_eval_prints_plain_and_plugin_rows_at_each_size(reference_dir, capsys):
         assert 0 <= fidelity <= 1 and 0 <= duplication <= 1
         assert math.isnan(clean) or 0 <= clean <= 1  # no detected object: the rate is undefined
     assert rows[0][-2:] == ["(1.00x", "plain)"]
+    assert rows[0][5:7] == ["-", "-"]  # the plain rows are the closeness reference
+    psnr, ssim = float(rows[2][5]), float(rows[2][6])
+    assert 0 < psnr < math.inf and -1 <= ssim <= 1  # PAG changes the images (identical ones give inf)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,17 @@
-"""``attnsurgery eval``: the reference evaluator over held-out prompts, plain versus with plugins."""
+"""``attnsurgery eval``: the reference evaluator over held-out prompts, plain versus with plugins.
+
+Beside fidelity and duplication, each plugin row says how close its images stay to the plain images of
+the same pairs (PSNR and SSIM; ``reference.closeness``)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from .plugin_flags import add_plugin_flags, plugins_from_args
+
+if TYPE_CHECKING:
+    from ..reference.eval import EvalReport
 
 __all__ = ["register"]
 
@@ -13,7 +20,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "eval", help="fidelity, duplication and clean-shape rates on held-out prompts, plain vs plugins",
         description="Score a model with the reference world's analytic evaluator at multiples of its native "
-        "size, without and with the given plugins.",
+        "size, without and with the given plugins; plugin rows add PSNR and SSIM to the plain images.",
     )
     parser.add_argument("--model", default="reference", help="'reference' (default) or a model path")
     parser.add_argument("--pairs", type=int, default=50, help="held-out (prompt, seed) pairs per row (default 50)")
@@ -42,7 +49,8 @@ def _sizes(text: str, native: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from ..families import detect_family
     from ..pipelines.loading import default_guidance_scale, load_pipeline
-    from ..reference.eval import evaluate, heldout_pairs, pipeline_sampler
+    from ..reference.closeness import mean_closeness
+    from ..reference.eval import evaluate, heldout_pairs, reference_sampler
     from ..surgery import patched, resolve_target
 
     if args.pairs < 1 or args.steps < 1 or args.batch_size < 1:
@@ -55,19 +63,27 @@ def run(args: argparse.Namespace) -> int:
     objects = None if args.objects == "mixed" else int(args.objects)
     pairs = heldout_pairs(args.pairs, objects)
     guidance = default_guidance_scale(args.model) if args.cfg is None else args.cfg
-    sampler = pipeline_sampler(pipe, num_inference_steps=args.steps, guidance_scale=guidance)
+    sampler = reference_sampler(pipe, args.steps, guidance)
     setups = [("plain", [])] + ([(" + ".join(type(p).__name__ for p in plugins), plugins)] if plugins else [])
-    header = f"{'setup':<32} {'size':>5} {'fidelity':>9} {'duplication':>12} {'clean shapes':>13} {'s/image':>8}"
+    header = (f"{'setup':<32} {'size':>5} {'fidelity':>9} {'duplication':>12} {'clean shapes':>13} "
+              f"{'PSNR dB':>8} {'SSIM':>6} {'s/image':>8}")
     rows = [header, "-" * len(header)]
-    baseline: dict[int, float] = {}
+    plain: dict[int, EvalReport] = {}
     for label, chosen in setups:
         for size in sizes:
             with patched(pipe, *chosen):
-                report = evaluate(sampler, pairs, size=size, batch_size=args.batch_size, progress=not args.no_progress)
+                report = evaluate(sampler, pairs, size=size, batch_size=args.batch_size,
+                                  progress=not args.no_progress, keep_images=True)
             m = report.metrics
-            baseline.setdefault(size, report.seconds_per_image)
-            ratio = report.seconds_per_image / baseline[size]
+            base = plain.setdefault(size, report)
+            if base is report:
+                closeness = f"{'-':>8} {'-':>6}"
+            else:
+                psnr, ssim = mean_closeness(report.images, base.images)
+                closeness = f"{psnr:>8.2f} {ssim:>6.3f}"
+            ratio = report.seconds_per_image / base.seconds_per_image
             rows.append(f"{label:<32} {size:>5} {m.fidelity:>9.3f} {m.duplication_rate:>12.3f} "
-                        f"{m.clean_shape_rate:>13.3f} {report.seconds_per_image:>8.3f}  ({ratio:.2f}x plain)")
+                        f"{m.clean_shape_rate:>13.3f} {closeness} {report.seconds_per_image:>8.3f}  "
+                        f"({ratio:.2f}x plain)")
     print("\n".join(rows))
     return 0

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from attnsurgery.reference.evaluator import Metrics, SampleScore, score, summarize
+from attnsurgery.reference.evaluator import Metrics, SampleScore, as_rgb_array, score, summarize
 from attnsurgery.reference.shapes import heldout_seed, make_scene
 
 #: ``generate(prompts, seeds, size)`` -> one image per prompt (PIL, HWC array or CHW tensor in [0, 1]).
@@ -37,6 +37,7 @@ class EvalReport:
     size: int
     seconds_per_image: float
     scores: tuple[SampleScore, ...]
+    images: tuple[np.ndarray, ...] = ()  # [H, W, 3] uint8, in pair order, when evaluate(keep_images=True)
 
     def as_dict(self) -> dict[str, float | int]:
         return {**self.metrics.as_dict(), "size": self.size, "seconds_per_image": self.seconds_per_image}
@@ -106,6 +107,7 @@ def evaluate(
     size: int = 64,
     batch_size: int = 16,
     progress: bool = True,
+    keep_images: bool = False,
 ) -> EvalReport:
     """Generate every pair at ``size`` px and score it: fidelity, duplication, clean shapes, seconds/image.
 
@@ -115,6 +117,7 @@ def evaluate(
         size: image side in pixels (the reference model's native size is 64).
         batch_size: pairs per ``generate`` call.
         progress: show a progress bar.
+        keep_images: return the images as uint8 arrays in ``report.images`` (for closeness measures).
 
     Example:
         >>> report = evaluate(pipeline_sampler(pipe), heldout_pairs(50), size=128)  # doctest: +SKIP
@@ -124,6 +127,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     scores: list[SampleScore] = []
+    kept: list[np.ndarray] = []
     seconds = 0.0
     with tqdm(total=len(pairs), desc=f"eval {size}px", disable=not progress, dynamic_ncols=True) as bar:
         for begin in range(0, len(pairs), batch_size):
@@ -135,9 +139,11 @@ def evaluate(
             if len(images) != len(chunk):
                 raise RuntimeError(f"generate returned {len(images)} images for {len(chunk)} prompts")
             scores += [score(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+            if keep_images:
+                kept += [as_rgb_array(image).round().astype(np.uint8) for image in images]
             bar.update(len(chunk))
             bar.set_postfix(fidelity=f"{np.mean([s.correct for s in scores]):.3f}")
-    return EvalReport(summarize(scores), size, seconds / len(pairs), tuple(scores))
+    return EvalReport(summarize(scores), size, seconds / len(pairs), tuple(scores), tuple(kept))
 
 
 #: The model card's evaluation: (label, objects per prompt, image size, pairs). The gate is the first row.

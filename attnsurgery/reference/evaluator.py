@@ -107,7 +107,7 @@ class Metrics:
         }
 
 
-def _as_rgb_array(image: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
+def as_rgb_array(image: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
     """``[H, W, 3]`` float32 in 0..255 from a PIL image, a uint8/float HWC array or a CHW tensor in [0, 1]."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -123,7 +123,7 @@ def _as_rgb_array(image: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
 
 def colour_labels(image: np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
     """Per-pixel palette index ``[H, W]`` (int), -1 for background, blur and anything off-palette."""
-    rgb = _as_rgb_array(image)
+    rgb = as_rgb_array(image)
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     background = np.median(border, axis=0)
     palette_distance = np.linalg.norm(rgb[:, :, None, :] - _PALETTE_RGB, axis=-1)  # [H, W, colours]
