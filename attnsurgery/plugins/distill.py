@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..convfusion import ConvFusion
+from ..convfusion.format import architecture_fingerprint, check_fingerprint
 from ..families import detect_family
 from ..lr_schedule import warmup_cooldown
 from ..pipelines.loading import load_pipeline
 from ..surgery import active_surgeries, apply, resolve_target
-from .convfusion import ConvFusion
-from .convfusion_io import architecture_fingerprint, check_fingerprint
 from .distill_data import (
     IMAGE_SUFFIXES,
     LatentFolder,
