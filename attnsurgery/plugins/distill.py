@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -35,9 +34,9 @@ from tqdm.auto import tqdm
 from ..convfusion import ConvFusion
 from ..convfusion.format import architecture_fingerprint, check_fingerprint
 from ..families import detect_family
-from ..lr_schedule import warmup_cooldown
 from ..pipelines.loading import load_pipeline
 from ..surgery import active_surgeries, apply, resolve_target
+from ..training import atomic_path, min_snr_weights, setting_changes, warmup_cooldown
 from .distill_data import (
     IMAGE_SUFFIXES,
     LatentFolder,
@@ -46,12 +45,13 @@ from .distill_data import (
     find_captioned_images,
     read_prompts,
 )
-from .distill_loss import LOSS_PRESETS, LossWeights, distillation_loss, min_snr_weights
+from .distill_loss import LOSS_PRESETS, LossWeights, distillation_loss
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_main"]
 
 CHECKPOINTS = "checkpoints"
 TRAINING_NAME = "training.json"
+PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
 # Settings that may change between a checkpoint and its resumption without changing the trajectory.
 _RESUMABLE_CHANGES = frozenset(
     {"steps", "checkpoint_every", "gradient_checkpointing", "teacher_steps", "teacher_guidance"}
@@ -202,21 +202,16 @@ def _encode_captions(pipe: Any, captions: list[str], resolution: int, device: to
 
 def _checkpoints(out: Path) -> list[Path]:
     """Finished checkpoints, oldest first (a ``.partial`` one was interrupted while being written)."""
-    return sorted(p for p in (out / CHECKPOINTS).glob("step-*") if not p.name.endswith(".partial"))
+    return sorted(p for p in (out / CHECKPOINTS).glob("step-*") if not p.name.endswith(PARTIAL))
 
 
 def _check_resumable(
     saved: dict[str, Any], config: DistillConfig, fingerprint: dict[str, Any], where: Path
 ) -> None:
-    current = config.to_dict()
-    changed = [
-        f"{key}: checkpoint {saved['config'].get(key)!r}, now {current.get(key)!r}"
-        for key in sorted(current)
-        if key not in _RESUMABLE_CHANGES and saved["config"].get(key) != current.get(key)
-    ]
+    changed = setting_changes(saved["config"], config.to_dict(), _RESUMABLE_CHANGES)
     if changed:
         raise ValueError(
-            f"Cannot resume from {where}: it was trained with other settings ({'; '.join(changed)}). "
+            f"Cannot resume from {where}: it was trained with other settings ({'; '.join(map(str, changed))}). "
             "Resume with the same settings, or start a new run in another --out folder."
         )
     check_fingerprint(saved["fingerprint"], fingerprint, f"The checkpoint {where}")
@@ -337,16 +332,14 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
 
     def _write_checkpoint(self, folder: Path, step: int) -> None:
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        ConvFusion(blocks=self.blocks, fingerprint=self.fingerprint).save(partial)
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()},
-            partial / "optimizer.pt",
-        )
-        training = {"step": step, "config": self.config.to_dict(), "fingerprint": self.fingerprint}
-        (partial / TRAINING_NAME).write_text(json.dumps(training, indent=2), encoding="utf-8")
-        partial.rename(folder)
+        with atomic_path(folder, suffix=PARTIAL) as partial:
+            ConvFusion(blocks=self.blocks, fingerprint=self.fingerprint).save(partial)
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()},
+                partial / "optimizer.pt",
+            )
+            training = {"step": step, "config": self.config.to_dict(), "fingerprint": self.fingerprint}
+            (partial / TRAINING_NAME).write_text(json.dumps(training, indent=2), encoding="utf-8")
 
     def step(self, dataset: LatentFolder, step: int, resolution: int) -> dict[str, float]:
         config, accelerator = self.config, self.accelerator
