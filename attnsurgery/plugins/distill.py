@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,7 +46,7 @@ from .distill_data import (
 )
 from .distill_loss import LOSS_PRESETS, LossWeights, distillation_loss
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "distill_main"]
+__all__ = ["DistillConfig", "DistillResult", "distill"]
 
 CHECKPOINTS = "checkpoints"
 TRAINING_NAME = "training.json"
@@ -523,15 +522,6 @@ def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     return parser
-
-
-def distill_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``attnsurgery distill``; returns the process exit code.
-
-    Example:
-        >>> distill_main(["--model", "./sd15", "--data", "prompts.txt", "--out", "out"])  # doctest: +SKIP
-    """
-    return distill_from_args(distill_parser().parse_args(argv))
 
 
 def distill_from_args(args: argparse.Namespace) -> int:
