@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnsurgery.plugins.distill_loss import LossWeights, distillation_loss
+from attnsurgery.distill.loss import LossWeights, distillation_loss
 from attnsurgery.training import min_snr_weights
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from attnsurgery.plugins.distill import DistillConfig, distill_parser
+from attnsurgery.cli.distill_cmd import distill_parser
+from attnsurgery.distill import DistillConfig
 from attnsurgery.training import warmup_cooldown
 
 
