@@ -8,12 +8,12 @@ Example:
 """
 
 from .context import StepContext
+from .convfusion import ConvFusion
 from .families import Family, detect_family
 from .headhunter import HeadSet, Racing, hunt
 from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.agent import AgentAttention, AgentPhase
 from .plugins.base import Plugin, plugin_from_dict
-from .plugins.convfusion import ConvFusion
 from .plugins.hidiffusion import HiDiffusion
 from .plugins.perturbation import PerturbedAttention
 from .plugins.token_merging import TokenMerging

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import attnsurgery as surg
-from attnsurgery.plugins.distill import DistillConfig, distill
+from attnsurgery.distill import DistillConfig, distill
 from attnsurgery.reference.eval import evaluate, heldout_pairs, pipeline_sampler
 from attnsurgery.reference.model import GUIDANCE_SCALE, load_reference_pipeline
 from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, make_scene, render

@@ -10,7 +10,7 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery import ConvFusion
-from attnsurgery.plugins.convfusion import ConvFusionAttention
+from attnsurgery.convfusion import ConvFusionAttention
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd15, tiny_sdxl
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import attnsurgery as surg
 from attnsurgery import ConvFusion
 from attnsurgery.cli import main
-from attnsurgery.plugins.convfusion_convert import convert_official
+from attnsurgery.convfusion import convert_official
 from attnsurgery.testing.tiny import tiny_sd15, tiny_sdxl
 
 # Kernel sizes of the released models by UNet block (the authors' SD15ConvModel / SDXLConvModel defaults).

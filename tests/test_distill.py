@@ -10,8 +10,8 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery.cli import main
-from attnsurgery.plugins.distill import DistillConfig, distill
-from attnsurgery.plugins.distill_data import cache_from_prompts
+from attnsurgery.distill import DistillConfig, distill
+from attnsurgery.distill.data import cache_from_prompts
 from attnsurgery.testing.tiny import tiny_sd15, tiny_sdxl
 
 PROMPTS = ["a red cube", "a blue ball on grass", "two green cones", "a yellow star at night"]
@@ -122,7 +122,7 @@ def test_cli_entry_trains_from_an_image_folder(tmp_path: Path, monkeypatch: pyte
         Image.new("RGB", (80, 64), colour).save(images / f"{index}.png")
         (images / f"{index}.txt").write_text(f"a plain colour {index}")
     pipe = tiny_sd15()
-    monkeypatch.setattr("attnsurgery.plugins.distill.load_pipeline", lambda *args, **kwargs: pipe)
+    monkeypatch.setattr("attnsurgery.cli.distill_cmd.load_pipeline", lambda *args, **kwargs: pipe)
     code = main(["distill", "--model", "tiny", "--data", str(images), "--out", str(tmp_path / "out"),
                  "--steps", "2", "--batch-size", "2", "--resolution", "64", "--gradient-checkpointing"])
     assert code == 0

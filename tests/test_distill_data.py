@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnsurgery.plugins.distill_data import (
+from attnsurgery.distill.data import (
     LatentFolder,
     find_captioned_images,
     load_image,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnsurgery.plugins.distill_loss import LossWeights, distillation_loss, min_snr_weights
+from attnsurgery.distill.loss import LossWeights, distillation_loss
+from attnsurgery.training import min_snr_weights
 
 
 def test_terms_and_weights() -> None:

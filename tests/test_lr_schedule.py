@@ -2,8 +2,9 @@
 
 import pytest
 
-from attnsurgery.lr_schedule import warmup_cooldown
-from attnsurgery.plugins.distill import DistillConfig, distill_parser
+from attnsurgery.cli.distill_cmd import distill_parser
+from attnsurgery.distill import DistillConfig
+from attnsurgery.training import warmup_cooldown
 
 
 def test_warms_up_holds_then_falls_to_zero() -> None:

@@ -26,8 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..convfusion.convert import convert_official
     from ..pipelines.loading import meta_denoiser, read_denoiser_spec
-    from ..plugins.convfusion_convert import convert_official
 
     denoiser = meta_denoiser(read_denoiser_spec(args.model))
     plugin = convert_official(args.weights, denoiser, gate=args.gate, skip_other_keys=args.skip_other_keys)

@@ -66,8 +66,8 @@ def plugins_from_json(texts: list[str]) -> list[Plugin]:
 def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
     """Every plugin the parsed flags ask for: ``--plugin`` JSON first, then the flag groups in a fixed order
     (structure first, guidance last)."""
+    from ..convfusion import ConvFusion
     from ..plugins.agent import AgentAttention
-    from ..plugins.convfusion import ConvFusion
     from ..plugins.hidiffusion import HiDiffusion
     from ..plugins.perturbation import PerturbedAttention
     from ..plugins.token_merging import TokenMerging

@@ -5,7 +5,7 @@ non-square latent the token count alone does not give it. ComfyUI calls attn1 as
 value=...)`` without ``transformer_options``, so the grid has to reach the module some other way:
 
 - Chosen: an object patch swaps each attn1 for the library's own
-  :class:`~attnsurgery.plugins.convfusion.ConvFusionAttention` (the module the diffusers plugin swaps in, so
+  :class:`~attnsurgery.convfusion.ConvFusionAttention` (the module the diffusers plugin swaps in, so
   the maths is the same by construction), and a U-Net function wrapper puts the latent shape of each U-Net
   call into a context variable for the duration of that call only, innermost in any chain of wrappers, so
   it sees the tensor that reaches the U-Net. Each layer turns the shape into its grid by its resolution
@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
+from ..convfusion.format import CONFIG_NAME, WEIGHTS_NAME, check_fingerprint, load_blocks
+from ..convfusion.plugin import ConvFusionAttention
 from ..inventory import level_grid
 from ..ops.pyramid_conv import PyramidConvBlock
-from ..plugins.convfusion import ConvFusionAttention
-from ..plugins.convfusion_io import CONFIG_NAME, WEIGHTS_NAME, check_fingerprint, load_blocks
 from .node import ModelPatchNode
 from .patching import DIT_LIMITATION, AttentionSite, claim_token_layers, unet_attention_sites
 
@@ -62,7 +62,7 @@ def blocks_folder(path: str) -> Path:
 
 
 def comfy_fingerprint(model: Any) -> dict[str, Any]:
-    """The part of :func:`~attnsurgery.plugins.convfusion_io.architecture_fingerprint` that a ComfyUI U-Net
+    """The part of :func:`~attnsurgery.convfusion.format.architecture_fingerprint` that a ComfyUI U-Net
     config determines, under diffusers' key names."""
     config = model.model.model_config.unet_config
     return {

@@ -26,6 +26,7 @@ from attnsurgery.reference.flux_model import (
     save_reference_flux_weights,
 )
 from attnsurgery.reference.model import build_reference_pipeline, load_reference_pipeline, save_reference_weights
+from attnsurgery.training import min_snr_weights
 
 __all__ = ["TOPOLOGIES", "Topology", "UNetObjective", "RectifiedFlowObjective", "MIN_SNR_GAMMA"]
 
@@ -47,22 +48,21 @@ class UNetObjective:
     """Epsilon or velocity prediction on DDPM noise levels, min-SNR weighted (the U-Net reference)."""
 
     def __init__(self, pipe: StableDiffusionPipeline, prediction_type: str) -> None:
-        alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
-        snr = alphas_cumprod / (1 - alphas_cumprod)
+        self.alphas_cumprod = pipe.scheduler.alphas_cumprod
+        self.prediction_type = prediction_type
         self.velocity = prediction_type == "v_prediction"
-        # min-SNR weights: min(SNR, gamma) / SNR for epsilon targets, / (SNR + 1) for v targets
-        self.weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1 if self.velocity else snr)
 
     def __call__(self, pipe: StableDiffusionPipeline, images: torch.Tensor, captions: list[str],
                  generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             latents = pipe.vae.encode(images).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, len(self.weights), (latents.shape[0],), generator=generator)
+        t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator)
         noisy = pipe.scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, _encode_clip(pipe, captions)).sample
         target = pipe.scheduler.get_velocity(latents, noise, t) if self.velocity else noise
-        return (self.weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        weights = min_snr_weights(self.alphas_cumprod, t, MIN_SNR_GAMMA, self.prediction_type)
+        return (weights * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
 class RectifiedFlowObjective:

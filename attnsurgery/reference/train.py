@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -39,12 +38,12 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from attnsurgery.lr_schedule import warmup_cooldown
 from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, reference_sampler
 from attnsurgery.reference.evaluator import score
 from attnsurgery.reference.model import GUIDANCE_SCALE, load_reference_pipeline
 from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, Scene, heldout_seed, make_scene, render
 from attnsurgery.reference.topologies import MIN_SNR_GAMMA, TOPOLOGIES, Topology
+from attnsurgery.training import atomic_path, ema_update, setting_changes, warmup_cooldown
 
 #: Training scenes draw 1, 2 or 3 objects with these probabilities (one-object prompts are the gate).
 OBJECT_COUNT_PROBS = (0.5, 0.25, 0.25)
@@ -182,12 +181,6 @@ def adopt_unet_reference_parts(pipe: DiffusionPipeline, stream: SceneStream) -> 
     pipe.vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1.0 - decay)
-
-
 @dataclass
 class DenoiserState:
     """Everything the UNet stage needs to continue exactly where it stopped (saved in ``checkpoint.pt``)."""
@@ -243,7 +236,7 @@ def train_denoiser(
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         sched.step()
-        _ema_update(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         stopping = None
@@ -346,8 +339,8 @@ def _load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"--resume: {path} was written by an older trainer and cannot be continued exactly; "
                          "use --init-from with the weights it produced")
-    if checkpoint["settings"] != _checkpoint_settings(cfg):
-        changed = sorted(k for k, v in _checkpoint_settings(cfg).items() if checkpoint["settings"].get(k) != v)
+    changed = [change.name for change in setting_changes(checkpoint["settings"], _checkpoint_settings(cfg))]
+    if changed:
         raise ValueError(f"--resume: {path} was written with other settings ({changed}); pass the same ones "
                          "(only --steps and --cooldown-steps may change)")
     return checkpoint
@@ -435,8 +428,8 @@ def train(
             "stream_rng": stream.rng.bit_generator.state, "generator": generator.get_state(),
             "denoiser": vars(current), "minutes": minutes_before + (time.monotonic() - begin) / 60,
         }
-        torch.save(checkpoint, out / (CHECKPOINT_FILE + ".tmp"))
-        os.replace(out / (CHECKPOINT_FILE + ".tmp"), out / CHECKPOINT_FILE)
+        with atomic_path(out / CHECKPOINT_FILE) as tmp:
+            torch.save(checkpoint, tmp)
 
     if not resume:
         save(state)

@@ -10,9 +10,9 @@ import torch
 from attnsurgery.comfy.convfusion import AttnSurgeryConvFusion
 from attnsurgery.comfy.perturbed_attention import AttnSurgeryPerturbedAttention
 from attnsurgery.comfy.token_merging import AttnSurgeryTokenMerging
+from attnsurgery.convfusion import ConvFusion
+from attnsurgery.convfusion.format import CONFIG_NAME, architecture_fingerprint, save_blocks
 from attnsurgery.ops.pyramid_conv import PyramidConvBlock
-from attnsurgery.plugins.convfusion import ConvFusion
-from attnsurgery.plugins.convfusion_io import CONFIG_NAME, architecture_fingerprint, save_blocks
 
 from .parity import capture_first_call, diffusers_prediction, diffusers_twin
 from .tiny_comfy import sample

@@ -39,8 +39,8 @@ from safetensors.torch import load_file
 from ..inventory import describe
 from ..ops.pyramid_conv import PyramidConvBlock
 from ..surgery import resolve_target
-from .convfusion import ConvFusion
-from .convfusion_io import architecture_fingerprint
+from .format import architecture_fingerprint
+from .plugin import ConvFusion
 
 __all__ = ["OFFICIAL_GATES", "convert_official", "load_official", "official_block_keys"]
 

@@ -4,9 +4,10 @@ loss = w_noise * MSE(student eps, true target) + w_teacher * MSE(student eps, te
        + w_feature * sum over replaced blocks MSE(student block output, teacher attn1 output)
 
 Weights: ConvFusion (arXiv 2504.21292) uses (1, 1, 0.001); LinFusion and CLEAR use (1, 0.5, 0.5). The two
-prediction terms can carry Min-SNR weights (Hang et al. 2023; ConvFusion trains with gamma = 5). Student
-blocks see the student's own upstream features (no teacher forcing), so the feature term compares each
-block's output with what the teacher's attention produced at the same place in the teacher's pass.
+prediction terms can carry Min-SNR weights (Hang et al. 2023; ConvFusion trains with gamma = 5), computed
+by ``attnsurgery.training.min_snr_weights``. Student blocks see the student's own upstream features (no
+teacher forcing), so the feature term compares each block's output with what the teacher's attention
+produced at the same place in the teacher's pass.
 """
 
 from __future__ import annotations
@@ -49,20 +50,6 @@ class LossWeights:
         if name not in LOSS_PRESETS:
             raise ValueError(f"Unknown loss preset {name!r}; choose one of {sorted(LOSS_PRESETS)}.")
         return cls(*LOSS_PRESETS[name], min_snr_gamma=min_snr_gamma)
-
-
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
-    """Per-sample Min-SNR loss weights: min(SNR, gamma) / SNR for epsilon targets, / (SNR + 1) for v."""
-    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alpha / (1 - alpha)
-    clipped = snr.clamp(max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    raise NotImplementedError(f"Min-SNR weighting for prediction_type {prediction_type!r} is not defined; "
-                              "pass min_snr_gamma=None.")
 
 
 def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

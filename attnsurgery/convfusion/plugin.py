@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..ops.pyramid_conv import GATES, Gate, PyramidConvBlock, kernel_preset
+from ..plugins.base import Plugin
 from ..surgery import resolve_target
-from .base import Plugin
-from .convfusion_io import architecture_fingerprint, check_fingerprint, load_blocks, save_blocks
+from .format import architecture_fingerprint, check_fingerprint, load_blocks, save_blocks
 
 if TYPE_CHECKING:
     from ..inventory import AttentionLayer
@@ -105,7 +105,7 @@ class ConvFusion(Plugin):
 
     With ``blocks`` (e.g. from :meth:`from_pretrained`) those blocks replace the attn1 layers they name;
     without, fresh blocks are built for the selected layers (the start of a distillation, see
-    ``attnsurgery.plugins.distill``), with the family's kernel-size preset unless ``kernel_size`` is given.
+    ``attnsurgery.distill``), with the family's kernel-size preset unless ``kernel_size`` is given.
     Blocks are moved to the replaced layer's device and dtype when attached. LoRAs on a replaced attn1 stop
     applying (a warning names the layers).
 

@@ -267,3 +267,44 @@ def cache_from_images(
     progress.close()
     _mark_complete(folder, source_key, len(samples))
     return folder
+
+
+def prepare_latents(
+    pipe, data: Path, cache: Path, resolution: int, *, seed: int, num_inference_steps: int,
+    guidance_scale: float,
+) -> LatentFolder:
+    """Turn ``data`` (prompts file, captioned image folder or latent folder) into a latent folder.
+
+    Args:
+        pipe: the teacher pipeline (it samples latents from prompts, its VAE encodes images).
+        data: a prompts file, a folder of captioned images, or a folder of latent shards (used as is).
+        cache: where latents made from prompts or images go.
+        resolution: image side in pixels.
+        seed: seed of the teacher's sampling or of the VAE posterior.
+        num_inference_steps, guidance_scale: the teacher's sampling settings (prompts only).
+    """
+    if data.is_file():
+        prompts = read_prompts(data)
+        folder = cache_from_prompts(
+            pipe,
+            prompts,
+            cache,
+            resolution,
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+        return LatentFolder(folder)
+    if not data.is_dir():
+        raise ValueError(
+            f"--data {data} does not exist; pass a prompts .txt file, an image folder or a latent folder."
+        )
+    if any(data.glob("*.safetensors")):
+        return LatentFolder(data)
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in data.iterdir()):
+        raise ValueError(
+            f"The folder {data} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no latent shards "
+            "(.safetensors); point --data at captioned images, latents or a prompts file."
+        )
+    samples = find_captioned_images(data)
+    return LatentFolder(cache_from_images(pipe.vae, samples, cache, resolution, seed=seed))
