@@ -32,25 +32,22 @@ ROOT = Path(attnsurgery.__file__).parent
 #: Bottom to top: a module may import from its own layer and the layers below. Entries are the first name
 #: under ``attnsurgery`` (a module or a subpackage); "" is the package face ``attnsurgery/__init__.py``.
 LAYERS = (
-    ("foundation", ("families", "context", "inventory", "selectors", "lr_schedule")),
-    # The offline reference world (shapes data, evaluator, trainer, small models): it needs only lr_schedule,
+    ("foundation", ("families", "context", "inventory", "selectors", "training")),
+    # The offline reference world (shapes data, evaluator, trainer, small models): it needs only training,
     # and pipelines, headhunter, cli and testing load it.
     ("reference world", ("reference",)),
     ("ops", ("ops",)),
     ("processors", ("processors",)),
     ("technique engines", ("perturbation",)),
     # surgery.py checks plugins against plugins.base.Plugin, and every plugin attaches through the surgery.
-    ("techniques", ("surgery", "plugins")),
-    ("applications", ("pipelines", "headhunter")),
+    ("techniques", ("surgery", "plugins", "convfusion")),
+    ("applications", ("pipelines", "headhunter", "distill")),
     # testing/ (tiny offline pipelines for the tests and benchmarks) is imported by no module of the package.
     ("front ends", ("cli", "comfy", "testing", "__main__", "")),
 )
 
 #: Upward imports that exist and are to be removed, each with its reason; an entry that no longer holds fails.
-KNOWN_UPWARD = {
-    ("attnsurgery.plugins.distill", "attnsurgery.pipelines.loading"):
-        "the distillation trainer's command-line glue (distill_from_args) loads the teacher pipeline itself",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> list[str]:
