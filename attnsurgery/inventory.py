@@ -110,6 +110,7 @@ class ModelInfo:
     family: Family
     layers: tuple[AttentionLayer, ...]
     num_levels: int = 1
+    layer_noun: str = "attention layer"  # what ``layers`` hold, in error messages
 
     def layer(self, path: str) -> AttentionLayer:
         """The layer at an exact path (ValueError listing the layers if there is none)."""
