@@ -199,7 +199,10 @@ def select_heads(
     items = [spec] if isinstance(spec, str) or (isinstance(spec, tuple) and len(spec) == 2
                                                  and all(isinstance(v, int) for v in spec)) else list(spec)
     if not items:
-        raise ValueError("empty head spec: give 'path:head' strings or (block_index, head) tuples")
+        raise ValueError(
+            "empty head spec: give layer selectors (every head), 'path:h1,h2' items or, on DiTs, "
+            "(block_index, head) tuples"
+        )
     heads: dict[str, set[int] | None] = {}
     for item in items:
         layers, wanted = _parse_head_item(info, item, kinds)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from attnsurgery.comfy.patching import select_heads, select_layers, token_grid, unet_attention_sites
+from attnsurgery.comfy.patching import (
+    model_family,
+    select_heads,
+    select_layers,
+    token_grid,
+    unet_attention_sites,
+)
+from attnsurgery.inventory import describe
 
 from .parity import diffusers_twin
 
@@ -36,6 +43,29 @@ def test_head_specs(tiny):
                '"down_blocks.2.attentions.1.transformer_blocks.0.attn1": [2]}').keys()
     with pytest.raises(ValueError, match="empty head spec"):
         select_heads(sites, "  ")
+
+
+@pytest.mark.parametrize("spec", ["top", "mid", "down", "up", "all", "up_blocks.*.attentions.0", "down_blocks.1",
+                                  "**.attentions.1.**", "up_blocks.?.attentions.2.transformer_blocks.0.attn1"])
+def test_nodes_select_what_the_plugins_select(tiny, spec):
+    """One grammar: a node and a diffusers plugin given the same selector act on the same self-attention layers."""
+    plugin_layers = {layer.path for layer in describe(diffusers_twin()).select(spec, kinds=("self",))}
+    assert {site.path for site in select_heads(unet_attention_sites(tiny.model), spec)} == plugin_layers
+
+
+def test_node_selectors_are_anchored_and_list_the_layers(tiny):
+    sites, family = unet_attention_sites(tiny.model), model_family(tiny.model)
+    with pytest.raises(ValueError) as error:  # '*' stays inside one path segment
+        select_layers(sites, "down_blocks.*.attn1", family)
+    message = str(error.value)
+    assert "matches no self-attention layer of this sd15 model" in message
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1  (self, 8 heads)" in message
+    assert "top, mid, down, up, all" in message
+    with pytest.raises(ValueError, match="matches no self-attention layer"):  # enclosing paths end at a dot
+        select_layers(sites, "up_blocks.1.attention", family)
+    assert select_layers(sites, "mid_block,up_blocks.3.attentions.2", family) == {("middle", 0, 0), ("output", 11, 0)}
+    with pytest.raises(ValueError, match="must be a head index"):
+        select_heads(sites, "mid_block:x", family)
 
 
 def test_token_grid():
