@@ -8,7 +8,6 @@ state of their own. ComfyUI itself is imported lazily: this module imports witho
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,17 +168,13 @@ def claim_token_layers(patched: Any, keys: set[tuple[str, int, int]], owner: str
 
 
 def token_grid(original_shape: list[int], num_tokens: int) -> tuple[int, int]:
-    """(rows, cols) of a U-Net attention call over ``num_tokens`` on a latent of ``original_shape``.
+    """(rows, cols) of a U-Net attention call over ``num_tokens`` on a latent of ``original_shape``
+    (ComfyUI's ``extra_options["original_shape"]``), by :func:`attnsurgery.inventory.find_token_grid`.
 
     Raises:
         ValueError: no U-Net level of that latent holds that many tokens.
     """
-    height, width = int(original_shape[-2]), int(original_shape[-1])
-    grids = [(math.ceil(height / 2**k), math.ceil(width / 2**k)) for k in range(8)]
-    for grid in grids:
-        if grid[0] * grid[1] == num_tokens:
-            return grid
-    raise ValueError(f"{num_tokens} tokens match no level of a {height}x{width} latent (grids: {grids[:4]})")
+    return inventory.find_token_grid((int(original_shape[-2]), int(original_shape[-1])), num_tokens)
 
 
 def call_generator(seed: int, extra_options: dict) -> torch.Generator:
