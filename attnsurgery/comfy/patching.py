@@ -8,14 +8,13 @@ state of their own. ComfyUI itself is imported lazily: this module imports witho
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from .. import inventory, selectors
+from .. import inventory, rng, selectors
 from ..families import Family
 from ..headhunter.headset import FORMAT as HEADSET_FORMAT
 
@@ -179,9 +178,8 @@ def token_grid(original_shape: list[int], num_tokens: int) -> tuple[int, int]:
 
 def call_generator(seed: int, extra_options: dict) -> torch.Generator:
     """A private generator keyed by the seed, the layer and the sigma of this call: reproducible runs."""
-    key = (seed, tuple(extra_options["block"]), extra_options["block_index"],
-           round(current_sigma(extra_options["sigmas"]), 5))
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    return rng.keyed_generator(seed, tuple(extra_options["block"]), extra_options["block_index"],
+                               round(current_sigma(extra_options["sigmas"]), 5))
 
 
 def model_family(model: Any) -> Family:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from attnsurgery.comfy.patching import (
+    call_generator,
     model_family,
     select_heads,
     select_layers,
@@ -12,6 +14,7 @@ from attnsurgery.comfy.patching import (
     unet_attention_sites,
 )
 from attnsurgery.inventory import describe
+from attnsurgery.rng import keyed_generator
 
 from .parity import diffusers_twin
 
@@ -73,3 +76,11 @@ def test_token_grid():
     assert token_grid([2, 4, 13, 21], 7 * 11) == (7, 11)
     with pytest.raises(ValueError, match="match no level"):
         token_grid([2, 4, 16, 16], 77)
+
+
+def test_nodes_draw_from_the_librarys_keyed_generator():
+    extra_options = {"block": ("input", 1), "block_index": 0, "sigmas": torch.tensor([14.614642, 14.614642])}
+    drawn = torch.rand(4, generator=call_generator(7, extra_options))
+    assert torch.equal(drawn, torch.rand(4, generator=keyed_generator(7, ("input", 1), 0, 14.61464)))
+    assert torch.equal(drawn, torch.rand(4, generator=call_generator(7, extra_options)))
+    assert not torch.equal(drawn, torch.rand(4, generator=call_generator(8, extra_options)))
