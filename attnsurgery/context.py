@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +45,6 @@ class StepContext:
     latent_hw: tuple[int, int] | None = None
     batch_size: int | None = None
     roles: tuple[str, ...] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Forget the last call (what a fresh surgery sees)."""
@@ -55,7 +54,6 @@ class StepContext:
         self.latent_hw = None
         self.batch_size = None
         self.roles = None
-        self.extras.clear()
 
     @property
     def image_hw(self) -> tuple[int, int] | None:

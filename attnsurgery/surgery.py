@@ -38,7 +38,6 @@ ROLES = ("tokens", "heads", "module", "blocks", "guidance")
 _COMPATIBLE = {frozenset({"tokens", "heads"}), frozenset({"blocks", "tokens"}), frozenset({"blocks", "heads"})}
 
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[Surgery]] = weakref.WeakKeyDictionary()
-_MISSING = object()
 
 
 def resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
