@@ -50,7 +50,7 @@ def test_globs_stay_inside_segments(sd3_info, sd15_info):
 def test_named_groups_on_unets(sd15_info, sdxl_info):
     top = sd15_info.select("top", kinds=("self",))
     assert {layer.level for layer in top} == {0}
-    assert len(top) == 5  # down_blocks.0 x2 + up_blocks.3 x3, as the AgentSD/HiDiffusion specs say
+    assert len(top) == 5  # down_blocks.0 x2 + up_blocks.3 x3: the top level AgentSD and HiDiffusion act on
     # SDXL has no attention at full resolution: its top attention level is the 64x64 one of a 1024 image
     sdxl_top = sdxl_info.select("top", kinds=("self",))
     assert {layer.path.split(".")[0] + "." + layer.path.split(".")[1] for layer in sdxl_top} == {
