@@ -11,16 +11,15 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .families import Family
+from .inventory import find_token_grid, token_grids
 
 __all__ = ["StepContext", "locate_timestep", "make_clock_hook"]
-
-MAX_LEVELS = 8
 
 
 @dataclass
@@ -46,7 +45,6 @@ class StepContext:
     latent_hw: tuple[int, int] | None = None
     batch_size: int | None = None
     roles: tuple[str, ...] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Forget the last call (what a fresh surgery sees)."""
@@ -56,7 +54,6 @@ class StepContext:
         self.latent_hw = None
         self.batch_size = None
         self.roles = None
-        self.extras.clear()
 
     @property
     def image_hw(self) -> tuple[int, int] | None:
@@ -76,15 +73,14 @@ class StepContext:
             return self.step_index < math.floor(self.num_steps * fraction + 1e-9)
         return self.progress < fraction
 
-    def token_grids(self) -> list[tuple[int, int]]:
-        """Image-token grids this call can produce: every U-Net level, or the DiT patch grid."""
+    def _seen_latent(self) -> tuple[int, int]:
         if self.latent_hw is None:
             raise RuntimeError("the step clock has not seen a denoiser call yet; no token grid is known")
-        h, w = self.latent_hw
-        if self.family.kind == "unet":
-            return [(math.ceil(h / 2**k), math.ceil(w / 2**k)) for k in range(MAX_LEVELS)]
-        p = self.family.patch_size
-        return [(math.ceil(h / p), math.ceil(w / p))]
+        return self.latent_hw
+
+    def token_grids(self) -> list[tuple[int, int]]:
+        """Image-token grids this call can produce: every U-Net level, or the DiT patch grid."""
+        return token_grids(self._seen_latent(), self.family)
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         """Grid (rows, cols) of an attention call over ``num_tokens`` image tokens.
@@ -92,14 +88,7 @@ class StepContext:
         Raises:
             ValueError: no level of the current latent holds that many tokens (e.g. a text sequence).
         """
-        grids = self.token_grids()
-        for grid in grids:
-            if grid[0] * grid[1] == num_tokens:
-                return grid
-        raise ValueError(
-            f"{num_tokens} tokens match no token grid of the current {self.latent_hw} latent "
-            f"(grids: {grids[:5]}); is this layer attending over image tokens?"
-        )
+        return find_token_grid(self._seen_latent(), num_tokens, self.family)
 
 
 def _unique_in_order(values: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,14 @@ import torch
 
 from .families import Family, detect_family
 
-__all__ = ["AttentionLayer", "ModelInfo", "describe", "is_attention_module", "level_grid"]
+__all__ = [
+    "AttentionLayer", "ModelInfo", "describe", "is_attention_module", "level_grid", "token_grids", "find_token_grid",
+]
 
 LayerKind = Literal["self", "cross", "joint", "single"]
+
+#: U-Net levels a token count is looked up in: more 2x downsamplings than any supported U-Net has.
+MAX_LEVELS = 8
 
 
 def is_attention_module(module: torch.nn.Module) -> bool:
@@ -61,6 +66,41 @@ def level_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
     h, w = latent_hw
     scale = 2**level
     return math.ceil(h / scale), math.ceil(w / scale)
+
+
+def _is_unet(family: Family | None) -> bool:
+    return family is None or family.kind == "unet"
+
+
+def token_grids(latent_hw: tuple[int, int], family: Family | None = None) -> list[tuple[int, int]]:
+    """Image-token grids (rows, cols) a denoiser call on a latent of ``latent_hw`` cells can attend over.
+
+    On a U-Net (``family`` one, or None) one grid per resolution level, finest first; on a DiT its patch grid.
+    """
+    if _is_unet(family):
+        return [level_grid(latent_hw, level) for level in range(MAX_LEVELS)]
+    p = family.patch_size
+    return [(math.ceil(latent_hw[0] / p), math.ceil(latent_hw[1] / p))]
+
+
+def find_token_grid(latent_hw: tuple[int, int], num_tokens: int, family: Family | None = None) -> tuple[int, int]:
+    """The grid of :func:`token_grids` that holds ``num_tokens`` tokens: the layout of an attention call.
+
+    The count, not the layer's usual level, decides: a plugin that resizes features (RAU-Net) moves a layer
+    to another level's grid.
+
+    Raises:
+        ValueError: no grid of that latent holds that many tokens (e.g. a text sequence).
+    """
+    grids = token_grids(latent_hw, family)
+    for grid in grids:
+        if grid[0] * grid[1] == num_tokens:
+            return grid
+    where = "level" if _is_unet(family) else "token grid"
+    raise ValueError(
+        f"{num_tokens} tokens match no {where} of a {latent_hw[0]}x{latent_hw[1]} latent (token grids: "
+        f"{grids[:5]}); is this layer attending over image tokens?"
+    )
 
 
 def _unet_level(path: str, num_levels: int) -> int | None:
@@ -110,6 +150,7 @@ class ModelInfo:
     family: Family
     layers: tuple[AttentionLayer, ...]
     num_levels: int = 1
+    layer_noun: str = "attention layer"  # what ``layers`` hold, in error messages
 
     def layer(self, path: str) -> AttentionLayer:
         """The layer at an exact path (ValueError listing the layers if there is none)."""
@@ -136,8 +177,7 @@ class ModelInfo:
         """Image-token grid a layer sees for a latent of ``latent_hw`` cells."""
         if layer.level is not None:
             return level_grid(latent_hw, layer.level)
-        p = self.family.patch_size
-        return math.ceil(latent_hw[0] / p), math.ceil(latent_hw[1] / p)
+        return token_grids(latent_hw, self.family)[0]
 
     def attention_flops(self, layer: AttentionLayer, latent_hw: tuple[int, int]) -> int:
         """FLOPs of the attention core (Q K^T and A V, 2 FLOPs per multiply-add) for one image."""

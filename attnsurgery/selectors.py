@@ -9,13 +9,14 @@ A layer selector is one of, or a list of:
 - a named group: ``"top"`` (the highest-resolution attention level of a U-Net), ``"mid"``, ``"down"``,
   ``"up"``, ``"all"``; on DiTs ``"all"``, ``"joint"`` and (FLUX) ``"single"``.
 
-A head spec adds heads to that: ``"path:head"`` (the path as above, the head an integer index) or
-``(block_index, head)`` for DiTs (FLUX counts its double-stream blocks first, then the single-stream ones).
-Anything that matches nothing raises a ``ValueError`` that lists the layers that exist.
+A head spec adds heads to that: ``"path:head"`` or ``"path:h1,h2"`` (the path as above, the heads integer
+indices) or ``(block_index, head)`` for DiTs (FLUX counts its double-stream blocks first, then the
+single-stream ones). Anything that matches nothing raises a ``ValueError`` that lists the layers that exist.
+Where a spec arrives as one string (a ComfyUI input, a CLI flag), :func:`split_items` cuts it into items.
 
 Example:
     >>> info.select("transformer_blocks.1")            # block 1's attention, not block 10's
-    >>> info.select_heads(["transformer_blocks.11:15", (3, 0)])
+    >>> info.select_heads(["transformer_blocks.11:15,16", (3, 0)])
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .inventory import AttentionLayer, LayerKind, ModelInfo
 
-__all__ = ["LayerSelector", "HeadSpec", "select_layers", "select_heads", "no_match_error", "groups_of"]
+__all__ = [
+    "LayerSelector", "HeadSpec", "select_layers", "select_heads", "no_match_error", "groups_of", "split_items",
+]
 
 LayerSelector = str | Sequence[str]
 HeadSpec = str | tuple[int, int] | Sequence[str | tuple[int, int]]
@@ -84,10 +87,11 @@ def no_match_error(selector: object, info: ModelInfo, kinds: Iterable[str] | Non
     shown = [layer for layer in info.layers if kinds is None or layer.kind in kinds]
     listing = "\n".join(f"  {layer.path}  ({layer.kind}, {layer.heads} heads)" for layer in shown)
     what = f" of kind {'/'.join(kinds)}" if kinds else ""
+    noun = info.layer_noun
     return ValueError(
-        f"selector {selector!r} matches no attention layer{what} of this {info.family.name} model. "
+        f"selector {selector!r} matches no {noun}{what} of this {info.family.name} model. "
         f"Use an exact path, an enclosing module path, a glob ('*' within a segment, '**' across), "
-        f"or a group ({', '.join(groups_of(info))}). Attention layers:\n{listing}"
+        f"or a group ({', '.join(groups_of(info))}). {noun.capitalize()}s:\n{listing}"
     )
 
 
@@ -125,7 +129,36 @@ def select_layers(
     return [layer for layer in info.layers if layer.path in chosen]
 
 
-def _parse_head_item(info: ModelInfo, item, kinds) -> tuple[list[AttentionLayer], int | None]:
+def split_items(text: str) -> list[str]:
+    """The items of a selector or head spec written as one string (a ComfyUI input, a CLI flag).
+
+    Items are separated by whitespace, ``;`` or ``,``; a bare head index belongs to the ``path:h1,h2`` item
+    before it (no layer path is a bare number), so ``"a:0,3 b"`` and ``"a:0,3,b"`` are ``["a:0,3", "b"]``.
+
+    Example:
+        >>> split_items("up_blocks.1.attentions.0:0,3 mid_block; top")
+        ['up_blocks.1.attentions.0:0,3', 'mid_block', 'top']
+    """
+    items: list[str] = []
+    for piece in re.split(r"[\s;,]+", text):
+        if piece.isdigit() and items and ":" in items[-1]:
+            items[-1] += "," + piece
+        elif piece:
+            items.append(piece)
+    return items
+
+
+def _parse_heads(item: str, path: str, head_text: str) -> tuple[int, ...]:
+    parts = [part.strip() for part in head_text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(
+            f"head spec {item!r}: the part after ':' must be a head index or several, comma-separated, "
+            f"e.g. '{path}:0' or '{path}:0,3'"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def _parse_head_item(info: ModelInfo, item, kinds) -> tuple[list[AttentionLayer], tuple[int, ...] | None]:
     if isinstance(item, tuple) and len(item) == 2 and all(isinstance(v, int) for v in item):
         block, head = item
         if info.family.kind == "unet":
@@ -143,15 +176,14 @@ def _parse_head_item(info: ModelInfo, item, kinds) -> tuple[list[AttentionLayer]
                 f"head {item!r}: no block {block}; this {info.family.name} model has blocks "
                 f"{blocks[0]}..{blocks[-1]}"
             )
-        return layers, head
+        return layers, (head,)
     if not isinstance(item, str):
         raise ValueError(f"head spec items are 'path:head' strings or (block, head) tuples, got {item!r}")
     path, sep, head_text = item.rpartition(":")
     if not sep:
         return select_layers(info, item, kinds), None
-    if not head_text.strip().isdigit():
-        raise ValueError(f"head spec {item!r}: the part after ':' must be a head index, e.g. '{path}:0'")
-    return select_layers(info, path, kinds), int(head_text)
+    heads = _parse_heads(item, path, head_text)
+    return select_layers(info, path, kinds), heads
 
 
 def select_heads(
@@ -159,27 +191,33 @@ def select_heads(
 ) -> dict[str, frozenset[int] | None]:
     """Resolve a head spec to ``{layer path: heads}``; a plain layer selector means every head (None).
 
+    A layer named by several items gets the union of their heads (every head if one item names it plainly).
+
     Raises:
         ValueError: nothing matches, or a head index is out of range for its layer.
     """
     items = [spec] if isinstance(spec, str) or (isinstance(spec, tuple) and len(spec) == 2
                                                  and all(isinstance(v, int) for v in spec)) else list(spec)
     if not items:
-        raise ValueError("empty head spec: give 'path:head' strings or (block_index, head) tuples")
+        raise ValueError(
+            "empty head spec: give layer selectors (every head), 'path:h1,h2' items or, on DiTs, "
+            "(block_index, head) tuples"
+        )
     heads: dict[str, set[int] | None] = {}
     for item in items:
-        layers, head = _parse_head_item(info, item, kinds)
+        layers, wanted = _parse_head_item(info, item, kinds)
         for layer in layers:
-            if head is None:
+            if wanted is None:
                 heads[layer.path] = None
                 continue
-            if not 0 <= head < layer.heads:
-                raise ValueError(
-                    f"head {head} in {item!r} is out of range: {layer.path} has heads 0..{layer.heads - 1}"
-                )
+            for head in wanted:
+                if not 0 <= head < layer.heads:
+                    raise ValueError(
+                        f"head {head} in {item!r} is out of range: {layer.path} has heads 0..{layer.heads - 1}"
+                    )
             current = heads.setdefault(layer.path, set())
             if current is not None:
-                current.add(head)
+                current.update(wanted)
     order = {layer.path: i for i, layer in enumerate(info.layers)}
     return {
         path: (None if value is None else frozenset(value))

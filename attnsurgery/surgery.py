@@ -9,7 +9,6 @@ that back. Claims by role catch plugins that would fight over one layer before a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import weakref
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ import torch
 
 from .context import StepContext, make_clock_hook
 from .inventory import AttentionLayer, ModelInfo, describe
+from .rng import keyed_generator
 
 if TYPE_CHECKING:
     from .plugins.base import Plugin
@@ -38,7 +38,6 @@ ROLES = ("tokens", "heads", "module", "blocks", "guidance")
 _COMPATIBLE = {frozenset({"tokens", "heads"}), frozenset({"blocks", "tokens"}), frozenset({"blocks", "heads"})}
 
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[Surgery]] = weakref.WeakKeyDictionary()
-_MISSING = object()
 
 
 def resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
@@ -255,11 +254,10 @@ class Surgery:
         """A private generator seeded from ``seed`` (else the surgery's, else 0) and ``keys``.
 
         Keys (a layer path, a step index) give every use its own reproducible stream without shared state;
-        the global RNG is never touched.
+        the global RNG is never touched (see :func:`attnsurgery.rng.keyed_generator`).
         """
         base = seed if seed is not None else (self.seed if self.seed is not None else 0)
-        digest = hashlib.sha256(repr((base, *keys)).encode()).digest()
-        return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return keyed_generator(base, *keys, device=device)
 
     # ----------------------------------------------------------------------------------------------
     def _install_clock(self) -> None:

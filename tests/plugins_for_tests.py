@@ -22,7 +22,7 @@ class Recorder(Plugin):
 
         def record(module, args, kwargs):
             self.log.append({f.name: getattr(context, f.name) for f in dataclasses.fields(context)
-                             if f.name not in ("family", "extras")})
+                             if f.name != "family"})
 
         surgery.add_hook(surgery.denoiser, record, pre=True, with_kwargs=True)
 

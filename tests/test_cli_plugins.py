@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import numpy as np
@@ -6,6 +7,7 @@ from PIL import Image
 
 import attnsurgery as surg
 from attnsurgery.cli import main
+from attnsurgery.cli.plugin_flags import add_plugin_flags, plugins_from_args
 from attnsurgery.pipelines.metadata import read_png_params
 from attnsurgery.testing import tiny
 
@@ -63,3 +65,15 @@ def test_bad_plugin_flags_are_one_line_errors(flags, message, model_dir, tmp_pat
     err = capsys.readouterr().err  # may also hold the model-loading progress bars
     errors = [line for line in err.splitlines() if line.startswith("attnsurgery generate: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_pag_heads_flag_takes_several_heads_of_one_layer():
+    parser = argparse.ArgumentParser()
+    add_plugin_flags(parser)
+    args = parser.parse_args(["--pag", "3", "--pag-heads", "up_blocks.1.attentions.0:0,3,mid_block:1"])
+    (plugin,) = plugins_from_args(args)
+    assert plugin.heads == ("up_blocks.1.attentions.0:0,3", "mid_block:1")
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    info = surg.describe(tiny.tiny_sd15().unet)
+    assert {path: sorted(heads) for path, heads in info.select_heads(plugin.heads, kinds=("self",)).items()} == {
+        "mid_block.attentions.0.transformer_blocks.0.attn1": [1], layer: [0, 3]}

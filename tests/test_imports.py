@@ -32,7 +32,7 @@ ROOT = Path(attnsurgery.__file__).parent
 #: Bottom to top: a module may import from its own layer and the layers below. Entries are the first name
 #: under ``attnsurgery`` (a module or a subpackage); "" is the package face ``attnsurgery/__init__.py``.
 LAYERS = (
-    ("foundation", ("families", "context", "inventory", "selectors", "training")),
+    ("foundation", ("families", "context", "inventory", "selectors", "training", "rng")),
     # The offline reference world (shapes data, evaluator, trainer, small models): it needs only training,
     # and pipelines, headhunter, cli and testing load it.
     ("reference world", ("reference",)),

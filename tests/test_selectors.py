@@ -1,6 +1,7 @@
 import pytest
 
 from attnsurgery.inventory import describe
+from attnsurgery.selectors import split_items
 from attnsurgery.testing import tiny
 
 
@@ -49,7 +50,7 @@ def test_globs_stay_inside_segments(sd3_info, sd15_info):
 def test_named_groups_on_unets(sd15_info, sdxl_info):
     top = sd15_info.select("top", kinds=("self",))
     assert {layer.level for layer in top} == {0}
-    assert len(top) == 5  # down_blocks.0 x2 + up_blocks.3 x3, as the AgentSD/HiDiffusion specs say
+    assert len(top) == 5  # down_blocks.0 x2 + up_blocks.3 x3: the top level AgentSD and HiDiffusion act on
     # SDXL has no attention at full resolution: its top attention level is the 64x64 one of a 1024 image
     sdxl_top = sdxl_info.select("top", kinds=("self",))
     assert {layer.path.split(".")[0] + "." + layer.path.split(".")[1] for layer in sdxl_top} == {
@@ -90,6 +91,28 @@ def test_head_specs(sd3_info, flux_info, sd15_info):
     assert flux_info.select_heads((2, 1)) == {"single_transformer_blocks.0.attn": frozenset({1})}
     layer = "mid_block.attentions.0.transformer_blocks.0.attn1"
     assert sd15_info.select_heads(f"{layer}:7") == {layer: frozenset({7})}
+
+
+def test_several_heads_of_one_layer(sd3_info, sd15_info):
+    assert sd3_info.select_heads("transformer_blocks.11:3,0") == {"transformer_blocks.11.attn": frozenset({0, 3})}
+    # a selector that names several layers gives each of them those heads; items add up per layer
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    assert sd15_info.select_heads(["up_blocks.1.attentions.0:0,3", f"{layer}:5"], kinds=("self",)) == {
+        layer: frozenset({0, 3, 5})}
+    assert sd15_info.select_heads(["mid:1,2", "mid"], kinds=("self",)) == {
+        "mid_block.attentions.0.transformer_blocks.0.attn1": None}
+    with pytest.raises(ValueError, match="out of range: transformer_blocks.1.attn has heads 0..3"):
+        sd3_info.select_heads("transformer_blocks.1:0,4")
+    for bad in ("transformer_blocks.1:0,", "transformer_blocks.1:0,x", "transformer_blocks.1:"):
+        with pytest.raises(ValueError, match="must be a head index or several"):
+            sd3_info.select_heads(bad)
+
+
+def test_split_items_keeps_head_lists_together():
+    assert split_items("up_blocks.1.attentions.0:0,3 mid_block; top") == [
+        "up_blocks.1.attentions.0:0,3", "mid_block", "top"]
+    assert split_items("a:0, 3,b\nc:1") == ["a:0,3", "b", "c:1"]
+    assert split_items(" ; ") == []
 
 
 def test_bad_head_specs_explain_the_fix(sd3_info, sd15_info):

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 from ..plugins.base import Plugin, plugin_from_dict
+from ..selectors import split_items
 
 __all__ = ["add_plugin_flags", "plugins_from_args", "plugins_from_json"]
 
 
-def _csv(text: str | None) -> tuple[str, ...] | None:
-    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+def _items(text: str | None) -> tuple[str, ...] | None:
+    """Selector items of a flag, split as the library splits a spec given as one string ('a:0,3,b')."""
+    return None if text is None else tuple(split_items(text))
 
 
 def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +42,8 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     pag = parser.add_argument_group("Perturbed-attention guidance (layers or single heads)")
     pag.add_argument("--pag", type=float, default=None, metavar="SCALE", help="guidance scale (e.g. 3.0)")
     pag.add_argument("--pag-layers", default=None, help="comma-separated layer selectors (family default)")
-    pag.add_argument("--pag-heads", default=None, help="comma-separated 'path:head' items, or a head-set JSON file")
+    pag.add_argument("--pag-heads", default=None,
+                     help="comma-separated 'path:head' or 'path:h1,h2' items, or a head-set JSON file")
     pag.add_argument("--pag-soft", type=float, default=1.0, help="SoftPAG blend u in [0, 1] (default 1)")
     pag.add_argument("--pag-kind", default="identity", choices=("identity", "uniform", "mean_query", "temperature"))
     pag.add_argument("--pag-mode", default="batched", choices=("batched", "sequential"))
@@ -84,7 +87,7 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
         plugins.append(TokenMerging(ratio=args.tome))
     if args.pag is not None:
         heads = args.pag_heads
-        heads = Path(heads) if heads and heads.endswith(".json") else _csv(heads)
-        plugins.append(PerturbedAttention(scale=args.pag, layers=_csv(args.pag_layers), heads=heads,
+        heads = Path(heads) if heads and heads.endswith(".json") else _items(heads)
+        plugins.append(PerturbedAttention(scale=args.pag, layers=_items(args.pag_layers), heads=heads,
                                           soft=args.pag_soft, kind=args.pag_kind, mode=args.pag_mode))
     return plugins

@@ -25,6 +25,7 @@ from .patching import (
     claim_token_layers,
     current_sigma,
     merge_heads,
+    model_family,
     select_layers,
     sigma_window,
     split_heads,
@@ -127,7 +128,7 @@ class AttnSurgeryAgentAttention(ModelPatchNode):
             raise ValueError(f"schedule must be a JSON list of phases like {DEFAULT_SCHEDULE}: {error}") from None
         config = AgentAttention(schedule=tuple(phases), agent_source=agent_source, k_scale2=k_scale2,
                                 k_shortcut=k_shortcut, use_rand=seed >= 0, seed=seed if seed >= 0 else None)
-        keys = select_layers(unet_attention_sites(model), layers)
+        keys = select_layers(unet_attention_sites(model), layers, model_family(model))
         ends = [(sigma_window(model, phase.until, phase.until)[0], phase) for phase in config.schedule]
         patched = model.clone()
         claim_token_layers(patched, keys, "AgentAttention")

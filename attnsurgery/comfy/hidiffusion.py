@@ -287,7 +287,7 @@ class AttnSurgeryHiDiffusion(ModelPatchNode):
         if window_attention:
             down, up = blocks.layout.window_blocks
             top = f"down_blocks.{down}.attentions up_blocks.{up}.attentions"
-            keys = select_layers(unet_attention_sites(model), top)
+            keys = select_layers(unet_attention_sites(model), top, model_family(model))
             claim_token_layers(patched, keys, "HiDiffusion")
             partition, merge = window_patches(keys, config, blocks.family.native_latent)
             patched.set_model_attn1_patch(partition)

@@ -7,22 +7,20 @@ state of their own. ComfyUI itself is imported lazily: this module imports witho
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from .. import inventory, rng, selectors
 from ..families import Family
 from ..perturbation.headset import FORMAT as HEADSET_FORMAT
 
 __all__ = [
     "AttentionSite", "unet_attention_sites", "model_family", "model_sampling",
-    "select_heads", "select_layers", "claim_token_layers", "token_grid",
+    "select_heads", "select_layers", "site_inventory", "claim_token_layers", "token_grid",
     "call_generator", "sigma_window", "current_sigma", "with_attn1_replace", "conditional_prediction",
     "split_heads", "merge_heads",
 ]
@@ -35,8 +33,13 @@ DIT_LIMITATION = (
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """One U-Net self-attention layer as ComfyUI keys it, with its diffusers path (the library's layer names)."""
+    """One U-Net self-attention layer as ComfyUI keys it, with its diffusers path (the library's layer names).
 
+    It reads as an :class:`~attnsurgery.inventory.AttentionLayer` to the selectors (path, kind, heads, level).
+    """
+
+    kind: ClassVar[str] = "self"
+    block_index: ClassVar[None] = None  # a DiT block number; sites are U-Net layers
     block: tuple[str, int]
     transformer_index: int
     heads: int
@@ -88,64 +91,60 @@ def unet_attention_sites(model: Any) -> list[AttentionSite]:
     return sites
 
 
-def _parse_entries(spec: str) -> list[tuple[str, list[int] | None]]:
-    """"selector" / "selector:h,h" entries from text (newline, ';' or space separated), a JSON head set, or
-    the path of a head-set file written by ``attnsurgery hunt``."""
+def _spec_items(spec: str) -> list[str]:
+    """The items of a node's layer or head spec, for the library's selectors.
+
+    The spec is text (items split by :func:`~attnsurgery.selectors.split_items`), a JSON list of items, a
+    JSON head set ``{"path": [heads] or null}``, or a head-set file written by ``attnsurgery hunt`` (its
+    path or its text).
+    """
     text = spec.strip()
     if text.endswith(".json") and Path(text).expanduser().is_file():
         text = Path(text).expanduser().read_text().strip()
-    if text.startswith(("[", "{")):
-        data = json.loads(text)
-        if isinstance(data, dict) and data.get("format") == HEADSET_FORMAT:  # `attnsurgery hunt --out`
-            data = data["heads"]
-        if isinstance(data, dict):  # {"path": [heads] or null}
-            return [(path, None if heads is None else [int(h) for h in heads]) for path, heads in data.items()]
-        entries = [str(item) for item in data]
-    else:
-        entries = text.replace(";", " ").split()
-    parsed = []
-    for entry in entries:
-        selector, _, heads = entry.partition(":")
-        parsed.append((selector, [int(h) for h in heads.split(",") if h] if heads else None))
-    return parsed
+    if not text.startswith(("[", "{")):
+        return selectors.split_items(text)
+    data = json.loads(text)
+    if isinstance(data, dict) and data.get("format") == HEADSET_FORMAT:  # `attnsurgery hunt --out`
+        data = data["heads"]
+    if isinstance(data, dict):  # {"path": [heads] or null}; an empty list names no head of that layer
+        return [path if heads is None else f"{path}:{','.join(str(int(h)) for h in heads)}"
+                for path, heads in data.items() if heads is None or len(heads)]
+    return [str(item) for item in data]
 
 
-def _path_matches(path: str, selector: str) -> bool:
-    return path == selector or path.startswith(selector + ".") or fnmatch.fnmatchcase(path, selector)
+def site_inventory(sites: list[AttentionSite], family: Family | None = None) -> inventory.ModelInfo:
+    """The sites as the library's inventory of a model, so that its selectors address them.
+
+    ``family`` (see :func:`model_family`) names the model in error messages; without it, a generic U-Net.
+    """
+    family = family if family is not None else Family("U-Net", "unet", 512, 8)
+    levels = max((site.level for site in sites), default=0) + 1
+    return inventory.ModelInfo(family, tuple(sites), levels, layer_noun="self-attention layer")
 
 
-def select_heads(sites: list[AttentionSite], spec: str) -> dict[AttentionSite, list[int]]:
-    """Resolve a head spec to {site: sorted heads}.
+def select_heads(
+    sites: list[AttentionSite], spec: str, family: Family | None = None
+) -> dict[AttentionSite, list[int]]:
+    """Resolve a node's head spec to {site: sorted heads}, with the library's selectors.
 
-    A spec lists entries ``selector`` (every head) or ``selector:h1,h2`` (single heads), separated by
-    newlines, spaces or ';', or is a JSON head set (a list of such strings, or ``{"path": [heads]}``). A
-    selector is a diffusers layer path, an enclosing path (``mid_block``, ``up_blocks.1``), a glob, or
-    ``top`` (the highest-resolution level that has attention, as the library's group).
+    A spec lists layer selectors (every head) and ``selector:h1,h2`` items (those heads), separated by
+    newlines, spaces, ';' or ',', or is a JSON head set (a list of such strings, or ``{"path": [heads]}``),
+    or a head-set file. Selectors are those of :mod:`attnsurgery.selectors` on the diffusers layer paths:
+    an exact path, an enclosing path (``mid_block``, ``up_blocks.1``), a glob (``*`` within one segment,
+    ``**`` across) or a group (``top``, ``mid``, ``down``, ``up``, ``all``).
 
     Raises:
-        ValueError: a selector matches nothing or a head is out of range (the message lists the sites).
+        ValueError: a selector matches nothing (the message lists the layers) or a head is out of range.
     """
-    chosen: dict[AttentionSite, set[int]] = {}
-    top = min((s.level for s in sites), default=0)
-    for selector, heads in _parse_entries(spec):
-        matches = [s for s in sites if (selector == "top" and s.level == top) or _path_matches(s.path, selector)]
-        if not matches:
-            known = ", ".join(s.path for s in sites)
-            raise ValueError(f"head selector {selector!r} matches no self-attention layer; layers: {known}")
-        for site in matches:
-            wanted = set(range(site.heads)) if heads is None else set(heads)
-            bad = sorted(h for h in wanted if not 0 <= h < site.heads)
-            if bad:
-                raise ValueError(f"{site.path} has heads 0..{site.heads - 1}, got {bad}; pick heads in range")
-            chosen.setdefault(site, set()).update(wanted)
-    if not chosen:
-        raise ValueError("empty head spec: name at least one layer, e.g. 'mid_block' or 'mid_block:0,3'")
-    return {site: sorted(heads) for site, heads in chosen.items()}
+    chosen = selectors.select_heads(site_inventory(sites, family), _spec_items(spec))
+    by_path = {site.path: site for site in sites}
+    return {by_path[path]: sorted(range(by_path[path].heads) if heads is None else heads)
+            for path, heads in chosen.items()}
 
 
-def select_layers(sites: list[AttentionSite], spec: str) -> set[tuple[str, int, int]]:
+def select_layers(sites: list[AttentionSite], spec: str, family: Family | None = None) -> set[tuple[str, int, int]]:
     """Resolve a layer spec (the head-spec syntax, every head) to the ComfyUI keys of those layers."""
-    return {site.key for site in select_heads(sites, spec)}
+    return {site.key for site in select_heads(sites, spec, family)}
 
 
 CLAIMS_KEY = "attnsurgery_token_layers"
@@ -168,24 +167,19 @@ def claim_token_layers(patched: Any, keys: set[tuple[str, int, int]], owner: str
 
 
 def token_grid(original_shape: list[int], num_tokens: int) -> tuple[int, int]:
-    """(rows, cols) of a U-Net attention call over ``num_tokens`` on a latent of ``original_shape``.
+    """(rows, cols) of a U-Net attention call over ``num_tokens`` on a latent of ``original_shape``
+    (ComfyUI's ``extra_options["original_shape"]``), by :func:`attnsurgery.inventory.find_token_grid`.
 
     Raises:
         ValueError: no U-Net level of that latent holds that many tokens.
     """
-    height, width = int(original_shape[-2]), int(original_shape[-1])
-    grids = [(math.ceil(height / 2**k), math.ceil(width / 2**k)) for k in range(8)]
-    for grid in grids:
-        if grid[0] * grid[1] == num_tokens:
-            return grid
-    raise ValueError(f"{num_tokens} tokens match no level of a {height}x{width} latent (grids: {grids[:4]})")
+    return inventory.find_token_grid((int(original_shape[-2]), int(original_shape[-1])), num_tokens)
 
 
 def call_generator(seed: int, extra_options: dict) -> torch.Generator:
     """A private generator keyed by the seed, the layer and the sigma of this call: reproducible runs."""
-    key = (seed, tuple(extra_options["block"]), extra_options["block_index"],
-           round(current_sigma(extra_options["sigmas"]), 5))
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    return rng.keyed_generator(seed, tuple(extra_options["block"]), extra_options["block_index"],
+                               round(current_sigma(extra_options["sigmas"]), 5))
 
 
 def model_family(model: Any) -> Family:

@@ -21,6 +21,7 @@ from .patching import (
     conditional_prediction,
     current_sigma,
     merge_heads,
+    model_family,
     select_heads,
     sigma_window,
     split_heads,
@@ -61,11 +62,12 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
             "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.1,
                                 "tooltip": "Guidance scale s (PAG: 3 with CFG 4). 0 turns the node off."}),
             "heads": ("STRING", {"default": "mid_block", "multiline": True,
-                                 "tooltip": "Layers and heads in diffusers names: 'mid_block' (all heads), "
-                                            "'up_blocks.1.attentions.0:0,3' (heads 0 and 3), globs, or a "
-                                            "JSON head set such as {\"mid_block.attentions.0."
-                                            "transformer_blocks.0.attn1\": [1, 5]}, or the path of a "
-                                            "head-set file from `attnsurgery hunt`."}),
+                                 "tooltip": "Layers and heads in diffusers names, as in the Python API: "
+                                            "'mid_block' (all heads), 'up_blocks.1.attentions.0:0,3' (heads 0 "
+                                            "and 3), groups ('top', 'mid', 'down', 'up', 'all'), globs ('*' "
+                                            "within one path segment, '**' across), or a JSON head set such "
+                                            "as {\"mid_block.attentions.0.transformer_blocks.0.attn1\": [1, 5]}, "
+                                            "or the path of a head-set file from `attnsurgery hunt`."}),
             "soft": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
                                "tooltip": "Blend toward the perturbed map (1 = PAG, below 1 = SoftPAG)."}),
             "kind": (list(KINDS), {"default": "identity",
@@ -84,7 +86,7 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
         """Clone ``model`` and register the guidance; ``(model,)`` unchanged when scale or soft is 0."""
         config = PerturbedAttention(scale=scale, soft=soft, kind=kind, start=start_percent, stop=end_percent,
                                     temperature=temperature if kind == "temperature" else None)
-        selected = select_heads(unet_attention_sites(model), heads)
+        selected = select_heads(unet_attention_sites(model), heads, model_family(model))
         patched = model.clone()
         if config.scale == 0.0 or config.soft == 0.0:
             return (patched,)

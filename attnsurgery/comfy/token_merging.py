@@ -21,6 +21,7 @@ from .patching import (
     DIT_LIMITATION,
     call_generator,
     claim_token_layers,
+    model_family,
     select_layers,
     token_grid,
     unet_attention_sites,
@@ -79,7 +80,7 @@ class AttnSurgeryTokenMerging(ModelPatchNode):
     def patch(self, model: Any, ratio: float, sx: int, sy: int, layers: str, seed: int) -> tuple[Any]:
         """Clone ``model`` and register the merge/unmerge patches; ``(clone,)`` untouched when ratio is 0."""
         config = TokenMerging(ratio=ratio, sx=sx, sy=sy, use_rand=seed >= 0, seed=seed if seed >= 0 else None)
-        keys = select_layers(unet_attention_sites(model), layers)
+        keys = select_layers(unet_attention_sites(model), layers, model_family(model))
         patched = model.clone()
         if config.ratio == 0.0:
             return (patched,)

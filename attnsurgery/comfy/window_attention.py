@@ -91,7 +91,7 @@ class AttnSurgeryWindowAttention(ModelPatchNode):
         """Clone ``model`` and register the window partition and merge patches."""
         config = HiDiffusion(raunet=False, window_attn=True, shift=shift if shift == "random" else int(shift),
                              seed=seed, force=force)
-        keys = select_layers(unet_attention_sites(model), layers)
+        keys = select_layers(unet_attention_sites(model), layers, model_family(model))
         patched = model.clone()
         claim_token_layers(patched, keys, "WindowAttention")
         partition, merge = window_patches(keys, config, model_family(model).native_latent)
