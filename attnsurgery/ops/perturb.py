@@ -2,7 +2,7 @@
 
 Every perturbation replaces a head's attention map A by (1 - u) A + u P for a per-(row, head) weight u and a
 perturbed map P. Since o = A V is linear in the map, the result is lerp(o, P V, u): it needs only the
-SDPA inputs and output, never an N x N map (spec: specs/perturbation.md, "Perturbations").
+SDPA inputs and output, never an N x N map (derivation: docs/techniques/perturbation-guidance.md).
 
 - identity (PAG, SoftPAG for u < 1): P = I, so P V = V.
 - uniform: P = 1/M, so P V = mean of V over the keys, broadcast to every query.

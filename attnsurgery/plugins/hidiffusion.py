@@ -100,7 +100,7 @@ def _check_family(family: Family) -> None:
 
 
 def layout_for(family: Family, first_attention_block: int, num_blocks: int) -> HiDiffusionLayout:
-    """HiDiffusion's sites from the level structure alone (see specs: RAU-Net 'Where').
+    """HiDiffusion's sites from the level structure alone (per family in docs/techniques/hidiffusion.md).
 
     SD1.x/2.x (attention from the first block): RAD at that block, pool in the next one. SDXL (first
     block without attention): pool and RAD both in the first attention block.
@@ -137,7 +137,7 @@ class RauNetTiming:
 
 
 def preset_timing(family: Family, latent_hw: tuple[int, int], num_steps: int | None, controlnet: bool) -> RauNetTiming:
-    """The package's presets, by family and latent size (spec table 'Schedules').
+    """The package's presets, by family and latent size (table in docs/techniques/hidiffusion.md).
 
     Example:
         >>> preset_timing(detect_family(pipe.unet), (256, 256), 50, controlnet=False)

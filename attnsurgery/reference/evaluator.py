@@ -89,7 +89,7 @@ class SampleScore:
 
 @dataclass(frozen=True)
 class Metrics:
-    """Quality over a set of samples (see the reference-world spec)."""
+    """Quality over a set of samples (definitions in docs/techniques/reference-world.md)."""
 
     samples: int
     fidelity: float
