@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
 from attnsurgery.reference.model import (
     CONFIG_FILE,
     WEIGHTS_DIR,
+    load_components,
     reference_configs,
     reference_tokenizer,
     save_components,
@@ -185,8 +185,5 @@ def load_reference_flux_pipeline(
             "--topology flux --out DIR`, then use --model DIR"
         )
     pipe = build_reference_flux_pipeline(json.loads((folder / CONFIG_FILE).read_text()))
-    for name, file in FLUX_WEIGHT_FILES.items():
-        getattr(pipe, name).load_state_dict(load_file(str(folder / file)), strict=True)
-    pipe.to(device=device, dtype=dtype or torch.float32)
-    pipe.set_progress_bar_config(disable=None)
+    load_components(pipe, FLUX_WEIGHT_FILES, folder, dtype, device)
     return pipe
