@@ -22,7 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Score a model with the reference world's analytic evaluator at multiples of its native "
         "size, without and with the given plugins; plugin rows add PSNR and SSIM to the plain images.",
     )
-    parser.add_argument("--model", default="reference", help="'reference' (default) or a model path")
+    parser.add_argument("--model", default="reference", help="'reference' (default), 'reference-flux' or a model path")
     parser.add_argument("--pairs", type=int, default=50, help="held-out (prompt, seed) pairs per row (default 50)")
     parser.add_argument("--objects", default="mixed", choices=("1", "2", "3", "mixed"),
                         help="objects per prompt (default: mixed)")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..families import detect_family
     from ..pipelines.loading import default_guidance_scale, load_pipeline
     from ..reference.closeness import mean_closeness
-    from ..reference.eval import evaluate, heldout_pairs, reference_sampler
+    from ..reference.eval import evaluate, heldout_pairs, pipeline_sampler
     from ..surgery import patched, resolve_target
 
     if args.pairs < 1 or args.steps < 1 or args.batch_size < 1:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     objects = None if args.objects == "mixed" else int(args.objects)
     pairs = heldout_pairs(args.pairs, objects)
     guidance = default_guidance_scale(args.model) if args.cfg is None else args.cfg
-    sampler = reference_sampler(pipe, args.steps, guidance)
+    sampler = pipeline_sampler(pipe, args.steps, guidance)
     setups = [("plain", [])] + ([(" + ".join(type(p).__name__ for p in plugins), plugins)] if plugins else [])
     header = (f"{'setup':<32} {'size':>5} {'fidelity':>9} {'duplication':>12} {'clean shapes':>13} "
               f"{'PSNR dB':>8} {'SSIM':>6} {'s/image':>8}")

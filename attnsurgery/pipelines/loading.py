@@ -194,22 +194,32 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, config: str | os.Pa
 DEFAULT_GUIDANCE_SCALE = 7.5
 
 
+#: Names of the reference models shipped in the package.
+REFERENCE_MODELS = ("reference", "reference-flux")
+
+
 def _is_reference(model: str | os.PathLike[str]) -> bool:
+    from ..reference.flux_model import is_flux_reference_folder
     from ..reference.model import has_reference_weights
 
     path = Path(model).expanduser()
-    return str(model) == "reference" or (path.is_dir() and has_reference_weights(path))
+    folder = path.is_dir() and (has_reference_weights(path) or is_flux_reference_folder(path))
+    return str(model) in REFERENCE_MODELS or folder
 
 
 def default_guidance_scale(model: str | os.PathLike[str]) -> float:
-    """The guidance scale to use when none is given: the reference model's own, 7.5 for every other model.
+    """The guidance scale to use when none is given: the reference models' own, 7.5 for every other model.
 
     Example:
         >>> default_guidance_scale("stabilityai/stable-diffusion-2-1")
         7.5
     """
+    from ..reference.flux_model import GUIDANCE_SCALE as FLUX_GUIDANCE_SCALE
+    from ..reference.flux_model import is_flux_reference_folder
     from ..reference.model import GUIDANCE_SCALE
 
+    if str(model) == "reference-flux" or is_flux_reference_folder(Path(model).expanduser()):
+        return FLUX_GUIDANCE_SCALE
     return GUIDANCE_SCALE if _is_reference(model) else DEFAULT_GUIDANCE_SCALE
 
 
@@ -222,9 +232,9 @@ def load_pipeline(
     """Load a diffusers pipeline from the shipped reference model, a folder, a hub id or a single file.
 
     Args:
-        model: ``"reference"`` (the small model shipped in the package, works offline), a folder written by
-            ``python -m attnsurgery.reference.train``, a local diffusers folder, a hub id, or a
-            ``.safetensors``/``.ckpt`` single-file checkpoint.
+        model: ``"reference"`` or ``"reference-flux"`` (the small U-Net and DiT shipped in the package,
+            offline), a folder written by ``python -m attnsurgery.reference.train`` (either topology), a
+            local diffusers folder, a hub id, or a ``.safetensors``/``.ckpt`` single-file checkpoint.
         dtype: ``torch.float16``, ``"bf16"``, ... (default: as stored).
         device: where to move the pipeline (default: stay on the CPU).
         config: for single files, a local diffusers folder holding the configs (needed offline).
@@ -238,18 +248,23 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
+    from ..reference.flux_model import is_flux_reference_folder, load_reference_flux_pipeline
     from ..reference.model import has_reference_weights, load_reference_pipeline
 
     torch_dtype = _torch_dtype(dtype)
     path = Path(model).expanduser()
     if str(model) == "reference":
         pipe = load_reference_pipeline(dtype=torch_dtype)
+    elif str(model) == "reference-flux":
+        pipe = load_reference_flux_pipeline(dtype=torch_dtype)
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ValueError(f"{path} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a folder")
         pipe = _load_single_file(path, torch_dtype, config)
     elif path.is_dir() and has_reference_weights(path):  # a folder written by attnsurgery.reference.train
         pipe = load_reference_pipeline(dtype=torch_dtype, weights_dir=path)
+    elif path.is_dir() and is_flux_reference_folder(path):  # ... with --topology flux
+        pipe = load_reference_flux_pipeline(dtype=torch_dtype, weights_dir=path)
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")

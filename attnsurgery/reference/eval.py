@@ -91,16 +91,6 @@ def pipeline_sampler(
     return generate
 
 
-def reference_sampler(pipe: Callable[..., object], num_inference_steps: int, guidance_scale: float) -> Generate:
-    """``pipeline_sampler`` with classifier-free guidance as the pipeline takes it: FLUX pipelines without a
-    guidance embedding (the reference DiT) guide by ``true_cfg_scale`` against an empty negative prompt."""
-    from diffusers import FluxPipeline
-
-    if isinstance(pipe, FluxPipeline) and not pipe.transformer.config.guidance_embeds:
-        return pipeline_sampler(pipe, num_inference_steps, 1.0, true_cfg_scale=guidance_scale, negative_prompt="")
-    return pipeline_sampler(pipe, num_inference_steps, guidance_scale)
-
-
 def evaluate(
     generate: Generate,
     pairs: Sequence[tuple[str, int]],

@@ -8,12 +8,13 @@ both references share one image space; FLUX's 2 x 2 packing makes the native 64 
 grid (64 image tokens), 2x a 16 x 16 grid and 4x a 32 x 32 grid. Text: the reference CLIP text encoder
 (pooled output) and a small T5 encoder read through a word-level tokenizer built from the captions' grammar.
 
-The one change to FluxPipeline is a default: prompts are padded to ``TEXT_TOKENS`` (the length the model is
-trained with) rather than 512, since FLUX attends over every pad token.
+The only changes to FluxPipeline are defaults (``ReferenceFluxPipeline``): prompts are padded to
+``TEXT_TOKENS`` (the length the model is trained with) rather than 512, since FLUX attends over every pad
+token, and ``guidance_scale`` means true CFG against an empty negative prompt.
 
 Example:
     >>> pipe = load_reference_flux_pipeline()  # doctest: +SKIP
-    >>> pipe("a red circle", negative_prompt="", true_cfg_scale=GUIDANCE_SCALE).images[0]  # doctest: +SKIP
+    >>> pipe("a red circle", num_inference_steps=20).images[0]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -119,10 +120,19 @@ def reference_t5_tokenizer() -> T5TokenizerFast:
 
 
 class ReferenceFluxPipeline(FluxPipeline):
-    """FluxPipeline whose prompts are padded to the reference DiT's ``TEXT_TOKENS`` by default."""
+    """FluxPipeline with the reference DiT's sampling defaults, so it is called like the U-Net reference.
+
+    Prompts are padded to ``TEXT_TOKENS``, and classifier-free guidance is true CFG against an empty
+    negative prompt (the model has no guidance embedding): ``guidance_scale`` (default ``GUIDANCE_SCALE``)
+    becomes ``true_cfg_scale`` unless that is given. Pass these as keywords.
+    """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("max_sequence_length", TEXT_TOKENS)
+        if "true_cfg_scale" not in kwargs:
+            kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale", GUIDANCE_SCALE)
+        if kwargs["true_cfg_scale"] > 1 and len(args) < 3 and kwargs.get("negative_prompt_embeds") is None:
+            kwargs.setdefault("negative_prompt", "")
         return super().__call__(*args, **kwargs)
 
 

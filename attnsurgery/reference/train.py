@@ -38,7 +38,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, reference_sampler
+from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, pipeline_sampler
 from attnsurgery.reference.evaluator import score
 from attnsurgery.reference.model import GUIDANCE_SCALE, load_reference_pipeline
 from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, Scene, heldout_seed, make_scene, render
@@ -513,7 +513,7 @@ def evaluate_into_card(
     record = json.loads((out / "training.json").read_text())
     pipe = TOPOLOGIES[record["config"].get("topology", "unet")].load(out)
     pipe.set_progress_bar_config(disable=True)
-    rows = evaluation_rows(reference_sampler(pipe, steps, guidance_scale), counts)
+    rows = evaluation_rows(pipeline_sampler(pipe, steps, guidance_scale), counts)
     record = json.loads((out / "training.json").read_text())  # re-read: other evaluations may have landed
     record["evaluation_setting"] = (
         f"{type(pipe.scheduler).__name__}, {steps} steps, guidance scale {guidance_scale}; "
