@@ -19,7 +19,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Generate images; every PNG stores the full parameters (replay with --from-png).",
     )
     parser.add_argument("prompt", nargs="?", help="the text prompt (optional with --from-png)")
-    parser.add_argument("--model", default=None, help="'reference' (default), 'reference-flux', diffusers folder, hub id or single file")
+    parser.add_argument("--model", default=None,
+                        help="'reference' (default), 'reference-flux', diffusers folder, hub id or single file")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale "

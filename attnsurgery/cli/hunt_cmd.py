@@ -17,7 +17,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "perturbation guidance on it, add the best ones, repeat. Unset settings take the family's preset. "
         "Use the result with `attnsurgery generate --pag 3 --pag-heads heads.json`.",
     )
-    parser.add_argument("--model", default="reference", help="'reference' (default), 'reference-flux', a hub id or a local path")
+    parser.add_argument("--model", default="reference",
+                        help="'reference' (default), 'reference-flux', a hub id or a local path")
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line ('#' comments)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; pairs are every prompt with every seed")
     parser.add_argument("--objective", default="clip", help=f"one of {', '.join(OBJECTIVES)}")
