@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "DenoiserSpec", "read_denoiser_spec", "meta_denoiser", "load_pipeline", "single_file_pipeline_class",
-    "default_guidance_scale",
+    "DenoiserSpec", "read_denoiser_spec", "meta_module", "meta_denoiser", "load_pipeline", "parse_dtype", "read_json",
+    "single_file_pipeline_class", "default_guidance_scale",
 ]
 
 DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
@@ -36,7 +36,8 @@ class DenoiserSpec:
     vae_scale_factor: int
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON config file; invalid JSON is a ValueError naming the file."""
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -47,7 +48,7 @@ def _vae_factor(folder: Path) -> int:
     vae_config = folder / "vae" / "config.json"
     if not vae_config.is_file():
         return 8
-    blocks = _read_json(vae_config).get("block_out_channels") or [0] * 4
+    blocks = read_json(vae_config).get("block_out_channels") or [0] * 4
     return 2 ** (len(blocks) - 1)
 
 
@@ -56,11 +57,11 @@ def _spec_from_folder(folder: Path) -> DenoiserSpec:
         for sub in DENOISER_SUBFOLDERS:
             config_path = folder / sub / "config.json"
             if config_path.is_file():
-                config = _read_json(config_path)
+                config = read_json(config_path)
                 return DenoiserSpec(config.get("_class_name", ""), config, _vae_factor(folder))
         raise ValueError(f"{folder} is a diffusers pipeline folder without a unet/ or transformer/ config")
     if (folder / "config.json").is_file():
-        config = _read_json(folder / "config.json")
+        config = read_json(folder / "config.json")
         return DenoiserSpec(config.get("_class_name", ""), config, _vae_factor(folder.parent))
     raise ValueError(f"{folder} has neither model_index.json (a pipeline) nor config.json (a denoiser)")
 
@@ -103,14 +104,18 @@ def read_denoiser_spec(model: str | os.PathLike[str]) -> DenoiserSpec:
     return spec
 
 
-def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:
-    """Build the denoiser on the meta device: the full module tree, no memory for weights."""
+def meta_module(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
+    """Build a diffusers model class from its config on the meta device: the module tree, no weight memory."""
     import diffusers
 
-    cls = getattr(diffusers, spec.class_name)
-    config = {k: v for k, v in spec.config.items() if not k.startswith("_")}
+    cls = getattr(diffusers, class_name)
     with torch.device("meta"):
-        return cls.from_config(config)
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:
+    """Build the denoiser on the meta device: the full module tree, no memory for weights."""
+    return meta_module(spec.class_name, spec.config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,7 +138,8 @@ _SINGLE_FILE_PIPELINES = {  # diffusers' single-file model types -> the pipeline
 }
 
 
-def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``"fp16"``, ``"fp32"`` (or the long names, or a torch dtype) as a torch dtype."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -251,7 +257,7 @@ def load_pipeline(
     from ..reference.flux_model import is_flux_reference_folder, load_reference_flux_pipeline
     from ..reference.model import has_reference_weights, load_reference_pipeline
 
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     path = Path(model).expanduser()
     if str(model) == "reference":
         pipe = load_reference_pipeline(dtype=torch_dtype)
