@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import convert_cmd, distill_cmd, eval_cmd, generate_cmd, hunt_cmd, inspect_cmd
+from . import bench_cmd, convert_cmd, distill_cmd, eval_cmd, generate_cmd, hunt_cmd, inspect_cmd
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (inspect_cmd, generate_cmd, eval_cmd, hunt_cmd, distill_cmd, convert_cmd)
+SUBCOMMANDS = (inspect_cmd, generate_cmd, eval_cmd, bench_cmd, hunt_cmd, distill_cmd, convert_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
