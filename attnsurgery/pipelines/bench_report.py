@@ -100,6 +100,10 @@ class BenchReport:
         return data
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -118,7 +122,13 @@ def _cells(report: BenchReport, row: RowResult, compiled: bool) -> list[str]:
         compile_s = "-" if row.compile_s is None else f"{row.compile_s:,.1f}"
         cells[1:1] = ["yes" if row.compile else "no"]
         cells.append(compile_s)
-    return [*cells, row.skipped or ""]
+    return [*cells, _note(row.skipped)]
+
+
+def _note(reason: str | None, width: int = 100) -> str:
+    """A reason on one short line (an error's first line; the JSON keeps it whole)."""
+    line = (reason or "").strip().splitlines()[0] if reason and reason.strip() else ""
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def format_table(report: BenchReport, markdown: bool = False) -> str:
@@ -130,8 +140,9 @@ def format_table(report: BenchReport, markdown: bool = False) -> str:
         header.append("compile s")
     header.append("note")
     body = [_cells(report, row, compiled) for row in report.rows]
-    title = (f"{report.model}: {report.width}x{report.height} px, {report.steps} steps, {report.dtype} on "
-             f"{report.device_name}; median of {report.repeats} run(s) after {report.warmup} warm-up, {report.date}")
+    title = (f"{report.model}: {report.width}x{report.height} px, {_count(report.steps, 'step')}, {report.dtype} on "
+             f"{report.device_name}; median of {_count(report.repeats, 'image')} after {report.warmup} warm-up, "
+             f"{report.date}")
     if markdown:
         lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
         lines += [f"| {' | '.join(cells)} |" for cells in body]

@@ -18,9 +18,12 @@ from typing import Any
 import torch
 
 from ..families import detect_family
+from ..surgery import resolve_target
 from .loading import meta_module, parse_dtype, read_denoiser_spec, read_json
 
-__all__ = ["ModelShape", "SHAPES", "random_pipeline", "random_weights_", "prompt_inputs", "has_text_encoder"]
+__all__ = [
+    "ModelShape", "SHAPES", "shape_of", "random_pipeline", "random_weights_", "prompt_inputs", "has_text_encoder",
+]
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,14 @@ def _folder_shape(folder: Path) -> ModelShape:
                       scheduler or base.scheduler_config)
 
 
+def shape_of(pipe: Any) -> ModelShape:
+    """The shape of a built pipeline, to build it again with random weights and no text encoders (the GPU
+    suite's CPU smoke test runs the tiny test pipelines through the same path as the full-size shapes)."""
+    _, denoiser = resolve_target(pipe)
+    return ModelShape(type(pipe).__name__, type(denoiser).__name__, dict(denoiser.config), dict(pipe.vae.config),
+                      type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
+
+
 def random_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fill a module's parameters in place: N(0, 0.02) matrices and kernels, unit norm scales, zero biases
     and buffers. Cost does not depend on the values, and these keep activations finite through deep models."""
@@ -169,7 +180,7 @@ def _assemble(class_name: str, components: dict[str, Any]) -> Any:
 
 
 def random_pipeline(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | ModelShape,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -179,7 +190,7 @@ def random_pipeline(
     Args:
         model: a name in ``SHAPES`` (``"sd15"``, ``"sdxl"``, ``"sd35-medium"``, ``"flux-dev"``, ...) or a
             local diffusers folder (pipeline or bare ``unet/``/``transformer/``) whose configs are used;
-            parts the folder lacks come from its family's named shape.
+            parts the folder lacks come from its family's named shape; or a ``ModelShape``.
         dtype: ``"bf16"``, ``torch.float16``, ... (default float32).
         device: where the weights are allocated.
         seed: seed of the random weights.
@@ -188,7 +199,9 @@ def random_pipeline(
         >>> pipe = random_pipeline("sdxl", dtype="bf16", device="cuda")  # doctest: +SKIP
         >>> image = pipe(**prompt_inputs(pipe), height=2048, width=2048).images[0]  # doctest: +SKIP
     """
-    if str(model) in SHAPES:
+    if isinstance(model, ModelShape):
+        shape = model
+    elif str(model) in SHAPES:
         shape = SHAPES[str(model)]
     elif Path(model).expanduser().is_dir():
         shape = _folder_shape(Path(model).expanduser())
@@ -215,7 +228,7 @@ def prompt_inputs(pipe: Any, prompt: str = "a castle at dusk, detailed", seed: i
     random embeddings of the widths and token count its encoders would produce (and negatives for CFG)."""
     if has_text_encoder(pipe):
         return {"prompt": prompt}
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    _, denoiser = resolve_target(pipe)
     config, family = denoiser.config, detect_family(denoiser, getattr(pipe, "vae_scale_factor", None))
     generator = torch.Generator().manual_seed(seed)
 

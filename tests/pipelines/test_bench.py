@@ -3,8 +3,12 @@ and failing rows, devices and dtypes, and the published shapes the random-weight
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +153,26 @@ def test_a_config_folder_builds_with_random_weights_and_no_text_encoders(tmp_pat
     assert torch.isfinite(pipe.unet.conv_in.weight.float()).all()
     with pytest.raises(ValueError, match="unknown model shape 'sd99'.*sd15"):
         random_pipeline("sd99")
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_runs_on_the_cpu_with_tiny_shapes(tmp_path):
+    """``benchmarks/gpu_suite.py --smoke``: every case and row of the GPU run, through the same code, in tens of
+    seconds; peers and plugins all measured, the not-built rows listed, one compiled row traced."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_suite.py"), "--smoke", "--out",
+                             str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu_suite.json").read_text())
+    cases = {case["model"].split(" (")[0]: case["rows"] for case in record["cases"]}
+    assert set(cases) == {f"{model} {size}^2" for model, size in (
+        ("sd15", 1024), ("sdxl", 1024), ("sd15", 2048), ("sdxl", 2048), ("sd35-medium", 2048), ("flux-dev", 2048),
+        ("sd35-medium", 4096), ("flux-dev", 4096))}
+    reasons = [row["skipped"] for case in cases.values() for row in case if row["skipped"]]
+    assert not [reason for reason in reasons if not reason.startswith(("not built", "diffusers has no"))]
+    unet = {row["label"] for row in cases["sdxl 2048^2"]}
+    assert {"hidiffusion package", "tomesd 0.5", "diffusers PAG pipeline", "ConvFusion (random blocks)"} <= unet
+    flux = {row["label"]: row["skipped"] for row in cases["flux-dev 4096^2"]}
+    assert flux["neighborhood attention"] == "not built" and flux["PAG layers"] is None
+    assert any(row["compile"] and row["step_s"] for row in cases["sd15 1024^2"])
+    assert "| plain |" in (tmp_path / "gpu_suite.md").read_text()
