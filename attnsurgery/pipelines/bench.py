@@ -119,7 +119,7 @@ class _Probe:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the denoiser's device, not the current one
         return event
 
     def _pre(self, module: torch.nn.Module, args: tuple) -> None:

@@ -176,3 +176,33 @@ def test_the_gpu_suite_runs_on_the_cpu_with_tiny_shapes(tmp_path):
     assert flux["neighborhood attention"] == "not built" and flux["PAG layers"] is None
     assert any(row["compile"] and row["step_s"] for row in cases["sd15 1024^2"])
     assert "| plain |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_the_cuda_path_pairs_events_and_reads_the_peak_of_the_loop(monkeypatch):
+    """No GPU here: CUDA's events and allocator counters are faked to check how the probe uses them."""
+    from attnsurgery.pipelines import bench
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self, stream) -> None:
+            self.at = time.perf_counter()
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return (end.at - self.at) * 1e3
+
+    peaks, resets = iter(range(100, 10_000, 100)), []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(peaks))
+    denoiser = CountingDenoiser(warm_s=0.01, step_s=0.01)
+    pipe = FakePipeline(denoiser)
+    probe = bench._Probe(denoiser, torch.device("cuda"))
+    run = bench._timed_call(lambda: pipe(num_inference_steps=3, height=8, width=8, generator=None), probe)
+    assert run.denoiser_s >= 3 * 0.01 and run.image_s >= run.denoiser_s
+    assert len(resets) == 2  # before the call, and when the denoising loop starts
+    assert run.peak == 400  # read after each of the 3 steps (the first read, 100, was the text encoders' peak)
+    assert run.peak_image == 500  # the whole call: the later of the loop's and the decoder's peak
