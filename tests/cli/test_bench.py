@@ -74,6 +74,15 @@ def test_random_weights_from_a_config_folder(tmp_path, capsys):
     assert "plain" in table(capsys.readouterr().out)
 
 
+def test_compile_adds_compiled_rows_with_their_compile_time(capsys):
+    """The eager backend traces with dynamo (graph breaks and all) without generating code: seconds on a CPU."""
+    argv = ["bench", "--model", "tiny-flux", "--height", "64", "--width", "64", *FAST, "--compile", "eager"]
+    assert main(argv) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows["plain"][0] == "no" and rows["plain"][-1] == "-"
+    compiled = rows["plain + compile"]
+    assert compiled[0] == "yes" and compiled[2] == "1.00x" and float(compiled[-1]) >= 0
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--model", "sdxxl"], "unknown model 'sdxxl'; use a named shape (sd15, sd21, sdxl"),
     (["--model", "tiny-sd15", "--dtype", "fp16"], "fp16 on the CPU"),
