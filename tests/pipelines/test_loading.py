@@ -71,7 +71,7 @@ def test_the_readme_main_job_runs_offline_with_the_default_model(tmp_path):
 
     from attnsurgery.cli import main
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     [line] = [line for line in readme.splitlines()
               if line.startswith('attnsurgery generate "a red circle and a') and "--model" not in line]
     argv = shlex.split(line.split("#")[0])[1:]
