@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from attnsurgery.pipelines.loading import load_pipeline, single_file_pipeline_class
 from attnsurgery.testing import tiny
-from tests.conftest import run_pipe
+from tests.support.pipes import run_pipe
 
 
 def test_local_folder_round_trip(tmp_path):
