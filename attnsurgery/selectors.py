@@ -14,9 +14,12 @@ indices) or ``(block_index, head)`` for DiTs (FLUX counts its double-stream bloc
 single-stream ones). Anything that matches nothing raises a ``ValueError`` that lists the layers that exist.
 Where a spec arrives as one string (a ComfyUI input, a CLI flag), :func:`split_items` cuts it into items.
 
-Example:
-    >>> info.select("transformer_blocks.1")            # block 1's attention, not block 10's
-    >>> info.select_heads(["transformer_blocks.11:15,16", (3, 0)])
+Example (``info = describe(pipe.transformer)`` for an SD3 pipeline):
+    >>> [layer.path for layer in info.select("transformer_blocks.1")]  # block 1's attention, not block 10's
+    ['transformer_blocks.1.attn']
+    >>> heads = info.select_heads(["transformer_blocks.11:15,16", (3, 0)])  # layer path -> set of heads
+    >>> {path: sorted(chosen) for path, chosen in heads.items()}
+    {'transformer_blocks.3.attn': [0], 'transformer_blocks.11.attn': [15, 16]}
 """
 
 from __future__ import annotations

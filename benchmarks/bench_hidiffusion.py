@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnsurgery as surg
 from attnsurgery.ops.windows import WindowGrid, shift_for_index
 from attnsurgery.processors.window_attention import WindowAttentionProcessor
-from tests.hidiffusion_peer import PACKAGE_NAMES, ForcedShifts, import_package
+from tests.support.hidiffusion_peer import PACKAGE_NAMES, ForcedShifts, import_package
 
 SHIFT = 1  # the same shift index for ours and the package, so outputs are comparable
 SD15 = dict(

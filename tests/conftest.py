@@ -1,4 +1,4 @@
-"""Test set-up: offline hub, few threads, and small builders for the tiny pipelines."""
+"""Test set-up: offline hub, few threads, and fixtures for the tiny pipelines (helpers live in tests/support/)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,6 @@ import torch
 torch.set_num_threads(1)
 
 from attnsurgery.testing import tiny  # noqa: E402
-
-DIT_KWARGS = {"max_sequence_length": 16}
-
-
-def run_pipe(pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64, seed: int = 0, **kwargs):
-    """Run a pipeline deterministically and return its output as a float tensor (numpy output type)."""
-    if type(pipe).__name__.startswith(("StableDiffusion3", "Flux")):
-        kwargs = {**DIT_KWARGS, **kwargs}
-    generator = torch.Generator("cpu").manual_seed(seed)
-    height, width = (size, size) if isinstance(size, int) else size
-    out = pipe(prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
-               output_type="np", **kwargs)
-    return torch.from_numpy(out.images)
 
 
 def _pipeline_fixture(builder):

@@ -268,8 +268,9 @@ class AttnSurgeryHiDiffusion(ModelPatchNode):
               seed: int, force: bool) -> tuple[Any]:
         """Clone ``model`` and register RAU-Net's block patches, the ControlNet wrapper and the window patches.
 
-        Example:
-            >>> (hires,) = AttnSurgeryHiDiffusion().patch(model, -1, -1, "preset", False, "random", 0, False)
+        Example (``model`` is a ComfyUI MODEL: not run here, tests/comfy runs the node in ComfyUI):
+            >>> (hires,) = AttnSurgeryHiDiffusion().patch(  # doctest: +SKIP
+            ...     model, -1, -1, "preset", False, "random", 0, False)
         """
         config = HiDiffusion(raunet=True, window_attn=window_attention, t1=_ratio(t1), t2=_ratio(t2),
                              aggressive=AGGRESSIVE[aggressive], shift=shift if shift == "random" else int(shift),

@@ -146,10 +146,12 @@ def hunt(
     Returns:
         The head set with per-round scores and the search's cost.
 
-    Example:
-        >>> result = surg.hunt(pipe, ["a red circle", "a blue square"], seeds=[0, 1], objective="reference")
-        >>> result.head_set.save("heads.json")
-        >>> surg.apply(pipe, surg.PerturbedAttention(scale=3.0, heads=Path("heads.json")))
+    Example (not run as a test: a search generates hundreds of images, minutes on a CPU):
+        >>> result = surg.hunt(  # doctest: +SKIP
+        ...     pipe, ["a red circle", "a blue square"], seeds=[0, 1], objective="reference")
+        >>> result.head_set.save("heads.json")  # doctest: +SKIP
+        PosixPath('heads.json')
+        >>> handle = surg.apply(pipe, surg.PerturbedAttention(scale=3.0, heads=Path("heads.json")))  # doctest: +SKIP
     """
     model = _model_of(pipe)
     preset = preset_for(model.family.name, model.family.kind)
@@ -232,8 +234,9 @@ def head_grid(pipe: Any, head_set: HeadSet, pairs: Sequence[tuple[str, int]], to
     """Images of the base (no head perturbed) and each of the first ``top`` selected heads alone (rows)
     for ``pairs`` (columns), generated with the head set's search settings.
 
-    Example:
-        >>> head_grid(pipe, result.head_set, [("a red circle", 0), ("a blue square", 1)], path="heads.png")
+    Example (``result`` from :func:`hunt`; not run as a test, as that search is not):
+        >>> grid = head_grid(  # doctest: +SKIP
+        ...     pipe, result.head_set, [("a red circle", 0), ("a blue square", 1)], path="heads.png")
     """
     generation = GenerationSettings(**head_set.settings["generation"])
     rows: list[tuple[Head, ...]] = [(), *[(parse_head_name(h),) for h in head_set.heads[:top]]]

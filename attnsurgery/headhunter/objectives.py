@@ -73,9 +73,9 @@ class ClipScore(_ClipObjective):
         device: where the model runs (default: CPU).
         batch_size: images per forward.
 
-    Example:
-        >>> clip = ClipScore("path/to/clip-vit-large-patch14")
-        >>> clip([image], ["a red circle"])
+    Example (not run as a test: it needs the CLIP weights downloaded):
+        >>> clip = ClipScore("path/to/clip-vit-large-patch14")  # doctest: +SKIP
+        >>> scores = clip([image], ["a red circle"])  # doctest: +SKIP
     """
 
     def __init__(self, model: str = CLIP_MODEL, processor: str | None = None, device: str | torch.device = "cpu",
@@ -102,8 +102,9 @@ class AestheticScore(_ClipObjective):
         device: where both run.
         batch_size: images per forward.
 
-    Example:
-        >>> aesthetic = AestheticScore("sac+logos+ava1-l14-linearMSE.pth", clip_model="path/to/clip-vit-large-patch14")
+    Example (not run as a test: it needs the head's and the CLIP model's weights downloaded):
+        >>> aesthetic = AestheticScore(  # doctest: +SKIP
+        ...     "sac+logos+ava1-l14-linearMSE.pth", clip_model="path/to/clip-vit-large-patch14")
     """
 
     def __init__(self, head: str | os.PathLike, clip_model: str = CLIP_MODEL, processor: str | None = None,

@@ -78,7 +78,7 @@ class HeadSet:
 
     Example:
         >>> heads = HeadSet.load("heads.json")
-        >>> surg.apply(pipe, surg.PerturbedAttention(scale=3.0, heads=Path("heads.json")))
+        >>> handle = surg.apply(pipe, surg.PerturbedAttention(scale=3.0, heads=Path("heads.json")))
     """
 
     heads: tuple[str, ...]

@@ -43,8 +43,11 @@ def generate(
     (an unset guidance scale becomes the model's own).
 
     Example:
+        >>> from attnsurgery.pipelines.loading import load_pipeline
         >>> params = GenerationParams("a red circle", steps=20, seed=3)
         >>> [(image, used)] = generate(load_pipeline("reference"), params)
+        >>> image.size, used.seed, used.cfg  # the unset cfg became the reference model's own
+        ((64, 64), 3, 2.0)
     """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")

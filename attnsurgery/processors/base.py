@@ -28,7 +28,9 @@ class WrappingProcessor:
         >>> class Scaled(WrappingProcessor):
         ...     def __call__(self, attn, hidden_states, *args, **kwargs):
         ...         return 0.5 * self.inner(attn, hidden_states, *args, **kwargs)
-        >>> surgery.set_processor(layer, Scaled(layer.module.processor), role="heads")
+        >>> wrapper = Scaled(layer.module.processor)
+        >>> surgery.set_processor(layer, wrapper, role="heads") is wrapper.inner  # returns what it replaced
+        True
     """
 
     def __init__(self, inner: Any) -> None:

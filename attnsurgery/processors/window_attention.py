@@ -54,7 +54,9 @@ class WindowAttentionProcessor(WrappingProcessor):
 
     Example:
         >>> plan = lambda n: WindowGrid(64, 64, shift=(8, 8)) if n == 64 * 64 else None
-        >>> surgery.set_processor(layer, WindowAttentionProcessor(layer.module.processor, plan), role="tokens")
+        >>> wrapper = WindowAttentionProcessor(layer.module.processor, plan)
+        >>> surgery.set_processor(layer, wrapper, role="tokens") is wrapper.inner
+        True
     """
 
     def __init__(self, inner: Any, plan: WindowPlan) -> None:

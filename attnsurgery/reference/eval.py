@@ -4,8 +4,9 @@ The generator is a plain callable ``generate(prompts, seeds, size) -> images``, 
 without plugins, or anything else that makes pictures, is measured the same way. ``pipeline_sampler``
 builds one from a diffusers pipeline.
 
-Example:
-    >>> pipe = load_reference_pipeline()  # doctest: +SKIP
+Example (the evaluation itself, 200 images, is not run as a test):
+    >>> from attnsurgery.reference.model import load_reference_pipeline
+    >>> pipe = load_reference_pipeline()
     >>> pairs = heldout_pairs(200, num_objects=1)
     >>> report = evaluate(pipeline_sampler(pipe), pairs, size=64)  # doctest: +SKIP
     >>> report.metrics.fidelity  # doctest: +SKIP
@@ -52,8 +53,8 @@ def heldout_pairs(count: int, num_objects: int | None = None, start: int = 0) ->
         start: index of the first pair (use disjoint ranges for disjoint sets).
 
     Example:
-        >>> heldout_pairs(2, num_objects=1)  # doctest: +SKIP
-        [('a purple square', 1099511627776), ('a green circle on the left', 1099511627777)]
+        >>> heldout_pairs(2, num_objects=1)
+        [('a red triangle', 1099511627776), ('a yellow square at the top', 1099511627777)]
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -76,8 +77,9 @@ def pipeline_sampler(
         **call_kwargs: passed on to every pipeline call (e.g. ``negative_prompt``).
 
     Example:
-        >>> generate = pipeline_sampler(load_reference_pipeline(), num_inference_steps=20)  # doctest: +SKIP
-        >>> images = generate(["a red circle"], [0], 64)  # doctest: +SKIP
+        >>> from attnsurgery.reference.model import load_reference_pipeline
+        >>> generate = pipeline_sampler(load_reference_pipeline(), num_inference_steps=20)
+        >>> images = generate(["a red circle"], [0], 64)
     """
 
     def generate(prompts: list[str], seeds: list[int], size: int) -> Sequence[np.ndarray]:

@@ -7,8 +7,8 @@ which keeps the analytic evaluator exact on the data itself.
 
 Example:
     >>> scene = make_scene(7)
-    >>> scene.caption  # doctest: +SKIP
-    'a blue square and a red circle'
+    >>> scene.caption
+    'a red square, a green triangle and a yellow triangle at the bottom'
     >>> render(scene, 64).shape
     (64, 64, 3)
 """
@@ -129,8 +129,8 @@ def make_scene(seed: int, num_objects: int | None = None) -> Scene:
         num_objects: 1, 2 or 3; None draws it from the seed.
 
     Example:
-        >>> make_scene(3, num_objects=1).caption  # doctest: +SKIP
-        'a green triangle'
+        >>> make_scene(3, num_objects=1).caption
+        'an orange triangle at the top'
     """
     if num_objects is not None and num_objects not in (1, 2, 3):
         raise ValueError(f"num_objects must be 1, 2 or 3 (or None to draw it), got {num_objects!r}")

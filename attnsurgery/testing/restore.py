@@ -7,7 +7,7 @@ child modules, parameters, hook tables and attention processors, component by co
 Example:
     >>> before = snapshot(pipe)
     >>> with surg.patched(pipe, MyPlugin()):
-    ...     pipe("a red circle", num_inference_steps=2)
+    ...     image = pipe("a red circle", num_inference_steps=2).images[0]
     >>> assert_restored(pipe, before)
 """
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from . import comfyui_snapshot, tiny_comfy
+from tests.support.comfy import comfyui_snapshot, tiny_comfy
 
 
 @pytest.fixture(scope="session")

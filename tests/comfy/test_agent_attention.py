@@ -9,9 +9,8 @@ import torch
 
 from attnsurgery.comfy.agent_attention import DEFAULT_SCHEDULE, AttnSurgeryAgentAttention
 from attnsurgery.plugins.agent import AgentAttention
-
-from .parity import capture_first_call, diffusers_prediction
-from .tiny_comfy import sample
+from tests.support.comfy.parity import capture_first_call, diffusers_prediction
+from tests.support.comfy.tiny_comfy import sample
 
 NO_MERGE = json.dumps([{"until": 1.0, "sx": 2, "sy": 2, "ratio": 0.0, "agent_ratio": 0.0}])
 

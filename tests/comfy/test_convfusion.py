@@ -13,9 +13,8 @@ from attnsurgery.comfy.token_merging import AttnSurgeryTokenMerging
 from attnsurgery.convfusion import ConvFusion
 from attnsurgery.convfusion.format import CONFIG_NAME, architecture_fingerprint, save_blocks
 from attnsurgery.ops.pyramid_conv import PyramidConvBlock
-
-from .parity import capture_first_call, diffusers_prediction, diffusers_twin
-from .tiny_comfy import sample
+from tests.support.comfy.parity import capture_first_call, diffusers_prediction, diffusers_twin
+from tests.support.comfy.tiny_comfy import sample
 
 NON_SQUARE = (16, 24)  # grids 16x24, 8x12, 4x6, 2x3: a transposed or square-guessed grid would show
 

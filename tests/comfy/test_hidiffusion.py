@@ -12,9 +12,8 @@ from attnsurgery.comfy.hidiffusion import AttnSurgeryHiDiffusion
 from attnsurgery.comfy.window_attention import AttnSurgeryWindowAttention
 from attnsurgery.ops.raunet import DownBlockShape, down_path_sizes
 from attnsurgery.plugins.hidiffusion import HiDiffusion
-
-from .parity import capture_first_call, diffusers_prediction, diffusers_twin_sdxl
-from .tiny_comfy import LATENT_SIZE, MODEL_CHANNELS, build_tiny_sdxl, conditioning, sample
+from tests.support.comfy.parity import capture_first_call, diffusers_prediction, diffusers_twin_sdxl
+from tests.support.comfy.tiny_comfy import LATENT_SIZE, MODEL_CHANNELS, build_tiny_sdxl, conditioning, sample
 
 ABOVE_NATIVE = {"size": (72, 16)}  # 576 x 128 px: one side above SD1.5's 512 px
 PARITY_SIZE = 32  # big enough that RAD and the pool leave 8x8 and 4x4 grids, not single pixels

@@ -15,8 +15,7 @@ from attnsurgery.comfy.patching import (
 )
 from attnsurgery.inventory import describe
 from attnsurgery.rng import keyed_generator
-
-from .parity import diffusers_twin
+from tests.support.comfy.parity import diffusers_twin
 
 
 def test_sites_carry_comfyui_keys_and_diffusers_paths(tiny):

@@ -9,8 +9,7 @@ import torch
 
 from attnsurgery.comfy.perturbed_attention import AttnSurgeryPerturbedAttention
 from attnsurgery.headhunter import HeadSet
-
-from .tiny_comfy import sample
+from tests.support.comfy.tiny_comfy import sample
 
 UP_HEADS = "up_blocks.1.attentions.0:0,3"
 

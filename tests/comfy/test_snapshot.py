@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from .tiny_comfy import sample
+from tests.support.comfy.tiny_comfy import sample
 
 
 def test_tiny_model_samples_deterministically(tiny):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from attnsurgery.comfy.token_merging import AttnSurgeryTokenMerging
-
-from .tiny_comfy import sample
+from tests.support.comfy.tiny_comfy import sample
 
 
 def _patch(model, ratio=0.5, sx=2, sy=2, layers="top", seed=0):

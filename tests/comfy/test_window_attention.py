@@ -7,9 +7,8 @@ import torch
 
 from attnsurgery.comfy.window_attention import AttnSurgeryWindowAttention
 from attnsurgery.plugins.hidiffusion import HiDiffusion
-
-from .parity import capture_first_call, diffusers_prediction
-from .tiny_comfy import sample
+from tests.support.comfy.parity import capture_first_call, diffusers_prediction
+from tests.support.comfy.tiny_comfy import sample
 
 
 def _patch(model, layers="top", shift="random", seed=0, force=True):

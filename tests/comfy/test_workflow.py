@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import attnsurgery.comfy as pack
-
-from .tiny_comfy import sample
+from tests.support.comfy.tiny_comfy import sample
 
 DOCUMENTS = ("README.md", "docs/comfyui.md")
 

@@ -5,7 +5,7 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery.testing import assert_restored, snapshot, tiny_sd15
-from tests.plugins_for_tests import Everything
+from tests.support.plugins import Everything
 
 
 def test_a_restored_pipeline_passes():

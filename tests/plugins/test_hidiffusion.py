@@ -22,9 +22,9 @@ from attnsurgery.context import StepContext
 from attnsurgery.ops.windows import WindowGrid
 from attnsurgery.plugins.hidiffusion import HiDiffusion, unet_layout
 from attnsurgery.processors.window_attention import WindowAttentionProcessor
+from attnsurgery.testing import snapshot as state_of
 from attnsurgery.testing import tiny
-from tests.hidiffusion_peer import run_latents
-from tests.test_surgery import state_of
+from tests.support.hidiffusion_peer import run_latents
 
 ABOVE_NATIVE = 320  # the tiny models are native at 256 px (latent 32)
 

@@ -11,8 +11,7 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery.headhunter import HeadSet, preset_for, report_table
-
-from .conftest import run_pipe
+from tests.support.pipes import run_pipe
 
 PROMPTS = ["a red circle", "a blue square"]
 

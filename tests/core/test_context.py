@@ -6,8 +6,8 @@ import attnsurgery as surg
 from attnsurgery.context import StepContext, locate_timestep
 from attnsurgery.families import detect_family
 from attnsurgery.testing import tiny
-from tests.conftest import run_pipe
-from tests.plugins_for_tests import Recorder
+from tests.support.pipes import run_pipe
+from tests.support.plugins import Recorder
 
 
 def indices(log):

@@ -13,7 +13,7 @@ import torch
 import attnsurgery as surg
 from attnsurgery.plugins import hidiffusion as hidiffusion_plugin
 from attnsurgery.testing import tiny
-from tests.hidiffusion_peer import import_package, package_applied, run_latents
+from tests.support.hidiffusion_peer import import_package, package_applied, run_latents
 
 SIZE = 256  # the tiny models' native size, hence force=True below
 # SD1.5: 5 steps -> RAD/RAU (T1 0.4) in steps 0-1; T2 0.2 (package dict patched to match) pools in step 0.

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from attnsurgery.pipelines.loading import load_pipeline, single_file_pipeline_class
 from attnsurgery.testing import tiny
-from tests.conftest import run_pipe
+from tests.support.pipes import run_pipe
 
 
 def test_local_folder_round_trip(tmp_path):
@@ -71,7 +71,7 @@ def test_the_readme_main_job_runs_offline_with_the_default_model(tmp_path):
 
     from attnsurgery.cli import main
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     [line] = [line for line in readme.splitlines()
               if line.startswith('attnsurgery generate "a red circle and a') and "--model" not in line]
     argv = shlex.split(line.split("#")[0])[1:]

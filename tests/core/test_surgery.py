@@ -6,8 +6,8 @@ import torch
 import attnsurgery as surg
 from attnsurgery.processors.base import WrappingProcessor
 from attnsurgery.testing import snapshot
-from tests.conftest import run_pipe
-from tests.plugins_for_tests import Everything, Recorder
+from tests.support.pipes import run_pipe
+from tests.support.plugins import Everything, Recorder
 
 state_of = snapshot
 

@@ -8,8 +8,7 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery.headhunter.scoring import CandidateScorer, GenerationSettings
-
-from .conftest import run_pipe
+from tests.support.pipes import run_pipe
 
 TOP = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
 UP = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"

@@ -7,7 +7,7 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery.processors.token_merge import TokenMergeProcessor
-from tests.conftest import run_pipe
+from tests.support.pipes import run_pipe
 
 NON_SQUARE = (64, 96)  # latent 8 x 12: the top level has 96 tokens
 

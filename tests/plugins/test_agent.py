@@ -15,7 +15,7 @@ from attnsurgery.ops import agent as agent_ops
 from attnsurgery.ops.token_merge import match_tokens, plan_merge
 from attnsurgery.processors.agent import AgentProcessor, check_agent_layer
 from attnsurgery.processors.token_merge import BlockInput
-from tests.conftest import run_pipe
+from tests.support.pipes import run_pipe
 
 NON_SQUARE = (64, 96)
 

@@ -1,0 +1,18 @@
+"""Running the tiny pipelines the same way in every test."""
+
+from __future__ import annotations
+
+import torch
+
+DIT_KWARGS = {"max_sequence_length": 16}
+
+
+def run_pipe(pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64, seed: int = 0, **kwargs):
+    """Run a pipeline deterministically and return its output as a float tensor (numpy output type)."""
+    if type(pipe).__name__.startswith(("StableDiffusion3", "Flux")):
+        kwargs = {**DIT_KWARGS, **kwargs}
+    generator = torch.Generator("cpu").manual_seed(seed)
+    height, width = (size, size) if isinstance(size, int) else size
+    out = pipe(prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
+               output_type="np", **kwargs)
+    return torch.from_numpy(out.images)
