@@ -77,11 +77,8 @@ SHIFT = 1  # the shift index the hidiffusion package is pinned to (its draws use
 
 # ------------------------------------------------------------------------------------------ peers
 def _hidiffusion_peer() -> Any:
-    """The test suite's adapter for the ``hidiffusion`` package (it moves to tests/support/ with the test tree)."""
-    for name in ("tests.support.hidiffusion_peer", "tests.hidiffusion_peer"):
-        with contextlib.suppress(ModuleNotFoundError):
-            return importlib.import_module(name)
-    raise ModuleNotFoundError("the hidiffusion peer adapter (tests/support/hidiffusion_peer.py) is missing")
+    """The test suite's adapter for the ``hidiffusion`` package (tests/support/hidiffusion_peer.py)."""
+    return importlib.import_module("tests.support.hidiffusion_peer")
 
 
 @contextlib.contextmanager

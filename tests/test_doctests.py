@@ -35,17 +35,12 @@ import attnsurgery
 from attnsurgery.testing import tiny
 from tests.support.plugins import Everything
 
-EXCLUDED = {
-    # TODO(merge): its docstrings are being reworded on another branch; its HiDiffusion example makes a
-    # 2048 px image (minutes on a CPU) and needs a +SKIP there. Drop this line once that branch is merged.
-    "attnsurgery.plugins.hidiffusion",
-}
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.FAIL_FAST
 
 
 def modules() -> list[Any]:
     names = [info.name for info in pkgutil.walk_packages(attnsurgery.__path__, "attnsurgery.")]
-    names = [name for name in names if not name.endswith(".__main__") and name not in EXCLUDED]
+    names = [name for name in names if not name.endswith(".__main__")]
     return [attnsurgery, *(importlib.import_module(name) for name in names)]
 
 

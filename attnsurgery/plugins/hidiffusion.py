@@ -114,7 +114,9 @@ def layout_for(family: Family, first_attention_block: int, num_blocks: int) -> H
         NotImplementedError: the family is not one HiDiffusion supports.
 
     Example:
-        >>> layout_for(family, first_attention_block=0, num_blocks=4).raunet.pool_block
+        >>> from attnsurgery.families import Family
+        >>> sd15 = Family("sd15", "unet", native_resolution=512, vae_scale_factor=8)
+        >>> layout_for(sd15, first_attention_block=0, num_blocks=4).raunet.pool_block
         1
     """
     _check_family(family)
@@ -140,7 +142,9 @@ def preset_timing(family: Family, latent_hw: tuple[int, int], num_steps: int | N
     """The package's presets, by family and latent size (table in docs/techniques/hidiffusion.md).
 
     Example:
-        >>> preset_timing(detect_family(pipe.unet), (256, 256), 50, controlnet=False)
+        >>> from attnsurgery.families import Family
+        >>> sd15 = Family("sd15", "unet", native_resolution=512, vae_scale_factor=8)
+        >>> preset_timing(sd15, (256, 256), 50, controlnet=False)
         RauNetTiming(t1=0.7, t2=0.3, aggressive=False)
     """
     side = min(latent_hw)
@@ -177,9 +181,9 @@ class HiDiffusion(Plugin):
     at step N - floor(N * s), and RAU-Net acts only in the part of its first T1 fraction that runs
     (the package restarts its counters at the first executed step instead).
 
-    Example:
+    Example (a 2048 px image: minutes on a CPU, so the suite skips it):
         >>> import attnsurgery as surg
-        >>> with surg.patched(pipe, surg.HiDiffusion()):
+        >>> with surg.patched(pipe, surg.HiDiffusion()):  # doctest: +SKIP
         ...     image = pipe("a castle", height=2048, width=2048).images[0]
     """
 
