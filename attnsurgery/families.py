@@ -82,8 +82,7 @@ def detect_family(denoiser: torch.nn.Module, vae_scale_factor: int | None = None
         dual = tuple(config.get("dual_attention_layers") or ())
         name = "sd35" if (config.get("qk_norm") or dual) else "sd3"
         side = int(config.get("sample_size") or 128) * factor
-        return Family(name, "mmdit", side, factor, int(config.get("patch_size", 2)), "image_text",
-                      text_tokens=77 + 256)
+        return Family(name, "mmdit", side, factor, int(config.get("patch_size", 2)), "image_text", text_tokens=77 + 256)
     if isinstance(denoiser, FluxTransformer2DModel):
         return Family("flux", "mmdit", 1024, factor, 2, "text_image", text_tokens=512)
     found = ", ".join(f"{k}={v!r}" for k, v in list(config.items())[:8] if not k.startswith("_"))

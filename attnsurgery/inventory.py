@@ -16,7 +16,13 @@ import torch
 from .families import Family, detect_family
 
 __all__ = [
-    "AttentionLayer", "ModelInfo", "describe", "is_attention_module", "level_grid", "token_grids", "find_token_grid",
+    "AttentionLayer",
+    "ModelInfo",
+    "describe",
+    "is_attention_module",
+    "level_grid",
+    "token_grids",
+    "find_token_grid",
 ]
 
 LayerKind = Literal["self", "cross", "joint", "single"]

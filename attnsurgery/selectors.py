@@ -33,7 +33,13 @@ if TYPE_CHECKING:
     from .inventory import AttentionLayer, LayerKind, ModelInfo
 
 __all__ = [
-    "LayerSelector", "HeadSpec", "select_layers", "select_heads", "no_match_error", "groups_of", "split_items",
+    "LayerSelector",
+    "HeadSpec",
+    "select_layers",
+    "select_heads",
+    "no_match_error",
+    "groups_of",
+    "split_items",
 ]
 
 LayerSelector = str | Sequence[str]
@@ -170,14 +176,12 @@ def _parse_head_item(info: ModelInfo, item, kinds) -> tuple[list[AttentionLayer]
                 "e.g. 'mid_block.attentions.0.transformer_blocks.0.attn1:3'"
             )
         layers = [
-            layer for layer in info.layers
-            if layer.block_index == block and (kinds is None or layer.kind in kinds)
+            layer for layer in info.layers if layer.block_index == block and (kinds is None or layer.kind in kinds)
         ]
         if not layers:
             blocks = sorted({layer.block_index for layer in info.layers if layer.block_index is not None})
             raise ValueError(
-                f"head {item!r}: no block {block}; this {info.family.name} model has blocks "
-                f"{blocks[0]}..{blocks[-1]}"
+                f"head {item!r}: no block {block}; this {info.family.name} model has blocks {blocks[0]}..{blocks[-1]}"
             )
         return layers, (head,)
     if not isinstance(item, str):
@@ -199,8 +203,12 @@ def select_heads(
     Raises:
         ValueError: nothing matches, or a head index is out of range for its layer.
     """
-    items = [spec] if isinstance(spec, str) or (isinstance(spec, tuple) and len(spec) == 2
-                                                 and all(isinstance(v, int) for v in spec)) else list(spec)
+    items = (
+        [spec]
+        if isinstance(spec, str)
+        or (isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, int) for v in spec))
+        else list(spec)
+    )
     if not items:
         raise ValueError(
             "empty head spec: give layer selectors (every head), 'path:h1,h2' items or, on DiTs, "

@@ -247,8 +247,9 @@ class Surgery:
         else:
             handle = module.register_forward_hook(hook, prepend=prepend, with_kwargs=with_kwargs)
         kind = "forward pre-hook" if pre else "forward hook"
-        self._undo.append((self._site_of(module), f"{kind} {getattr(hook, '__name__', type(hook).__name__)}",
-                           handle.remove))
+        self._undo.append(
+            (self._site_of(module), f"{kind} {getattr(hook, '__name__', type(hook).__name__)}", handle.remove)
+        )
 
     def generator(self, *keys: object, seed: int | None = None, device: str | torch.device = "cpu") -> torch.Generator:
         """A private generator seeded from ``seed`` (else the surgery's, else 0) and ``keys``.

@@ -39,8 +39,9 @@ def warmup_cooldown(step: int, steps: int, warmup_steps: int, cooldown_steps: in
     return factor * min(1.0, (steps - step) / cooldown_steps) if cooldown_steps else factor
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Per-sample Min-SNR loss weights: min(SNR, gamma) / SNR for epsilon targets, / (SNR + 1) for v.
 
     Args:
@@ -60,8 +61,9 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
         return clipped / snr
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
-    raise NotImplementedError(f"Min-SNR weighting for prediction_type {prediction_type!r} is not defined; "
-                              "pass min_snr_gamma=None.")
+    raise NotImplementedError(
+        f"Min-SNR weighting for prediction_type {prediction_type!r} is not defined; pass min_snr_gamma=None."
+    )
 
 
 @dataclass(frozen=True)

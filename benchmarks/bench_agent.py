@@ -58,14 +58,17 @@ def layer_variants(size: int, batch: int) -> dict[str, Callable[[], torch.Tensor
     attn = Attention(query_dim=CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS).eval()
     block_x = torch.randn(batch, tokens, CHANNELS)
     normed = torch.nn.functional.layer_norm(block_x, (CHANNELS,))
-    context = StepContext(detect_family(UNet2DConditionModel(), 8), latent_hw=(side, side), step_index=0,
-                          num_steps=50)
+    context = StepContext(detect_family(UNet2DConditionModel(), 8), latent_hw=(side, side), step_index=0, num_steps=50)
     block_input = BlockInput()
     machinery = {"context": context, "block_input": block_input, "generator": None}
     sdpa = AttnProcessor2_0()
     ours_tome = TokenMergeProcessor(sdpa, ratio=TOME_RATIO, sx=2, sy=2, **machinery)
-    agent_settings = {"schedule": surg.AgentAttention().schedule, "k_scale2": 0.3, "k_shortcut": 0.075,
-                      "compute_dtype": None}
+    agent_settings = {
+        "schedule": surg.AgentAttention().schedule,
+        "k_scale2": 0.3,
+        "k_shortcut": 0.075,
+        "compute_dtype": None,
+    }
     agent_tome = AgentProcessor(sdpa, source="tome", **agent_settings, **machinery)
     agent_pool = AgentProcessor(sdpa, source="pool", **agent_settings, **machinery)
 
@@ -73,6 +76,7 @@ def layer_variants(size: int, batch: int) -> dict[str, Callable[[], torch.Tensor
         def run() -> torch.Tensor:
             block_input.hook(None, (block_x,), {})
             return processor(attn, normed)
+
         return run
 
     def tomesd_layer() -> torch.Tensor:
@@ -100,8 +104,10 @@ def unet_variants(unet: UNet2DConditionModel) -> dict[str, tuple[Callable[[], ob
 
     return {
         "SDPA": (lambda: None, lambda: None),
-        "tomesd ToMe 0.5": (lambda: tomesd.apply_patch(unet, ratio=TOME_RATIO, use_rand=False),
-                            lambda: tomesd.remove_patch(unet)),
+        "tomesd ToMe 0.5": (
+            lambda: tomesd.apply_patch(unet, ratio=TOME_RATIO, use_rand=False),
+            lambda: tomesd.remove_patch(unet),
+        ),
         "ours ToMe 0.5": ours(surg.TokenMerging(ratio=TOME_RATIO, use_rand=False)),
         "agent (tome agents)": ours(surg.AgentAttention(use_rand=False)),
         "agent (pool agents)": ours(surg.AgentAttention(agent_source="pool", use_rand=False)),

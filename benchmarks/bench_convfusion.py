@@ -66,8 +66,10 @@ def per_module(sizes: list[int]) -> None:
     attention = Attention(CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, processor=AttnProcessor2_0())
     attention.eval()
     block = PyramidConvBlock(CHANNELS, kernel_size=KERNEL).eval()
-    print(f"\nPer module, SD1.5 top level ({CHANNELS} ch, {HEADS} heads), batch {BATCH}, fp32, "
-          f"{torch.get_num_threads()} threads, conv kernel {KERNEL}")
+    print(
+        f"\nPer module, SD1.5 top level ({CHANNELS} ch, {HEADS} heads), batch {BATCH}, fp32, "
+        f"{torch.get_num_threads()} threads, conv kernel {KERNEL}"
+    )
     print("| image | tokens | SDPA GFLOP | conv GFLOP | FLOP ratio | SDPA ms | conv ms | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
@@ -77,9 +79,12 @@ def per_module(sizes: list[int]) -> None:
         conv_flops = BATCH * conv_block_flops(side, side, CHANNELS, KERNEL)
         attn_s = seconds(lambda tokens=tokens: attention(tokens))
         conv_s = seconds(lambda tokens=tokens, side=side: block(tokens, (side, side)), min_repeats=3)
-        print(f"| {size}^2 | {side * side} | {attn_flops / 1e9:,.1f} | {conv_flops / 1e9:,.2f} | "
-              f"{attn_flops / conv_flops:,.0f}x | {attn_s * 1e3:,.1f} | {conv_s * 1e3:,.1f} | "
-              f"{attn_s / conv_s:,.1f}x |", flush=True)
+        print(
+            f"| {size}^2 | {side * side} | {attn_flops / 1e9:,.1f} | {conv_flops / 1e9:,.2f} | "
+            f"{attn_flops / conv_flops:,.0f}x | {attn_s * 1e3:,.1f} | {conv_s * 1e3:,.1f} | "
+            f"{attn_s / conv_s:,.1f}x |",
+            flush=True,
+        )
 
 
 def _sd15_unet() -> torch.nn.Module:
@@ -118,12 +123,17 @@ def unet_call(size: int) -> None:
             h, w = info.token_grid(layer, (side, side))
             attn_flops += BATCH * attention_flops(h * w, layer.heads * layer.head_dim)
             conv_flops += BATCH * conv_block_flops(h, w, blocks[layer.path].channels, blocks[layer.path].kernel_size)
-    print(f"\nSD1.5 UNet (random weights), one call, {size}^2, batch {BATCH}, fp32, {torch.get_num_threads()} "
-          f"threads; {len(blocks)} attn1 layers replaced")
+    print(
+        f"\nSD1.5 UNet (random weights), one call, {size}^2, batch {BATCH}, fp32, {torch.get_num_threads()} "
+        f"threads; {len(blocks)} attn1 layers replaced"
+    )
     print("| image | attn1 GFLOP | conv GFLOP | plain UNet s | ConvFusion UNet s | speed-up |")
     print("|---|---|---|---|---|---|")
-    print(f"| {size}^2 | {attn_flops / 1e9:,.1f} | {conv_flops / 1e9:,.2f} | {plain_s:,.2f} | {conv_s:,.2f} | "
-          f"{plain_s / conv_s:,.2f}x |", flush=True)
+    print(
+        f"| {size}^2 | {attn_flops / 1e9:,.1f} | {conv_flops / 1e9:,.2f} | {plain_s:,.2f} | {conv_s:,.2f} | "
+        f"{plain_s / conv_s:,.2f}x |",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -52,8 +52,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--cooldown-steps", type=int, default=400,
-                        help="LR cool-down over the last N steps (student: 0.92x the teacher with 400, 0.85x with 0)")
+    parser.add_argument(
+        "--cooldown-steps",
+        type=int,
+        default=400,
+        help="LR cool-down over the last N steps (student: 0.92x the teacher with 400, 0.85x with 0)",
+    )
     parser.add_argument("--pairs", type=int, default=200, help="held-out one-object pairs per row")
     parser.add_argument("--cfg", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--threads", type=int, default=1)
@@ -62,8 +66,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = load_reference_pipeline(weights_dir=args.weights)
     data = render_training_folder(args.out / "images", args.images)
-    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                           cooldown_steps=args.cooldown_steps, checkpoint_every=0)
+    config = DistillConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        cooldown_steps=args.cooldown_steps,
+        checkpoint_every=0,
+    )
     result = distill(pipe, data, args.out / "blocks", config)
     losses = [row["loss"] for row in result.history]
     print(f"distillation: {len(losses)} steps, loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}")
@@ -81,8 +91,11 @@ def main() -> None:
             m = report.metrics
             teacher = teacher if teacher is not None else m.fidelity
             ratio = m.fidelity / teacher if teacher else float("nan")
-            print(f"| {label} | {objects} object(s) | {m.samples} | {m.fidelity:.3f} | {m.duplication_rate:.3f} | "
-                  f"{m.clean_shape_rate:.3f} | {report.seconds_per_image:.3f} | {ratio:.2f}x |", flush=True)
+            print(
+                f"| {label} | {objects} object(s) | {m.samples} | {m.fidelity:.3f} | {m.duplication_rate:.3f} | "
+                f"{m.clean_shape_rate:.3f} | {report.seconds_per_image:.3f} | {ratio:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

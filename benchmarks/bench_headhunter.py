@@ -32,8 +32,16 @@ from attnsurgery.headhunter import Racing, ReferenceScore
 from attnsurgery.reference.eval import evaluate, heldout_pairs, pipeline_sampler
 from attnsurgery.testing import tiny
 
-TINY_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square",
-                "an orange triangle", "a red square", "a blue circle"]
+TINY_PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow circle",
+    "a purple square",
+    "an orange triangle",
+    "a red square",
+    "a blue circle",
+]
 
 
 def contrast(images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
@@ -54,12 +62,29 @@ def _model(name: str, weights: str | None = None) -> tuple[Any, Callable, list[s
     raise SystemExit(f"unknown model {name!r}; use tiny-sd15, tiny-sd3 or reference")
 
 
-def _search(pipe: Any, objective: Callable, prompts: list[str], args: argparse.Namespace, batch: int,
-            racing: Racing | None, settings: dict[str, Any]) -> tuple[surg.headhunter.HuntResult, float]:
+def _search(
+    pipe: Any,
+    objective: Callable,
+    prompts: list[str],
+    args: argparse.Namespace,
+    batch: int,
+    racing: Racing | None,
+    settings: dict[str, Any],
+) -> tuple[surg.headhunter.HuntResult, float]:
     start = time.perf_counter()
-    result = surg.hunt(pipe, prompts[: args.prompts], seeds=list(range(args.seeds)), objective=objective,
-                       top_k=args.top_k, rounds=1, steps=args.steps, batch_candidates=batch, racing=racing,
-                       progress=False, **settings)
+    result = surg.hunt(
+        pipe,
+        prompts[: args.prompts],
+        seeds=list(range(args.seeds)),
+        objective=objective,
+        top_k=args.top_k,
+        rounds=1,
+        steps=args.steps,
+        batch_candidates=batch,
+        racing=racing,
+        progress=False,
+        **settings,
+    )
     return result, time.perf_counter() - start
 
 
@@ -68,13 +93,18 @@ def heldout_comparison(pipe: Any, heads: Sequence[str], pairs: int, steps: int, 
     held = heldout_pairs(pairs, num_objects=1, start=800_000)
     sampler = pipeline_sampler(pipe, num_inference_steps=steps, guidance_scale=cfg)
     rows = []
-    for label, plugins in (("CFG only", []), ("+ PAG, mid block (layer level)", [surg.PerturbedAttention(3.0)]),
-                           (f"+ PAG, {len(heads)} found heads", [surg.PerturbedAttention(3.0, heads=list(heads))])):
+    for label, plugins in (
+        ("CFG only", []),
+        ("+ PAG, mid block (layer level)", [surg.PerturbedAttention(3.0)]),
+        (f"+ PAG, {len(heads)} found heads", [surg.PerturbedAttention(3.0, heads=list(heads))]),
+    ):
         with surg.patched(pipe, *plugins):
             report = evaluate(sampler, held, progress=False)
         m = report.metrics
-        rows.append(f"| {label} | {m.samples} | {m.fidelity:.3f} | {m.clean_shape_rate:.3f} | "
-                    f"{m.duplication_rate:.3f} | {report.seconds_per_image:.2f} |")
+        rows.append(
+            f"| {label} | {m.samples} | {m.fidelity:.3f} | {m.clean_shape_rate:.3f} | "
+            f"{m.duplication_rate:.3f} | {report.seconds_per_image:.2f} |"
+        )
     return rows
 
 
@@ -91,24 +121,32 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="reference weights folder (default: the shipped ones)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| model | variant | candidates | pairs | denoiser calls | images | seconds | calls vs exhaustive | "
-          "time vs exhaustive | same heads as exhaustive |")
+    print(
+        "| model | variant | candidates | pairs | denoiser calls | images | seconds | calls vs exhaustive | "
+        "time vs exhaustive | same heads as exhaustive |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     found: dict[str, tuple[Any, tuple[str, ...]]] = {}
     for name in args.models.split(","):
         pipe, objective, prompts, settings = _model(name, args.weights)
         pipe.set_progress_bar_config(disable=True)
         baseline = None
-        for variant, batch, racing in (("exhaustive", 1, None), ("batched", args.batch, None),
-                                       ("ours: batched + racing", args.batch, Racing())):
+        for variant, batch, racing in (
+            ("exhaustive", 1, None),
+            ("batched", args.batch, None),
+            ("ours: batched + racing", args.batch, Racing()),
+        ):
             result, seconds = _search(pipe, objective, prompts, args, batch, racing, settings)
             heads = result.head_set.heads
             baseline = baseline or (result.denoiser_calls, seconds, set(heads))
             same = len(set(heads) & baseline[2])
-            print(f"| {name} | {variant} | {len(result.head_set.settings['candidates'])} | "
-                  f"{len(result.head_set.settings['pairs'])} | {result.denoiser_calls} | {result.images} | "
-                  f"{seconds:.1f} | {baseline[0] / result.denoiser_calls:.1f}x fewer | "
-                  f"{baseline[1] / seconds:.2f}x faster | {same}/{len(heads)} |", flush=True)
+            print(
+                f"| {name} | {variant} | {len(result.head_set.settings['candidates'])} | "
+                f"{len(result.head_set.settings['pairs'])} | {result.denoiser_calls} | {result.images} | "
+                f"{seconds:.1f} | {baseline[0] / result.denoiser_calls:.1f}x fewer | "
+                f"{baseline[1] / seconds:.2f}x faster | {same}/{len(heads)} |",
+                flush=True,
+            )
         found[name] = (pipe, heads)
     if args.heldout and "reference" in found:
         pipe, heads = found["reference"]

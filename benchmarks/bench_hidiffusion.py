@@ -39,16 +39,27 @@ from tests.support.hidiffusion_peer import PACKAGE_NAMES, ForcedShifts, import_p
 
 SHIFT = 1  # the same shift index for ours and the package, so outputs are comparable
 SD15 = dict(
-    sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-    attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )
 SDXL = dict(
-    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    cross_attention_dim=2048,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
 )
 CONFIGS = {"sd15": SD15, "sdxl": SDXL}
 Row = tuple[str, str, float, str]  # case, variant, seconds, ratio text
@@ -83,8 +94,9 @@ def fixed_plan(latent: int) -> Callable[[int], WindowGrid]:
     return lambda num_tokens: grid
 
 
-def interleaved(variants: dict[str, Callable[[], torch.Tensor]], rounds: int,
-                warmup: int) -> dict[str, tuple[float, torch.Tensor]]:
+def interleaved(
+    variants: dict[str, Callable[[], torch.Tensor]], rounds: int, warmup: int
+) -> dict[str, tuple[float, torch.Tensor]]:
     """Best time per variant over round-robin passes, so load changes on a shared machine hit all alike."""
     results = {name: timed(fn, 0, warmup) for name, fn in variants.items()}
     for _ in range(rounds):
@@ -105,12 +117,16 @@ def bench_layer_size(size: int, rounds: int, device: str) -> list[Row]:
     with package_forced_shift() as (_, module):
         theirs.__class__ = module.make_diffusers_transformer_block(type(plain))
         theirs.info = {"size": (latent, latent)}
-        results = interleaved({
-            "global": lambda: plain.attn1(x),
-            "ours": lambda: ours.attn1(x),
-            "ours block": lambda: ours(x, encoder_hidden_states=text),
-            "package block": lambda: theirs(x, encoder_hidden_states=text),
-        }, rounds, warmup=1 if latent <= 128 else 0)
+        results = interleaved(
+            {
+                "global": lambda: plain.attn1(x),
+                "ours": lambda: ours.attn1(x),
+                "ours block": lambda: ours(x, encoder_hidden_states=text),
+                "package block": lambda: theirs(x, encoder_hidden_states=text),
+            },
+            rounds,
+            warmup=1 if latent <= 128 else 0,
+        )
     (t_global, _), (t_ours, _) = results["global"], results["ours"]
     (t_block_ours, out_ours), (t_block_pkg, out_pkg) = results["ours block"], results["package block"]
     diff = f"max|ours-pkg| {float((out_ours - out_pkg).abs().max()):.1e}"
@@ -158,8 +174,14 @@ def bench_unet_size(unet: UNet2DConditionModel, model: str, size: int, device: s
                 del unet.name_or_path, unet._num_timesteps
         diff = float((out_ours - out_pkg).abs().max())
         rows.append(("", f"ours ({phase})", t_ours, f"{t_plain / t_ours:.2f}x vs plain"))
-        rows.append(("", f"package ({phase})", t_pkg,
-                     f"{t_plain / t_pkg:.2f}x vs plain; ours {t_pkg / t_ours:.2f}x; max|diff| {diff:.1e}"))
+        rows.append(
+            (
+                "",
+                f"package ({phase})",
+                t_pkg,
+                f"{t_plain / t_pkg:.2f}x vs plain; ours {t_pkg / t_ours:.2f}x; max|diff| {diff:.1e}",
+            )
+        )
     return rows
 
 

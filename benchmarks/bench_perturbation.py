@@ -41,8 +41,21 @@ from attnsurgery.testing import tiny
 
 # ------------------------------------------------------------------------------------------ memory
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _heap_in_use() -> Callable[[], int]:
@@ -153,23 +166,58 @@ def _sd3_inputs(model: SD3Transformer2DModel, latent: int, text: int) -> dict[st
 def build_case(name: str) -> Case:
     if name == "tiny-sd15":
         unet = tiny.tiny_sd15().unet
-        return Case(name, unet, _unet_inputs(unet, 32, 77), "mid", PAGCFGIdentitySelfAttnProcessor2_0(),
-                    "tiny SD1.5 U-Net, 256 px")
+        return Case(
+            name,
+            unet,
+            _unet_inputs(unet, 32, 77),
+            "mid",
+            PAGCFGIdentitySelfAttnProcessor2_0(),
+            "tiny SD1.5 U-Net, 256 px",
+        )
     if name == "tiny-sd3":
         model = tiny.tiny_sd3(num_layers=4).transformer
-        return Case(name, model, _sd3_inputs(model, 32, 16 + 77), "transformer_blocks.1",
-                    PAGCFGJointAttnProcessor2_0(), "tiny SD3 MMDiT (4 blocks), 256 px")
+        return Case(
+            name,
+            model,
+            _sd3_inputs(model, 32, 16 + 77),
+            "transformer_blocks.1",
+            PAGCFGJointAttnProcessor2_0(),
+            "tiny SD3 MMDiT (4 blocks), 256 px",
+        )
     if name == "sd15":
         unet = _build(lambda: UNet2DConditionModel(cross_attention_dim=768, sample_size=64))
-        return Case(name, unet, _unet_inputs(unet, 32, 77), "mid", PAGCFGIdentitySelfAttnProcessor2_0(),
-                    "SD1.5 U-Net (860M, random), 256 px")
+        return Case(
+            name,
+            unet,
+            _unet_inputs(unet, 32, 77),
+            "mid",
+            PAGCFGIdentitySelfAttnProcessor2_0(),
+            "SD1.5 U-Net (860M, random), 256 px",
+        )
     if name == "sd3-medium":
-        model = _build(lambda: SD3Transformer2DModel(
-            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=64,
-            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-            pooled_projection_dim=2048, pos_embed_max_size=192))
-        return Case(name, model, _sd3_inputs(model, 32, 77 + 256), "transformer_blocks.1",
-                    PAGCFGJointAttnProcessor2_0(), "SD3-medium blocks (3 of 24, random), 256 px, 333 text tokens")
+        model = _build(
+            lambda: SD3Transformer2DModel(
+                sample_size=128,
+                patch_size=2,
+                in_channels=16,
+                out_channels=16,
+                num_layers=3,
+                attention_head_dim=64,
+                num_attention_heads=24,
+                joint_attention_dim=4096,
+                caption_projection_dim=1536,
+                pooled_projection_dim=2048,
+                pos_embed_max_size=192,
+            )
+        )
+        return Case(
+            name,
+            model,
+            _sd3_inputs(model, 32, 77 + 256),
+            "transformer_blocks.1",
+            PAGCFGJointAttnProcessor2_0(),
+            "SD3-medium blocks (3 of 24, random), 256 px, 333 text tokens",
+        )
     raise ValueError(f"unknown model {name!r}; use tiny-sd15, tiny-sd3, sd15 or sd3-medium")
 
 
@@ -207,8 +255,10 @@ def measure(case: Case, repeats: int, device: torch.device) -> list[tuple[str, f
         ("diffusers PAG", lambda: None),
         ("ours layer", lambda: surg.apply(pipeline, surg.PerturbedAttention(layers=case.layers))),
         ("ours heads batched", lambda: surg.apply(pipeline, surg.PerturbedAttention(heads=heads))),
-        ("ours heads sequential",
-         lambda: surg.apply(pipeline, surg.PerturbedAttention(heads=heads, mode="sequential"))),
+        (
+            "ours heads sequential",
+            lambda: surg.apply(pipeline, surg.PerturbedAttention(heads=heads, mode="sequential")),
+        ),
     ]
     rows = []
     for label, setup in tqdm(configs, desc=case.name, leave=False):
@@ -238,8 +288,10 @@ def print_table(results: dict[str, tuple[str, list[tuple[str, float, int]]]]) ->
         base_time, base_mem = rows[0][1], rows[0][2]
         layer_time = next(t for label, t, _ in rows if label == "ours layer")
         for label, t, mem in rows:
-            print(f"{name:<12} {label:<22} {t:>9.4f} {t / base_time:>8.3f} {t / layer_time:>8.3f} "
-                  f"{mem / 2**20:>9.1f} {mem / max(base_mem, 1):>8.3f}")
+            print(
+                f"{name:<12} {label:<22} {t:>9.4f} {t / base_time:>8.3f} {t / layer_time:>8.3f} "
+                f"{mem / 2**20:>9.1f} {mem / max(base_mem, 1):>8.3f}"
+            )
         print(f"{'':<12} ({note})")
 
 

@@ -59,18 +59,32 @@ class Case:
 
 #: Priority order (cheap and most asked-for first); the compiled pass repeats it.
 CASES = (
-    Case("sd15", 1024, 4, 2), Case("sdxl", 1024, 4, 2), Case("sd35-medium", 2048, 2, 2), Case("flux-dev", 2048, 2, 2),
-    Case("sd15", 2048, 4, 2), Case("sdxl", 2048, 4, 2), Case("sd35-medium", 4096, 1, 1), Case("flux-dev", 4096, 1, 1),
+    Case("sd15", 1024, 4, 2),
+    Case("sdxl", 1024, 4, 2),
+    Case("sd35-medium", 2048, 2, 2),
+    Case("flux-dev", 2048, 2, 2),
+    Case("sd15", 2048, 4, 2),
+    Case("sdxl", 2048, 4, 2),
+    Case("sd35-medium", 4096, 1, 1),
+    Case("flux-dev", 4096, 1, 1),
 )
 #: --smoke: the tiny test pipeline of each shape (see ``scaled`` for the sizes).
-SMOKE_MODELS = {"sd15": testing.tiny_sd15, "sdxl": testing.tiny_sdxl, "sd35-medium": testing.tiny_sd35,
-                "flux-dev": testing.tiny_flux}
-DIFFUSERS_PAG = {"StableDiffusionPipeline": "StableDiffusionPAGPipeline",
-                 "StableDiffusionXLPipeline": "StableDiffusionXLPAGPipeline",
-                 "StableDiffusion3Pipeline": "StableDiffusion3PAGPipeline"}
-NOT_BUILT_ON_DITS = (("TokenMerging", "not built: U-Net only today"),
-                     ("AgentAttention", "not built: U-Net only today"),
-                     ("neighborhood attention", "not built"))
+SMOKE_MODELS = {
+    "sd15": testing.tiny_sd15,
+    "sdxl": testing.tiny_sdxl,
+    "sd35-medium": testing.tiny_sd35,
+    "flux-dev": testing.tiny_flux,
+}
+DIFFUSERS_PAG = {
+    "StableDiffusionPipeline": "StableDiffusionPAGPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLPAGPipeline",
+    "StableDiffusion3Pipeline": "StableDiffusion3PAGPipeline",
+}
+NOT_BUILT_ON_DITS = (
+    ("TokenMerging", "not built: U-Net only today"),
+    ("AgentAttention", "not built: U-Net only today"),
+    ("neighborhood attention", "not built"),
+)
 DIT_PAG_REGEX = r"transformer_blocks\.1\.attn$"  # diffusers matches pag_applied_layers with re.search
 SHIFT = 1  # the shift index the hidiffusion package is pinned to (its draws use the global RNG)
 
@@ -135,8 +149,10 @@ def rows_for(pipe: Any) -> list[BenchRow]:
     unet = hasattr(pipe, "unet")
     layers = "mid" if unet else "transformer_blocks.1.attn"
     heads = half_heads(pipe, layers)
-    pag = [BenchRow("PAG layers", (surg.PerturbedAttention(scale=3.0, layers=layers),)),
-           BenchRow(f"PAG heads ({len(heads)})", (surg.PerturbedAttention(scale=3.0, heads=heads),))]
+    pag = [
+        BenchRow("PAG layers", (surg.PerturbedAttention(scale=3.0, layers=layers),)),
+        BenchRow(f"PAG heads ({len(heads)})", (surg.PerturbedAttention(scale=3.0, heads=heads),)),
+    ]
     if type(pipe).__name__ in DIFFUSERS_PAG:
         pag.append(BenchRow("diffusers PAG pipeline", setup=_setup(diffusers_pag, "mid" if unet else DIT_PAG_REGEX)))
     else:
@@ -192,10 +208,19 @@ def run_suite(args: argparse.Namespace) -> list[tuple[str, BenchReport]]:
                 rows = compiled(rows[:1] if args.smoke else rows)
             run = scaled(case, args.smoke)
             name = f"{case.model} {case.size}^2" + (f" (smoke: {run.size}^2)" if args.smoke else "")
-            report = benchmark(pipe, rows, height=run.size, width=run.size, steps=run.steps, repeats=run.repeats,
-                               model=name, keep_going=True,
-                               deadline=deadline, compile_backend="eager" if args.smoke else "inductor",
-                               progress=not args.no_progress)
+            report = benchmark(
+                pipe,
+                rows,
+                height=run.size,
+                width=run.size,
+                steps=run.steps,
+                repeats=run.repeats,
+                model=name,
+                keep_going=True,
+                deadline=deadline,
+                compile_backend="eager" if args.smoke else "inductor",
+                progress=not args.no_progress,
+            )
             earlier = reports.get(name)
             reports[name] = dataclasses.replace(earlier, rows=earlier.rows + report.rows) if earlier else report
     return list(reports.items())
@@ -203,8 +228,12 @@ def run_suite(args: argparse.Namespace) -> list[tuple[str, BenchReport]]:
 
 def write(reports: list[tuple[str, BenchReport]], out: Path, elapsed: float, args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"smoke": args.smoke, "budget_s": args.budget_s, "elapsed_s": round(elapsed, 1),
-               "cases": [report.to_dict() for _, report in reports]}
+    summary = {
+        "smoke": args.smoke,
+        "budget_s": args.budget_s,
+        "elapsed_s": round(elapsed, 1),
+        "cases": [report.to_dict() for _, report in reports],
+    }
     (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"# attnsurgery GPU suite{' (smoke)' if args.smoke else ''}\n\n{elapsed:.0f} s in all."
     tables = [format_table(report, markdown=True) for _, report in reports]
@@ -215,14 +244,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-suite"), help="folder for gpu_suite.json and .md")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the suite, measures nothing")
-    parser.add_argument("--budget-s", type=float, default=390.0,
-                        help="start no row after this many seconds (default 390: the run ends within 8 minutes); "
-                             "0: run every row")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=390.0,
+        help="start no row after this many seconds (default 390: the run ends within 8 minutes); 0: run every row",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
-        sys.exit("gpu_suite.py needs a CUDA GPU and torch.cuda.is_available() is False here; "
-                 "--smoke runs the same code on the CPU with tiny shapes")
+        sys.exit(
+            "gpu_suite.py needs a CUDA GPU and torch.cuda.is_available() is False here; "
+            "--smoke runs the same code on the CPU with tiny shapes"
+        )
     if args.smoke:
         torch.set_num_threads(1)  # tiny models on a shared CPU: one thread is fastest
     start = time.perf_counter()

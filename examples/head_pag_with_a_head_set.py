@@ -33,17 +33,32 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load_pipeline("reference")
     pipe.set_progress_bar_config(disable=True)
-    result = surg.hunt(pipe, args.prompts, seeds=args.seeds, objective="reference", rounds=1, top_k=2,
-                       steps=args.steps, cfg=GUIDANCE_SCALE, scale=args.scale, candidates=args.candidates,
-                       racing=None, progress=False)
+    result = surg.hunt(
+        pipe,
+        args.prompts,
+        seeds=args.seeds,
+        objective="reference",
+        rounds=1,
+        top_k=2,
+        steps=args.steps,
+        cfg=GUIDANCE_SCALE,
+        scale=args.scale,
+        candidates=args.candidates,
+        racing=None,
+        progress=False,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = result.head_set.save(args.out / "heads.json")
     print(f"selected heads {list(result.head_set.heads)}, saved to {path}")
 
     with surg.patched(pipe, surg.PerturbedAttention(scale=args.scale, heads=path)):
         for index, prompt in enumerate(args.prompts):
-            image = pipe(prompt, num_inference_steps=args.steps, guidance_scale=GUIDANCE_SCALE,
-                         generator=torch.Generator().manual_seed(args.seeds[0])).images[0]
+            image = pipe(
+                prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=GUIDANCE_SCALE,
+                generator=torch.Generator().manual_seed(args.seeds[0]),
+            ).images[0]
             image.save(args.out / f"pag-heads-{index}.png")
             verdict = score(image, prompt)
             print(f"{prompt!r}: {'correct' if verdict.correct else 'wrong'} (found {dict(verdict.detected)})")

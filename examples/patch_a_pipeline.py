@@ -21,8 +21,14 @@ from attnsurgery.reference.model import GUIDANCE_SCALE
 
 def generate(pipe, prompt: str, size: int, steps: int, seed: int):
     start = time.perf_counter()
-    image = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
-                 generator=torch.Generator().manual_seed(seed)).images[0]
+    image = pipe(
+        prompt,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE_SCALE,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
     return image, time.perf_counter() - start
 
 
@@ -39,17 +45,19 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     plain, plain_seconds = generate(pipe, args.prompt, args.size, args.steps, args.seed)
 
-    handle = surg.apply(pipe, surg.HiDiffusion())            # the whole surgery
+    handle = surg.apply(pipe, surg.HiDiffusion())  # the whole surgery
     patched, patched_seconds = generate(pipe, args.prompt, args.size, args.steps, args.seed)
-    handle.remove()                                           # the plain pipeline again
+    handle.remove()  # the plain pipeline again
 
     again, _ = generate(pipe, args.prompt, args.size, args.steps, args.seed)
     assert again.tobytes() == plain.tobytes(), "remove() must restore the plain pipeline exactly"
     args.out.mkdir(parents=True, exist_ok=True)
     plain.save(args.out / "plain.png")
     patched.save(args.out / "hidiffusion.png")
-    print(f"{args.size} px, {args.steps} steps: plain {plain_seconds:.2f} s, HiDiffusion {patched_seconds:.2f} s "
-          f"({plain_seconds / patched_seconds:.2f}x); images in {args.out}/")
+    print(
+        f"{args.size} px, {args.steps} steps: plain {plain_seconds:.2f} s, HiDiffusion {patched_seconds:.2f} s "
+        f"({plain_seconds / patched_seconds:.2f}x); images in {args.out}/"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,14 @@ def cell(pipe, plugins, prompt: str, size: int, steps: int, seed: int) -> Image.
     """One labelled cell: the image scaled to CELL, then name, seconds and verdict beneath."""
     with surg.patched(pipe, *plugins):
         start = time.perf_counter()
-        image = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
-                     generator=torch.Generator().manual_seed(seed)).images[0]
+        image = pipe(
+            prompt,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE_SCALE,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
         seconds = time.perf_counter() - start
     verdict = "correct" if score(image, prompt).correct else "wrong"
     canvas = Image.new("RGB", (CELL, CELL + LABEL_HEIGHT), "white")

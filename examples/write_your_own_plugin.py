@@ -67,8 +67,9 @@ class SharpenEarly(surg.Plugin):
         for layer in surgery.model.select(self.layers, kinds=("self",)):
             processor = SharpenedSelfAttention(layer.module.processor, self.temperature, active)
             surgery.set_processor(layer, processor, role="tokens")  # a claim: a second 'tokens' plugin fails
-        surgery.add_hook(surgery.denoiser, lambda module, args, kwargs: calls.append(context.progress),
-                         pre=True, with_kwargs=True)
+        surgery.add_hook(
+            surgery.denoiser, lambda module, args, kwargs: calls.append(context.progress), pre=True, with_kwargs=True
+        )
         surgery.set_attr(surgery.denoiser, "sharpen_early_calls", calls)
 
 
@@ -82,16 +83,23 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
 
     def run() -> torch.Tensor:
-        out = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=GUIDANCE_SCALE, output_type="pt",
-                   generator=torch.Generator().manual_seed(0))
+        out = pipe(
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=GUIDANCE_SCALE,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        )
         return out.images
 
     plain, before = run(), snapshot(pipe)
     with surg.patched(pipe, SharpenEarly()) as handle:
         sharpened = run()
         calls = pipe.unet.sharpen_early_calls
-        print(f"changed {len(handle.sites)} sites; the hook saw {len(calls)} denoiser calls, "
-              f"progress {calls[0]:.2f} .. {calls[-1]:.2f}")
+        print(
+            f"changed {len(handle.sites)} sites; the hook saw {len(calls)} denoiser calls, "
+            f"progress {calls[0]:.2f} .. {calls[-1]:.2f}"
+        )
         try:
             surg.apply(pipe, SharpenEarly())
         except ValueError as error:

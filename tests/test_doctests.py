@@ -70,8 +70,12 @@ def sd3_with_medium_heads() -> Any:
 
     pipe = tiny.tiny_sd3()
     torch.manual_seed(0)
-    config = {**pipe.transformer.config, "num_attention_heads": 24, "attention_head_dim": 4,
-              "caption_projection_dim": 24 * 4}
+    config = {
+        **pipe.transformer.config,
+        "num_attention_heads": 24,
+        "attention_head_dim": 4,
+        "caption_projection_dim": 24 * 4,
+    }
     transformer = SD3Transformer2DModel.from_config(config).eval()
     return small(StableDiffusion3Pipeline(**{**pipe.components, "transformer": transformer}))
 
@@ -113,9 +117,15 @@ SPECIAL: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
     "attnsurgery.plugins.perturbation.PerturbedAttention": {"pipe": lambda ns: sd3_with_medium_heads()},
     "attnsurgery.selectors": {"info": lambda ns: attnsurgery.describe(sd3_with_medium_heads().transformer)},
     "attnsurgery.processors.base.WrappingProcessor": {
-        "pipe": COMMON["pipe"], "surgery": a_surgery, "layer": lambda ns: ns["surgery"].model.layers[0]},
+        "pipe": COMMON["pipe"],
+        "surgery": a_surgery,
+        "layer": lambda ns: ns["surgery"].model.layers[0],
+    },
     "attnsurgery.processors.window_attention.WindowAttentionProcessor": {
-        "pipe": COMMON["pipe"], "surgery": a_surgery, "layer": lambda ns: ns["surgery"].model.layers[0]},
+        "pipe": COMMON["pipe"],
+        "surgery": a_surgery,
+        "layer": lambda ns: ns["surgery"].model.layers[0],
+    },
     "attnsurgery.testing.restore": {"MyPlugin": lambda ns: Everything},  # a plugin using every recording API
     "attnsurgery.convfusion.plugin.ConvFusion": {"setup": write_convfusion_folder},
     "attnsurgery.perturbation.headset.HeadSet": {"setup": write_head_set},

@@ -118,8 +118,10 @@ def test_no_module_imports_from_a_higher_layer():
                     continue
                 seen.add((name, target))
                 if (name, target) not in KNOWN_UPWARD:
-                    upward.append(f"{name} (layer {LAYERS[_layer(name)][0]!r}) imports {target} "
-                                  f"(layer {LAYERS[_layer(target)][0]!r}) at line {line}")
+                    upward.append(
+                        f"{name} (layer {LAYERS[_layer(name)][0]!r}) imports {target} "
+                        f"(layer {LAYERS[_layer(target)][0]!r}) at line {line}"
+                    )
     assert not upward, "upward imports:\n" + "\n".join(upward)
     stale = [f"{a} no longer imports {b}: remove the entry" for a, b in KNOWN_UPWARD if (a, b) not in seen]
     assert not stale, "\n".join(stale)
@@ -192,7 +194,10 @@ def test_every_module_imports_alone():
     path = os.pathsep.join(filter(None, (str(ROOT.parent), os.environ.get("PYTHONPATH"))))
     result = subprocess.run(
         [sys.executable, "-c", _DRIVER, PACKAGE, str(ROOT), preload, *MODULES],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": path},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     failures = json.loads(result.stdout.strip().splitlines()[-1])

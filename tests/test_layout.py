@@ -47,16 +47,19 @@ def forbidden_imports(source: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("source", [
-    "from tests.conftest import run_pipe",
-    "from .conftest import run_pipe",
-    "from . import conftest",
-    "from tests.core.test_surgery import state_of",
-    "from tests.core import test_surgery",
-    "from .test_surgery import state_of",
-    "import tests.test_imports",
-    "def f():\n    from tests.plugins.test_agent import helper\n",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from tests.conftest import run_pipe",
+        "from .conftest import run_pipe",
+        "from . import conftest",
+        "from tests.core.test_surgery import state_of",
+        "from tests.core import test_surgery",
+        "from .test_surgery import state_of",
+        "import tests.test_imports",
+        "def f():\n    from tests.plugins.test_agent import helper\n",
+    ],
+)
 def test_the_import_rule_catches(source):
     assert forbidden_imports(source)
 
@@ -67,8 +70,9 @@ def test_the_import_rule_allows_support_and_the_package():
 
 
 def test_nothing_imports_a_test_module_or_a_conftest():
-    offenders = {str(path.relative_to(TESTS)): found for path in python_files()
-                 if (found := forbidden_imports(path.read_text()))}
+    offenders = {
+        str(path.relative_to(TESTS)): found for path in python_files() if (found := forbidden_imports(path.read_text()))
+    }
     assert not offenders, f"move what these import into tests/{SUPPORT}/ (fixtures into a conftest): {offenders}"
 
 
@@ -84,12 +88,15 @@ def test_every_test_module_lives_in_an_area_of_the_package():
             ok = folders[0] != SUPPORT and (PACKAGE.joinpath(*folders) / "__init__.py").is_file()
         if not ok:
             misplaced.append(str(path.relative_to(TESTS)))
-    assert not misplaced, (f"{misplaced}: put tests of attnsurgery/<area>/ in tests/<area>/, of the top-level "
-                           f"modules in tests/core/; the top level holds only {sorted(TOP_LEVEL)}")
+    assert not misplaced, (
+        f"{misplaced}: put tests of attnsurgery/<area>/ in tests/<area>/, of the top-level "
+        f"modules in tests/core/; the top level holds only {sorted(TOP_LEVEL)}"
+    )
 
 
 def test_every_test_folder_is_a_package():
     folders = {path.parent for path in python_files()}
-    missing = sorted(str(folder.relative_to(TESTS.parent)) for folder in folders
-                     if not (folder / "__init__.py").is_file())
+    missing = sorted(
+        str(folder.relative_to(TESTS.parent)) for folder in folders if not (folder / "__init__.py").is_file()
+    )
     assert not missing, f"add an __init__.py to {missing} (module names must not clash across folders)"

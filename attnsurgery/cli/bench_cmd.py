@@ -23,27 +23,44 @@ TINY_MODELS = ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux")
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "bench", help="time plain vs plugin configurations on your device, model and resolution",
+        "bench",
+        help="time plain vs plugin configurations on your device, model and resolution",
         description="Time the denoiser step, the whole image and peak memory, plain vs each plugin flag group "
-                    "(one row each), with ratios against plain measured in the same run.",
+        "(one row each), with ratios against plain measured in the same run.",
     )
-    parser.add_argument("--model", default="reference",
-                        help="a named shape with random weights (sd15, sd21, sdxl, sd3-medium, sd35-medium, "
-                             "sd35-large, flux-dev, flux-schnell), a tiny test model (tiny-sd15, ...), "
-                             "'reference', a diffusers folder or a hub id (default: reference)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="build --model from its configs with random weights (named shapes always are)")
+    parser.add_argument(
+        "--model",
+        default="reference",
+        help="a named shape with random weights (sd15, sd21, sdxl, sd3-medium, sd35-medium, "
+        "sd35-large, flux-dev, flux-schnell), a tiny test model (tiny-sd15, ...), "
+        "'reference', a diffusers folder or a hub id (default: reference)",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build --model from its configs with random weights (named shapes always are)",
+    )
     parser.add_argument("--height", type=int, required=True, help="image height in pixels")
     parser.add_argument("--width", type=int, required=True, help="image width in pixels")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per row (default 3; median, range)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed images per row first (default 1)")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
-                        help="default: bf16 on CUDA, fp32 on the CPU (fp16 is refused on the CPU)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bf16", "fp16", "fp32"),
+        help="default: bf16 on CUDA, fp32 on the CPU (fp16 is refused on the CPU)",
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                        help="also time every row with the denoiser under torch.compile (default backend inductor; "
-                             "'eager' only traces); compile time is reported apart")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="also time every row with the denoiser under torch.compile (default backend inductor; "
+        "'eager' only traces); compile time is reported apart",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -92,9 +109,11 @@ def bench_pipeline(model: str, random_weights: bool, dtype: Any, device: Any) ->
         return random_pipeline(model, dtype=dtype, device=device)
     if model in REFERENCE_MODELS or Path(model).expanduser().exists() or HUB_ID.fullmatch(model):
         return load_pipeline(model, dtype=dtype, device=device)
-    raise ValueError(f"unknown model {model!r}; use a named shape ({', '.join(SHAPES)}), a tiny test model "
-                     f"({', '.join(TINY_MODELS)}), {' or '.join(map(repr, REFERENCE_MODELS))}, a diffusers folder "
-                     "or a hub id")
+    raise ValueError(
+        f"unknown model {model!r}; use a named shape ({', '.join(SHAPES)}), a tiny test model "
+        f"({', '.join(TINY_MODELS)}), {' or '.join(map(repr, REFERENCE_MODELS))}, a diffusers folder "
+        "or a hub id"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,9 +132,19 @@ def run(args: argparse.Namespace) -> int:
     rows = rows_from_args(args)  # plugin flags are validated before any model is built
     pipe = bench_pipeline(args.model, args.random_weights, dtype, device)
     check_rows(pipe, rows)  # a plugin the model does not support fails here, before any timing
-    report = benchmark(pipe, rows, height=args.height, width=args.width, steps=args.steps, repeats=args.repeats,
-                       warmup=args.warmup, model=args.model, compile_backend=args.compile or "inductor",
-                       keep_going=True, progress=not args.no_progress)
+    report = benchmark(
+        pipe,
+        rows,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        model=args.model,
+        compile_backend=args.compile or "inductor",
+        keep_going=True,
+        progress=not args.no_progress,
+    )
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -16,7 +16,8 @@ DESCRIPTION = "Distil a U-Net's self-attention into pyramid depthwise-conv block
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "distill", help="distil self-attention into ConvFusion conv blocks (frozen teacher, accelerate)",
+        "distill",
+        help="distil self-attention into ConvFusion conv blocks (frozen teacher, accelerate)",
         description=DESCRIPTION,
     )
     distill_parser(parser)
@@ -47,11 +48,13 @@ def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--cooldown-steps", type=int, default=defaults.cooldown_steps,
-                        help="let the learning rate fall linearly to 0 over the last N steps")
     parser.add_argument(
-        "--resolution", type=int, default=None, help="pixels; default: the model's native size"
+        "--cooldown-steps",
+        type=int,
+        default=defaults.cooldown_steps,
+        help="let the learning rate fall linearly to 0 over the last N steps",
     )
+    parser.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's native size")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=defaults.mixed_precision)

@@ -18,18 +18,24 @@ __all__ = ["register"]
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "eval", help="fidelity, duplication and clean-shape rates on held-out prompts, plain vs plugins",
+        "eval",
+        help="fidelity, duplication and clean-shape rates on held-out prompts, plain vs plugins",
         description="Score a model with the reference world's analytic evaluator at multiples of its native "
         "size, without and with the given plugins; plugin rows add PSNR and SSIM to the plain images.",
     )
     parser.add_argument("--model", default="reference", help="'reference' (default), 'reference-flux' or a model path")
     parser.add_argument("--pairs", type=int, default=50, help="held-out (prompt, seed) pairs per row (default 50)")
-    parser.add_argument("--objects", default="mixed", choices=("1", "2", "3", "mixed"),
-                        help="objects per prompt (default: mixed)")
+    parser.add_argument(
+        "--objects", default="mixed", choices=("1", "2", "3", "mixed"), help="objects per prompt (default: mixed)"
+    )
     parser.add_argument("--sizes", default="1,2,4", help="multiples of the native size (default 1,2,4)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=None,
-                        help="guidance scale (default: the reference model's own, 7.5 for other models)")
+    parser.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="guidance scale (default: the reference model's own, 7.5 for other models)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-progress", action="store_true")
     add_plugin_flags(parser)
@@ -65,15 +71,23 @@ def run(args: argparse.Namespace) -> int:
     guidance = default_guidance_scale(args.model) if args.cfg is None else args.cfg
     sampler = pipeline_sampler(pipe, args.steps, guidance)
     setups = [("plain", [])] + ([(" + ".join(type(p).__name__ for p in plugins), plugins)] if plugins else [])
-    header = (f"{'setup':<32} {'size':>5} {'fidelity':>9} {'duplication':>12} {'clean shapes':>13} "
-              f"{'PSNR dB':>8} {'SSIM':>6} {'s/image':>8}")
+    header = (
+        f"{'setup':<32} {'size':>5} {'fidelity':>9} {'duplication':>12} {'clean shapes':>13} "
+        f"{'PSNR dB':>8} {'SSIM':>6} {'s/image':>8}"
+    )
     rows = [header, "-" * len(header)]
     plain: dict[int, EvalReport] = {}
     for label, chosen in setups:
         for size in sizes:
             with patched(pipe, *chosen):
-                report = evaluate(sampler, pairs, size=size, batch_size=args.batch_size,
-                                  progress=not args.no_progress, keep_images=True)
+                report = evaluate(
+                    sampler,
+                    pairs,
+                    size=size,
+                    batch_size=args.batch_size,
+                    progress=not args.no_progress,
+                    keep_images=True,
+                )
             m = report.metrics
             base = plain.setdefault(size, report)
             if base is report:
@@ -82,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
                 psnr, ssim = mean_closeness(report.images, base.images)
                 closeness = f"{psnr:>8.2f} {ssim:>6.3f}"
             ratio = report.seconds_per_image / base.seconds_per_image
-            rows.append(f"{label:<32} {size:>5} {m.fidelity:>9.3f} {m.duplication_rate:>12.3f} "
-                        f"{m.clean_shape_rate:>13.3f} {closeness} {report.seconds_per_image:>8.3f}  "
-                        f"({ratio:.2f}x plain)")
+            rows.append(
+                f"{label:<32} {size:>5} {m.fidelity:>9.3f} {m.duplication_rate:>12.3f} "
+                f"{m.clean_shape_rate:>13.3f} {closeness} {report.seconds_per_image:>8.3f}  "
+                f"({ratio:.2f}x plain)"
+            )
     print("\n".join(rows))
     return 0

@@ -15,16 +15,22 @@ __all__ = ["register", "params_from_args"]
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "generate", help="generate images (default model: the shipped reference model, works offline)",
+        "generate",
+        help="generate images (default model: the shipped reference model, works offline)",
         description="Generate images; every PNG stores the full parameters (replay with --from-png).",
     )
     parser.add_argument("prompt", nargs="?", help="the text prompt (optional with --from-png)")
-    parser.add_argument("--model", default=None,
-                        help="'reference' (default), 'reference-flux', diffusers folder, hub id or single file")
+    parser.add_argument(
+        "--model", default=None, help="'reference' (default), 'reference-flux', diffusers folder, hub id or single file"
+    )
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale "
-                        "(default: the reference model's own, 7.5 for other models)")
+    parser.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the reference model's own, 7.5 for other models)",
+    )
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first image (default 0)")
@@ -53,8 +59,14 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     _positive("cfg", args.cfg, allow_zero=True)
     plugins = [plugin.to_dict() for plugin in plugins_from_args(args)]
     overrides = {
-        "prompt": args.prompt, "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps,
-        "cfg": args.cfg, "height": args.height, "width": args.width, "seed": args.seed,
+        "prompt": args.prompt,
+        "model": args.model,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
         "plugins": tuple(plugins) if plugins else None,
     }
     given = {key: value for key, value in overrides.items() if value is not None}

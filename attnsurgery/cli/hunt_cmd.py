@@ -12,13 +12,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     from ..headhunter.objectives import OBJECTIVES
 
     parser = commands.add_parser(
-        "hunt", help="greedy search for attention heads (HeadHunter); writes a head-set JSON",
+        "hunt",
+        help="greedy search for attention heads (HeadHunter); writes a head-set JSON",
         description="Score every candidate head by the objective over the prompts' images generated with "
         "perturbation guidance on it, add the best ones, repeat. Unset settings take the family's preset. "
         "Use the result with `attnsurgery generate --pag 3 --pag-heads heads.json`.",
     )
-    parser.add_argument("--model", default="reference",
-                        help="'reference' (default), 'reference-flux', a hub id or a local path")
+    parser.add_argument(
+        "--model", default="reference", help="'reference' (default), 'reference-flux', a hub id or a local path"
+    )
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line ('#' comments)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; pairs are every prompt with every seed")
     parser.add_argument("--objective", default="clip", help=f"one of {', '.join(OBJECTIVES)}")
@@ -75,25 +77,42 @@ def run(args: argparse.Namespace) -> int:
     prompts, seeds = _prompts(args.prompts), _seeds(args.seeds)
     progress = checkpoint_path(args.out)
     if progress.exists() and not args.resume:
-        raise ValueError(f"{str(progress)!r} holds an earlier search's progress; pass --resume to continue it, "
-                         "or delete it to start over")
+        raise ValueError(
+            f"{str(progress)!r} holds an earlier search's progress; pass --resume to continue it, "
+            "or delete it to start over"
+        )
     objective = args.objective
     if not objective.startswith("python:"):  # load the model once, before the pipeline
         objective = make_objective(objective, args.objective_model, args.objective_processor, args.objective_head)
     pipe = load_pipeline(args.model)
     result = hunt(
-        pipe, prompts, seeds, objective, rounds=args.rounds, top_k=args.top_k, soft=args.soft, scale=args.scale,
-        steps=args.steps, cfg=args.cfg, height=args.size, width=args.size, candidates=args.candidates,
-        batch_candidates=args.batch_candidates, racing=None if args.no_racing else DEFAULT_RACING,
-        resume=progress, progress=not args.no_progress,
+        pipe,
+        prompts,
+        seeds,
+        objective,
+        rounds=args.rounds,
+        top_k=args.top_k,
+        soft=args.soft,
+        scale=args.scale,
+        steps=args.steps,
+        cfg=args.cfg,
+        height=args.size,
+        width=args.size,
+        candidates=args.candidates,
+        batch_candidates=args.batch_candidates,
+        racing=None if args.no_racing else DEFAULT_RACING,
+        resume=progress,
+        progress=not args.no_progress,
     )
     if result.process_index != 0:  # under `accelerate launch` the first process writes the results
         return 0
     result.head_set.save(args.out)
     progress.unlink(missing_ok=True)
     print(report_table(result.head_set))
-    print(f"\n{len(result.head_set.heads)} heads -> {args.out}; {result.denoiser_calls} denoiser calls "
-          f"({result.exhaustive_calls} for the exhaustive loop), {result.images} images, {result.seconds:.1f} s")
+    print(
+        f"\n{len(result.head_set.heads)} heads -> {args.out}; {result.denoiser_calls} denoiser calls "
+        f"({result.exhaustive_calls} for the exhaustive loop), {result.images} images, {result.seconds:.1f} s"
+    )
     if args.grid is not None:
         head_grid(pipe, result.head_set, search_pairs(prompts, seeds)[:4], path=args.grid)
         print(f"grid -> {args.grid}")

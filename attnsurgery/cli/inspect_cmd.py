@@ -31,8 +31,16 @@ def render_table(info: ModelInfo, height: int, width: int) -> str:
     rows = [("layer", "kind", "heads", "head_dim", "tokens", "FLOPs %")]
     for layer, layer_flops in zip(info.layers, flops):
         h, w = info.token_grid(layer, latent)
-        rows.append((layer.path, layer.kind, str(layer.heads), str(layer.head_dim), f"{h}x{w}",
-                     f"{100 * layer_flops / total:.2f}"))
+        rows.append(
+            (
+                layer.path,
+                layer.kind,
+                str(layer.heads),
+                str(layer.head_dim),
+                f"{h}x{w}",
+                f"{100 * layer_flops / total:.2f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         f"{info.family.name} ({info.family.kind}), native {info.family.native_resolution}px, "

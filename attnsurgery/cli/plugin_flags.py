@@ -23,8 +23,13 @@ def _items(text: str | None) -> tuple[str, ...] | None:
 
 def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     """Add every plugin's flag group to ``parser``."""
-    parser.add_argument("--plugin", action="append", default=[], metavar="JSON",
-                        help='any plugin as JSON, e.g. \'{"type": "HiDiffusion"}\' (repeatable)')
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='any plugin as JSON, e.g. \'{"type": "HiDiffusion"}\' (repeatable)',
+    )
     hd = parser.add_argument_group("HiDiffusion (RAU-Net + MSW-MSA, U-Nets above native size)")
     hd.add_argument("--hidiffusion", action="store_true", help="enable HiDiffusion")
     hd.add_argument("--hd-t1", type=float, default=None, help="ratio of steps for the T1 modules (preset)")
@@ -42,8 +47,9 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     pag = parser.add_argument_group("Perturbed-attention guidance (layers or single heads)")
     pag.add_argument("--pag", type=float, default=None, metavar="SCALE", help="guidance scale (e.g. 3.0)")
     pag.add_argument("--pag-layers", default=None, help="comma-separated layer selectors (family default)")
-    pag.add_argument("--pag-heads", default=None,
-                     help="comma-separated 'path:head' or 'path:h1,h2' items, or a head-set JSON file")
+    pag.add_argument(
+        "--pag-heads", default=None, help="comma-separated 'path:head' or 'path:h1,h2' items, or a head-set JSON file"
+    )
     pag.add_argument("--pag-soft", type=float, default=1.0, help="SoftPAG blend u in [0, 1] (default 1)")
     pag.add_argument("--pag-kind", default="identity", choices=("identity", "uniform", "mean_query", "temperature"))
     pag.add_argument("--pag-mode", default="batched", choices=("batched", "sequential"))
@@ -61,7 +67,7 @@ def plugins_from_json(texts: list[str]) -> list[Plugin]:
         except json.JSONDecodeError:
             data = None
         if not isinstance(data, dict):
-            raise ValueError(f"--plugin takes a JSON object such as '{{\"type\": \"HiDiffusion\"}}', got {text!r}")
+            raise ValueError(f'--plugin takes a JSON object such as \'{{"type": "HiDiffusion"}}\', got {text!r}')
         plugins.append(plugin_from_dict(data))
     return plugins
 
@@ -79,8 +85,15 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
     if args.convfusion:
         plugins.append(ConvFusion.from_pretrained(args.convfusion))
     if args.hidiffusion:
-        plugins.append(HiDiffusion(raunet=not args.hd_no_raunet, window_attn=not args.hd_no_window_attn,
-                                   t1=args.hd_t1, t2=args.hd_t2, force=args.hd_force))
+        plugins.append(
+            HiDiffusion(
+                raunet=not args.hd_no_raunet,
+                window_attn=not args.hd_no_window_attn,
+                t1=args.hd_t1,
+                t2=args.hd_t2,
+                force=args.hd_force,
+            )
+        )
     if args.agent:
         plugins.append(AgentAttention(layers=args.agent_layers or "top", agent_source=args.agent_source))
     if args.tome is not None:
@@ -88,6 +101,14 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
     if args.pag is not None:
         heads = args.pag_heads
         heads = Path(heads) if heads and heads.endswith(".json") else _items(heads)
-        plugins.append(PerturbedAttention(scale=args.pag, layers=_items(args.pag_layers), heads=heads,
-                                          soft=args.pag_soft, kind=args.pag_kind, mode=args.pag_mode))
+        plugins.append(
+            PerturbedAttention(
+                scale=args.pag,
+                layers=_items(args.pag_layers),
+                heads=heads,
+                soft=args.pag_soft,
+                kind=args.pag_kind,
+                mode=args.pag_mode,
+            )
+        )
     return plugins

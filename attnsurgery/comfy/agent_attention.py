@@ -62,8 +62,7 @@ def agent_replace(config: AgentAttention, phases: list[tuple[float, AgentPhase]]
         use_agents = agents_pay_off(num_tokens, r, agent_r)
         if use_agents and config.agent_source == "pool":
             agents = pool_agents(heads[0], h, w, phase.sx, phase.sy)
-            return merge_heads(agent_attention(*heads, agents, k_scale2=config.k_scale2,
-                                               k_shortcut=config.k_shortcut))
+            return merge_heads(agent_attention(*heads, agents, k_scale2=config.k_scale2, k_shortcut=config.k_shortcut))
         if r <= 0 and not use_agents:
             return merge_heads(F.scaled_dot_product_attention(*heads))
         generator = call_generator(config.seed, extra_options) if config.use_rand and q.shape[0] % 2 == 0 else None
@@ -106,28 +105,61 @@ class AttnSurgeryAgentAttention(ModelPatchNode):
     def inputs(cls) -> dict[str, Any]:
         return {
             "layers": LAYERS_INPUT,
-            "schedule": ("STRING", {"default": DEFAULT_SCHEDULE, "multiline": True,
-                                    "tooltip": "JSON phases {until, sx, sy, ratio, agent_ratio}; 'until' is "
-                                               "the denoising percent where a phase ends (AgentSD's default)."}),
-            "agent_source": (["tome", "pool"], {"default": "tome",
-                                                "tooltip": "tome: agents are ToMe clusters (published); pool: "
-                                                           "queries average-pooled per cell."}),
-            "k_scale2": ("FLOAT", {"default": AgentAttention.k_scale2, "min": 0.01, "max": 2.0, "step": 0.05,
-                                   "tooltip": "Exponent of the second softmax's scale (AgentSD: 0.3)."}),
-            "k_shortcut": ("FLOAT", {"default": AgentAttention.k_shortcut, "min": 0.0, "max": 1.0,
-                                     "step": 0.005, "tooltip": "Weight of the value shortcut (AgentSD: 0.075)."}),
+            "schedule": (
+                "STRING",
+                {
+                    "default": DEFAULT_SCHEDULE,
+                    "multiline": True,
+                    "tooltip": "JSON phases {until, sx, sy, ratio, agent_ratio}; 'until' is "
+                    "the denoising percent where a phase ends (AgentSD's default).",
+                },
+            ),
+            "agent_source": (
+                ["tome", "pool"],
+                {
+                    "default": "tome",
+                    "tooltip": "tome: agents are ToMe clusters (published); pool: queries average-pooled per cell.",
+                },
+            ),
+            "k_scale2": (
+                "FLOAT",
+                {
+                    "default": AgentAttention.k_scale2,
+                    "min": 0.01,
+                    "max": 2.0,
+                    "step": 0.05,
+                    "tooltip": "Exponent of the second softmax's scale (AgentSD: 0.3).",
+                },
+            ),
+            "k_shortcut": (
+                "FLOAT",
+                {
+                    "default": AgentAttention.k_shortcut,
+                    "min": 0.0,
+                    "max": 1.0,
+                    "step": 0.005,
+                    "tooltip": "Weight of the value shortcut (AgentSD: 0.075).",
+                },
+            ),
             "seed": SEED_INPUT,
         }
 
-    def patch(self, model: Any, layers: str, schedule: str, agent_source: str, k_scale2: float,
-              k_shortcut: float, seed: int) -> tuple[Any]:
+    def patch(
+        self, model: Any, layers: str, schedule: str, agent_source: str, k_scale2: float, k_shortcut: float, seed: int
+    ) -> tuple[Any]:
         """Clone ``model`` and register the metric patch and the agent replace patches."""
         try:
             phases = json.loads(schedule)
         except json.JSONDecodeError as error:
             raise ValueError(f"schedule must be a JSON list of phases like {DEFAULT_SCHEDULE}: {error}") from None
-        config = AgentAttention(schedule=tuple(phases), agent_source=agent_source, k_scale2=k_scale2,
-                                k_shortcut=k_shortcut, use_rand=seed >= 0, seed=seed if seed >= 0 else None)
+        config = AgentAttention(
+            schedule=tuple(phases),
+            agent_source=agent_source,
+            k_scale2=k_scale2,
+            k_shortcut=k_shortcut,
+            use_rand=seed >= 0,
+            seed=seed if seed >= 0 else None,
+        )
         keys = select_layers(unet_attention_sites(model), layers, model_family(model))
         ends = [(sigma_window(model, phase.until, phase.until)[0], phase) for phase in config.schedule]
         patched = model.clone()

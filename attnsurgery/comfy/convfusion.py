@@ -55,8 +55,10 @@ def blocks_folder(path: str) -> Path:
     """
     text = path.strip().strip('"')
     if not text:
-        raise ValueError(f"No path given: name the folder that ConvFusion.save or `attnsurgery distill` wrote "
-                         f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME}).")
+        raise ValueError(
+            f"No path given: name the folder that ConvFusion.save or `attnsurgery distill` wrote "
+            f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME})."
+        )
     folder = Path(text).expanduser()
     return folder.parent if folder.is_file() else folder
 
@@ -90,16 +92,22 @@ def place_blocks(
     widths = {path: transformer.norm1.normalized_shape[0] for path, transformer in transformers.items()}
     expected = ", ".join(f"{path} ({width} channels)" for path, width in widths.items())
     unknown = [path for path in blocks if path not in by_path]
-    wrong = [f"{path} has {block.channels} channels, the model {widths[path]}"
-             for path, block in blocks.items() if path in widths and widths[path] != block.channels]
+    wrong = [
+        f"{path} has {block.channels} channels, the model {widths[path]}"
+        for path, block in blocks.items()
+        if path in widths and widths[path] != block.channels
+    ]
     if unknown or wrong:
         found = f"blocks for layers this model lacks ({', '.join(unknown)})" if unknown else "; ".join(wrong)
-        raise ValueError(f"{source} does not fit this model: {found}. The model's self-attention layers are "
-                         f"{expected}. Load blocks distilled for this architecture.")
+        raise ValueError(
+            f"{source} does not fit this model: {found}. The model's self-attention layers are "
+            f"{expected}. Load blocks distilled for this architecture."
+        )
     for path in blocks:
         if transformers[path].disable_self_attn:
-            raise NotImplementedError(f"{path} attends to the text in attn1 (disable_self_attn); ConvFusion "
-                                      "replaces self-attention only.")
+            raise NotImplementedError(
+                f"{path} attends to the text in attn1 (disable_self_attn); ConvFusion replaces self-attention only."
+            )
     return {by_path[path]: block for path, block in blocks.items()}
 
 
@@ -109,13 +117,17 @@ def grid_at_level(path: str, level: int) -> Callable[[int], tuple[int, int]]:
     def grid_for(num_tokens: int) -> tuple[int, int]:
         shape = LATENT_SHAPE.get()
         if shape is None:
-            raise RuntimeError(f"ConvFusion at {path} ran outside its U-Net wrapper: a node applied after "
-                               "ConvFusion replaced the model's U-Net function wrapper. Apply ConvFusion after it.")
+            raise RuntimeError(
+                f"ConvFusion at {path} ran outside its U-Net wrapper: a node applied after "
+                "ConvFusion replaced the model's U-Net function wrapper. Apply ConvFusion after it."
+            )
         height, width = level_grid((shape[-2], shape[-1]), level)
         if height * width != num_tokens:
-            raise ValueError(f"ConvFusion at {path} expects the {height}x{width} token grid of a {shape[-2]}x"
-                             f"{shape[-1]} latent, got {num_tokens} tokens: another patch changed this layer's "
-                             "tokens (e.g. HyperTile); keep it off the ConvFusion layers.")
+            raise ValueError(
+                f"ConvFusion at {path} expects the {height}x{width} token grid of a {shape[-2]}x"
+                f"{shape[-1]} latent, got {num_tokens} tokens: another patch changed this layer's "
+                "tokens (e.g. HyperTile); keep it off the ConvFusion layers."
+            )
         return height, width
 
     return grid_for
@@ -126,9 +138,11 @@ def refuse_replace_patches(transformer_options: dict, sites: Iterable[AttentionS
     replace = transformer_options.get("patches_replace", {}).get("attn1", {})
     hit = [site.path for site in sites if site.key in replace or site.block in replace]
     if hit:
-        raise ValueError(f"An attn1 replace patch (e.g. perturbed-attention or self-attention guidance) targets "
-                         f"{', '.join(hit)}, where ConvFusion put a conv block: there is no attention to patch. "
-                         "Point that node at other layers.")
+        raise ValueError(
+            f"An attn1 replace patch (e.g. perturbed-attention or self-attention guidance) targets "
+            f"{', '.join(hit)}, where ConvFusion put a conv block: there is no attention to patch. "
+            "Point that node at other layers."
+        )
 
 
 def scope_latent_shape(sites: list[AttentionSite], previous: Callable | None) -> Callable:
@@ -162,8 +176,10 @@ class AttnSurgeryConvFusion(ModelPatchNode):
     @classmethod
     def inputs(cls) -> dict[str, Any]:
         return {
-            "path": ("STRING", {"default": "", "tooltip": f"Folder with {CONFIG_NAME} and {WEIGHTS_NAME} "
-                                                          "(or one of those files)."}),
+            "path": (
+                "STRING",
+                {"default": "", "tooltip": f"Folder with {CONFIG_NAME} and {WEIGHTS_NAME} (or one of those files)."},
+            ),
         }
 
     def patch(self, model: Any, path: str) -> tuple[Any]:
@@ -186,8 +202,12 @@ class AttnSurgeryConvFusion(ModelPatchNode):
         dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
         with_lora = [site.path for site in placed if any(key.startswith(site.module + ".") for key in model.patches)]
         if with_lora:
-            logger.warning("ConvFusion replaces %d attn1 layers that carry LoRA or other weight patches (e.g. %s); "
-                           "those patches no longer apply there", len(with_lora), with_lora[0])
+            logger.warning(
+                "ConvFusion replaces %d attn1 layers that carry LoRA or other weight patches (e.g. %s); "
+                "those patches no longer apply there",
+                len(with_lora),
+                with_lora[0],
+            )
         patched = model.clone()
         claim_token_layers(patched, {site.key for site in placed}, "ConvFusion")
         for site, block in placed.items():

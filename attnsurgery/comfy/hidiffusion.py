@@ -114,8 +114,10 @@ def raunet_blocks(model: Any) -> RauNetBlocks:
     unet = model.model.diffusion_model
     pairs = {int(n) for n in unet.num_res_blocks}
     if len(pairs) != 1 or min(pairs) < 2:
-        raise NotImplementedError(f"RAU-Net needs 2+ res blocks on every level, found {list(unet.num_res_blocks)}; "
-                                  "remove the node for this model.")
+        raise NotImplementedError(
+            f"RAU-Net needs 2+ res blocks on every level, found {list(unet.num_res_blocks)}; "
+            "remove the node for this model."
+        )
     per_level = pairs.pop() + 1
     levels = len(unet.num_res_blocks)
     first = min(site.level for site in sites if site.block[0] == "input")
@@ -123,8 +125,10 @@ def raunet_blocks(model: Any) -> RauNetBlocks:
     rad, pool = layout.raunet.rad_block, layout.raunet.pool_block
     shapes = [_downsampler_shape(unet.input_blocks[(level + 1) * per_level]) for level in range(levels - 1)]
     if shapes[rad] != (3, 2, 1, 1):
-        raise NotImplementedError(f"RAU-Net needs a 3x3 stride-2 padding-1 downsampler conv after level {rad}, "
-                                  f"found (kernel, stride, padding, dilation) {shapes[rad]}; remove the node.")
+        raise NotImplementedError(
+            f"RAU-Net needs a 3x3 stride-2 padding-1 downsampler conv after level {rad}, "
+            f"found (kernel, stride, padding, dilation) {shapes[rad]}; remove the node."
+        )
     blocks = RauNetBlocks(
         family=family,
         layout=layout,
@@ -136,9 +140,11 @@ def raunet_blocks(model: Any) -> RauNetBlocks:
     )
     attention = {site.block for site in sites}
     if ("input", blocks.pool_input) not in attention or ("output", blocks.unpool_output - 1) not in attention:
-        raise NotImplementedError(f"RAU-Net pools after attention in input block {blocks.pool_input} and unpools "
-                                  f"after attention in output block {blocks.unpool_output - 1}; this U-Net has "
-                                  "none there. Remove the node for this model.")
+        raise NotImplementedError(
+            f"RAU-Net pools after attention in input block {blocks.pool_input} and unpools "
+            f"after attention in output block {blocks.unpool_output - 1}; this U-Net has "
+            "none there. Remove the node for this model."
+        )
     return blocks
 
 
@@ -154,8 +160,14 @@ class _RauNet:
         schedule = transformer_options.get("sample_sigmas")  # newer ComfyUI: the run's sigmas, exact steps
         found = locate_timestep(sigma, schedule[:-1]) if schedule is not None else None
         step_index, num_steps = found if found is not None else (None, None)
-        clock = SigmaClock(self.blocks.family, latent_hw=latent_hw, step_index=step_index, num_steps=num_steps,
-                           sigma=sigma, percent_to_sigma=self.sampling.percent_to_sigma)
+        clock = SigmaClock(
+            self.blocks.family,
+            latent_hw=latent_hw,
+            step_index=step_index,
+            num_steps=num_steps,
+            sigma=sigma,
+            percent_to_sigma=self.sampling.percent_to_sigma,
+        )
         return self.config.raunet_phase(clock, self.blocks.layout, controlnet)
 
     def phase(self, transformer_options: dict) -> RauNetPhase:
@@ -166,25 +178,28 @@ class _RauNet:
 
     def input_patch(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         """Pool the first pair of the pooled level before its skip is saved."""
-        if tuple(transformer_options["block"]) == ("input", self.blocks.pool_input) and self.phase(
-            transformer_options
-        ).pool:
+        if (
+            tuple(transformer_options["block"]) == ("input", self.blocks.pool_input)
+            and self.phase(transformer_options).pool
+        ):
             return pool_features(h)
         return h
 
     def after_skip_patch(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         """RAD: the downsampler gets every second row and column (== stride 4, dilation 2 on all)."""
-        if tuple(transformer_options["block"]) == ("input", self.blocks.rad_input) and self.phase(
-            transformer_options
-        ).rad:
+        if (
+            tuple(transformer_options["block"]) == ("input", self.blocks.rad_input)
+            and self.phase(transformer_options).rad
+        ):
             return h[..., ::2, ::2]
         return h
 
     def output_patch(self, h: torch.Tensor, skip: torch.Tensor, transformer_options: dict):
         """Unpool: bicubic back to the size of the skip saved before pooling (the one this block meets)."""
-        if tuple(transformer_options["block"]) == ("output", self.blocks.unpool_output) and self.phase(
-            transformer_options
-        ).pool:
+        if (
+            tuple(transformer_options["block"]) == ("output", self.blocks.unpool_output)
+            and self.phase(transformer_options).pool
+        ):
             return resize_features(h, tuple(skip.shape[-2:])), skip
         return h, skip
 
@@ -192,7 +207,8 @@ class _RauNet:
         """Control residuals resized to this call's feature sizes (ControlNet: skips, middle; T2I: inputs)."""
         layout = self.blocks.layout.raunet
         skips, mid = down_path_sizes(
-            latent_hw, self.blocks.down_shapes,
+            latent_hw,
+            self.blocks.down_shapes,
             rad_blocks=frozenset({layout.rad_block} if phase.rad else ()),
             pooled_blocks=frozenset({layout.pool_block} if phase.pool else ()),
         )
@@ -248,33 +264,73 @@ class AttnSurgeryHiDiffusion(ModelPatchNode):
     def inputs(cls) -> dict[str, Any]:
         ratio = {"default": PRESET, "min": PRESET, "max": 1.0, "step": 0.05}
         return {
-            "t1": ("FLOAT", {**ratio, "tooltip": "Denoising fraction in which the T1 modules act (SD1.x/2.x: "
-                                                 "RAD/RAU, SDXL: block pool); -1: preset for model and size."}),
-            "t2": ("FLOAT", {**ratio, "tooltip": "Denoising fraction in which the T2 modules act (SD1.x/2.x: "
-                                                 "block pool, SDXL: RAD/RAU); -1: preset for model and size."}),
-            "aggressive": (list(AGGRESSIVE), {"default": "preset",
-                                              "tooltip": "SDXL below 4096 px: RAD first, then the block pool "
-                                                         "(preset: on, off for inpainting models)."}),
-            "window_attention": ("BOOLEAN", {"default": False,
-                                             "tooltip": "Also run the top blocks' self-attention in 2x2 shifted "
-                                                        "windows (MSW-MSA): faster at high resolution."}),
-            "shift": (SHIFTS, {"default": "random",
-                               "tooltip": "Window shifts: random (seeded, per layer and step) or always 0-3."}),
+            "t1": (
+                "FLOAT",
+                {
+                    **ratio,
+                    "tooltip": "Denoising fraction in which the T1 modules act (SD1.x/2.x: "
+                    "RAD/RAU, SDXL: block pool); -1: preset for model and size.",
+                },
+            ),
+            "t2": (
+                "FLOAT",
+                {
+                    **ratio,
+                    "tooltip": "Denoising fraction in which the T2 modules act (SD1.x/2.x: "
+                    "block pool, SDXL: RAD/RAU); -1: preset for model and size.",
+                },
+            ),
+            "aggressive": (
+                list(AGGRESSIVE),
+                {
+                    "default": "preset",
+                    "tooltip": "SDXL below 4096 px: RAD first, then the block pool "
+                    "(preset: on, off for inpainting models).",
+                },
+            ),
+            "window_attention": (
+                "BOOLEAN",
+                {
+                    "default": False,
+                    "tooltip": "Also run the top blocks' self-attention in 2x2 shifted "
+                    "windows (MSW-MSA): faster at high resolution.",
+                },
+            ),
+            "shift": (
+                SHIFTS,
+                {"default": "random", "tooltip": "Window shifts: random (seeded, per layer and step) or always 0-3."},
+            ),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random shifts."}),
             "force": ("BOOLEAN", {"default": False, "tooltip": "Also act at or below the model's native size."}),
         }
 
-    def patch(self, model: Any, t1: float, t2: float, aggressive: str, window_attention: bool, shift: str,
-              seed: int, force: bool) -> tuple[Any]:
+    def patch(
+        self,
+        model: Any,
+        t1: float,
+        t2: float,
+        aggressive: str,
+        window_attention: bool,
+        shift: str,
+        seed: int,
+        force: bool,
+    ) -> tuple[Any]:
         """Clone ``model`` and register RAU-Net's block patches, the ControlNet wrapper and the window patches.
 
         Example (``model`` is a ComfyUI MODEL: not run here, tests/comfy runs the node in ComfyUI):
             >>> (hires,) = AttnSurgeryHiDiffusion().patch(  # doctest: +SKIP
             ...     model, -1, -1, "preset", False, "random", 0, False)
         """
-        config = HiDiffusion(raunet=True, window_attn=window_attention, t1=_ratio(t1), t2=_ratio(t2),
-                             aggressive=AGGRESSIVE[aggressive], shift=shift if shift == "random" else int(shift),
-                             seed=seed, force=force)
+        config = HiDiffusion(
+            raunet=True,
+            window_attn=window_attention,
+            t1=_ratio(t1),
+            t2=_ratio(t2),
+            aggressive=AGGRESSIVE[aggressive],
+            shift=shift if shift == "random" else int(shift),
+            seed=seed,
+            force=force,
+        )
         blocks = raunet_blocks(model)
         if model.model_options.get(OWNER_KEY):
             raise ValueError("RAU-Net is already on this model (an earlier HiDiffusion node); use one node.")

@@ -6,13 +6,25 @@ from typing import Any
 
 __all__ = ["ModelPatchNode", "LAYERS_INPUT", "SEED_INPUT"]
 
-LAYERS_INPUT = ("STRING", {"default": "top",
-                           "tooltip": "Layers in diffusers names, as in the Python API: a group ('top': the "
-                                      "highest-resolution level, 'mid', 'down', 'up', 'all'), an exact or "
-                                      "enclosing path like 'down_blocks.0', or a glob ('*' within one path "
-                                      "segment, '**' across); several separated by spaces, ';' or ','."})
-SEED_INPUT = ("INT", {"default": 0, "min": -1, "max": 2**31 - 1,
-                      "tooltip": "Seed of the random dst choice per cell; -1 always takes position 0."})
+LAYERS_INPUT = (
+    "STRING",
+    {
+        "default": "top",
+        "tooltip": "Layers in diffusers names, as in the Python API: a group ('top': the "
+        "highest-resolution level, 'mid', 'down', 'up', 'all'), an exact or "
+        "enclosing path like 'down_blocks.0', or a glob ('*' within one path "
+        "segment, '**' across); several separated by spaces, ';' or ','.",
+    },
+)
+SEED_INPUT = (
+    "INT",
+    {
+        "default": 0,
+        "min": -1,
+        "max": 2**31 - 1,
+        "tooltip": "Seed of the random dst choice per cell; -1 always takes position 0.",
+    },
+)
 
 
 class ModelPatchNode:

@@ -19,10 +19,22 @@ from ..families import Family
 from ..perturbation.headset import FORMAT as HEADSET_FORMAT
 
 __all__ = [
-    "AttentionSite", "unet_attention_sites", "model_family", "model_sampling",
-    "select_heads", "select_layers", "site_inventory", "claim_token_layers", "token_grid",
-    "call_generator", "sigma_window", "current_sigma", "with_attn1_replace", "conditional_prediction",
-    "split_heads", "merge_heads",
+    "AttentionSite",
+    "unet_attention_sites",
+    "model_family",
+    "model_sampling",
+    "select_heads",
+    "select_layers",
+    "site_inventory",
+    "claim_token_layers",
+    "token_grid",
+    "call_generator",
+    "sigma_window",
+    "current_sigma",
+    "with_attn1_replace",
+    "conditional_prediction",
+    "split_heads",
+    "merge_heads",
 ]
 
 DIT_LIMITATION = (
@@ -75,16 +87,22 @@ def unet_attention_sites(model: Any) -> list[AttentionSite]:
     per_level = int(unet.num_res_blocks[0]) + 1
     deepest = len(unet.num_res_blocks) - 1
     sites = []
-    groups = [("input", "input_blocks.{}", unet.input_blocks), ("middle", "middle_block", [unet.middle_block]),
-              ("output", "output_blocks.{}", unet.output_blocks)]
+    groups = [
+        ("input", "input_blocks.{}", unet.input_blocks),
+        ("middle", "middle_block", [unet.middle_block]),
+        ("output", "output_blocks.{}", unet.output_blocks),
+    ]
     for name, attribute, blocks in groups:
         for number, block in enumerate(blocks):
             container = "diffusion_model." + attribute.format(number)
             for position, layer in enumerate(block):
                 for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
                     path = f"{_diffusers_prefix(name, number, per_level)}.transformer_blocks.{index}.attn1"
-                    level = {"input": (number - 1) // per_level, "middle": deepest,
-                             "output": deepest - number // per_level}[name]
+                    level = {
+                        "input": (number - 1) // per_level,
+                        "middle": deepest,
+                        "output": deepest - number // per_level,
+                    }[name]
                     module = f"{container}.{position}.transformer_blocks.{index}.attn1"
                     site = AttentionSite((name, number), index, int(transformer.n_heads), path, level, module)
                     sites.append(site)
@@ -107,8 +125,11 @@ def _spec_items(spec: str) -> list[str]:
     if isinstance(data, dict) and data.get("format") == HEADSET_FORMAT:  # `attnsurgery hunt --out`
         data = data["heads"]
     if isinstance(data, dict):  # {"path": [heads] or null}; an empty list names no head of that layer
-        return [path if heads is None else f"{path}:{','.join(str(int(h)) for h in heads)}"
-                for path, heads in data.items() if heads is None or len(heads)]
+        return [
+            path if heads is None else f"{path}:{','.join(str(int(h)) for h in heads)}"
+            for path, heads in data.items()
+            if heads is None or len(heads)
+        ]
     return [str(item) for item in data]
 
 
@@ -122,9 +143,7 @@ def site_inventory(sites: list[AttentionSite], family: Family | None = None) -> 
     return inventory.ModelInfo(family, tuple(sites), levels, layer_noun="self-attention layer")
 
 
-def select_heads(
-    sites: list[AttentionSite], spec: str, family: Family | None = None
-) -> dict[AttentionSite, list[int]]:
+def select_heads(sites: list[AttentionSite], spec: str, family: Family | None = None) -> dict[AttentionSite, list[int]]:
     """Resolve a node's head spec to {site: sorted heads}, with the library's selectors.
 
     A spec lists layer selectors (every head) and ``selector:h1,h2`` items (those heads), separated by
@@ -138,8 +157,9 @@ def select_heads(
     """
     chosen = selectors.select_heads(site_inventory(sites, family), _spec_items(spec))
     by_path = {site.path: site for site in sites}
-    return {by_path[path]: sorted(range(by_path[path].heads) if heads is None else heads)
-            for path, heads in chosen.items()}
+    return {
+        by_path[path]: sorted(range(by_path[path].heads) if heads is None else heads) for path, heads in chosen.items()
+    }
 
 
 def select_layers(sites: list[AttentionSite], spec: str, family: Family | None = None) -> set[tuple[str, int, int]]:
@@ -161,8 +181,10 @@ def claim_token_layers(patched: Any, keys: set[tuple[str, int, int]], owner: str
     claims = patched.model_options.setdefault(CLAIMS_KEY, {})
     taken = sorted((key, claims[key]) for key in keys if key in claims)
     if taken:
-        raise ValueError(f"{owner} and {taken[0][1]} would both change the tokens of {[k for k, _ in taken]}; "
-                         "give them different layers or use one of them")
+        raise ValueError(
+            f"{owner} and {taken[0][1]} would both change the tokens of {[k for k, _ in taken]}; "
+            "give them different layers or use one of them"
+        )
     claims.update(dict.fromkeys(keys, owner))
 
 
@@ -178,8 +200,12 @@ def token_grid(original_shape: list[int], num_tokens: int) -> tuple[int, int]:
 
 def call_generator(seed: int, extra_options: dict) -> torch.Generator:
     """A private generator keyed by the seed, the layer and the sigma of this call: reproducible runs."""
-    return rng.keyed_generator(seed, tuple(extra_options["block"]), extra_options["block_index"],
-                               round(current_sigma(extra_options["sigmas"]), 5))
+    return rng.keyed_generator(
+        seed,
+        tuple(extra_options["block"]),
+        extra_options["block_index"],
+        round(current_sigma(extra_options["sigmas"]), 5),
+    )
 
 
 def model_family(model: Any) -> Family:

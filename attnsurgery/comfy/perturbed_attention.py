@@ -59,40 +59,107 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
     @classmethod
     def inputs(cls) -> dict[str, Any]:
         return {
-            "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.1,
-                                "tooltip": "Guidance scale s (PAG: 3 with CFG 4). 0 turns the node off."}),
-            "heads": ("STRING", {"default": "mid_block", "multiline": True,
-                                 "tooltip": "Layers and heads in diffusers names, as in the Python API: "
-                                            "'mid_block' (all heads), 'up_blocks.1.attentions.0:0,3' (heads 0 "
-                                            "and 3), groups ('top', 'mid', 'down', 'up', 'all'), globs ('*' "
-                                            "within one path segment, '**' across), or a JSON head set such "
-                                            "as {\"mid_block.attentions.0.transformer_blocks.0.attn1\": [1, 5]}, "
-                                            "or the path of a head-set file from `attnsurgery hunt`."}),
-            "soft": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                               "tooltip": "Blend toward the perturbed map (1 = PAG, below 1 = SoftPAG)."}),
-            "kind": (list(KINDS), {"default": "identity",
-                                   "tooltip": "identity (PAG), uniform, mean_query (SEG, infinite blur) or "
-                                              "temperature."}),
-            "temperature": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1,
-                                      "tooltip": "tau of kind=temperature (tau > 1 flattens the map)."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Denoising percent at which the guidance starts."}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Denoising percent at which the guidance stops."}),
+            "scale": (
+                "FLOAT",
+                {
+                    "default": 3.0,
+                    "min": 0.0,
+                    "max": 100.0,
+                    "step": 0.1,
+                    "tooltip": "Guidance scale s (PAG: 3 with CFG 4). 0 turns the node off.",
+                },
+            ),
+            "heads": (
+                "STRING",
+                {
+                    "default": "mid_block",
+                    "multiline": True,
+                    "tooltip": "Layers and heads in diffusers names, as in the Python API: "
+                    "'mid_block' (all heads), 'up_blocks.1.attentions.0:0,3' (heads 0 "
+                    "and 3), groups ('top', 'mid', 'down', 'up', 'all'), globs ('*' "
+                    "within one path segment, '**' across), or a JSON head set such "
+                    'as {"mid_block.attentions.0.transformer_blocks.0.attn1": [1, 5]}, '
+                    "or the path of a head-set file from `attnsurgery hunt`.",
+                },
+            ),
+            "soft": (
+                "FLOAT",
+                {
+                    "default": 1.0,
+                    "min": 0.0,
+                    "max": 1.0,
+                    "step": 0.05,
+                    "tooltip": "Blend toward the perturbed map (1 = PAG, below 1 = SoftPAG).",
+                },
+            ),
+            "kind": (
+                list(KINDS),
+                {
+                    "default": "identity",
+                    "tooltip": "identity (PAG), uniform, mean_query (SEG, infinite blur) or temperature.",
+                },
+            ),
+            "temperature": (
+                "FLOAT",
+                {
+                    "default": 2.0,
+                    "min": 0.01,
+                    "max": 100.0,
+                    "step": 0.1,
+                    "tooltip": "tau of kind=temperature (tau > 1 flattens the map).",
+                },
+            ),
+            "start_percent": (
+                "FLOAT",
+                {
+                    "default": 0.0,
+                    "min": 0.0,
+                    "max": 1.0,
+                    "step": 0.01,
+                    "tooltip": "Denoising percent at which the guidance starts.",
+                },
+            ),
+            "end_percent": (
+                "FLOAT",
+                {
+                    "default": 1.0,
+                    "min": 0.0,
+                    "max": 1.0,
+                    "step": 0.01,
+                    "tooltip": "Denoising percent at which the guidance stops.",
+                },
+            ),
         }
 
-    def patch(self, model: Any, scale: float, heads: str, soft: float, kind: str, temperature: float,
-              start_percent: float, end_percent: float) -> tuple[Any]:
+    def patch(
+        self,
+        model: Any,
+        scale: float,
+        heads: str,
+        soft: float,
+        kind: str,
+        temperature: float,
+        start_percent: float,
+        end_percent: float,
+    ) -> tuple[Any]:
         """Clone ``model`` and register the guidance; ``(model,)`` unchanged when scale or soft is 0."""
-        config = PerturbedAttention(scale=scale, soft=soft, kind=kind, start=start_percent, stop=end_percent,
-                                    temperature=temperature if kind == "temperature" else None)
+        config = PerturbedAttention(
+            scale=scale,
+            soft=soft,
+            kind=kind,
+            start=start_percent,
+            stop=end_percent,
+            temperature=temperature if kind == "temperature" else None,
+        )
         selected = select_heads(unet_attention_sites(model), heads, model_family(model))
         patched = model.clone()
         if config.scale == 0.0 or config.soft == 0.0:
             return (patched,)
         sigma_start, sigma_end = sigma_window(model, config.start, config.stop)
-        replaces = {site.key: _head_replace(chosen, config.soft, config.kind, config.temperature)
-                    for site, chosen in selected.items()}
+        replaces = {
+            site.key: _head_replace(chosen, config.soft, config.kind, config.temperature)
+            for site, chosen in selected.items()
+        }
 
         def post_cfg(args: dict) -> torch.Tensor:
             denoised = args["denoised"]
@@ -104,4 +171,3 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
 
         patched.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
         return (patched,)
-

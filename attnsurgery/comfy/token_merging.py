@@ -69,8 +69,16 @@ class AttnSurgeryTokenMerging(ModelPatchNode):
     @classmethod
     def inputs(cls) -> dict[str, Any]:
         return {
-            "ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 0.95, "step": 0.05,
-                                "tooltip": "Fraction of tokens merged away. 0 turns the node off."}),
+            "ratio": (
+                "FLOAT",
+                {
+                    "default": 0.5,
+                    "min": 0.0,
+                    "max": 0.95,
+                    "step": 0.05,
+                    "tooltip": "Fraction of tokens merged away. 0 turns the node off.",
+                },
+            ),
             "sx": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": "dst cell width in tokens."}),
             "sy": ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": "dst cell height in tokens."}),
             "layers": LAYERS_INPUT,

@@ -49,11 +49,18 @@ def window_patches(keys: set[tuple[str, int, int]], config: HiDiffusion, native:
         height, width = token_grid(shape, q.shape[1])
         grid = WindowGrid(height, width, rows=min(2, height), cols=min(2, width))
         if grid.needs_padding:  # padded keys would need a mask, which ComfyUI's attn1 call cannot take
-            logger.warning("window attention skips a %dx%d token grid: an odd side does not split into equal "
-                           "windows (use image sides divisible by 16 for SD1.x, 32 for SDXL)", height, width)
+            logger.warning(
+                "window attention skips a %dx%d token grid: an odd side does not split into equal "
+                "windows (use image sides divisible by 16 for SD1.x, 32 for SDXL)",
+                height,
+                width,
+            )
             return q, k, v
-        shift = config.shift if isinstance(config.shift, int) else draw_shift_index(
-            call_generator(config.seed, extra_options))
+        shift = (
+            config.shift
+            if isinstance(config.shift, int)
+            else draw_shift_index(call_generator(config.seed, extra_options))
+        )
         grid = WindowGrid(height, width, grid.rows, grid.cols, shift_for_index(grid.window, shift))
         extra_options[GRID_KEY] = grid
         windows = partition_windows(q, grid)
@@ -79,18 +86,23 @@ class AttnSurgeryWindowAttention(ModelPatchNode):
     def inputs(cls) -> dict[str, Any]:
         return {
             "layers": LAYERS_INPUT,
-            "shift": (SHIFTS, {"default": "random",
-                               "tooltip": "random: one of the four diagonal shifts per layer and step "
-                                          "(seeded); 0-3: always that shift."}),
+            "shift": (
+                SHIFTS,
+                {
+                    "default": "random",
+                    "tooltip": "random: one of the four diagonal shifts per layer and step "
+                    "(seeded); 0-3: always that shift.",
+                },
+            ),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random shifts."}),
-            "force": ("BOOLEAN", {"default": False,
-                                  "tooltip": "Also act at or below the model's native size."}),
+            "force": ("BOOLEAN", {"default": False, "tooltip": "Also act at or below the model's native size."}),
         }
 
     def patch(self, model: Any, layers: str, shift: str, seed: int, force: bool) -> tuple[Any]:
         """Clone ``model`` and register the window partition and merge patches."""
-        config = HiDiffusion(raunet=False, window_attn=True, shift=shift if shift == "random" else int(shift),
-                             seed=seed, force=force)
+        config = HiDiffusion(
+            raunet=False, window_attn=True, shift=shift if shift == "random" else int(shift), seed=seed, force=force
+        )
         keys = select_layers(unet_attention_sites(model), layers, model_family(model))
         patched = model.clone()
         claim_token_layers(patched, keys, "WindowAttention")

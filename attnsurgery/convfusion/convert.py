@@ -53,8 +53,14 @@ _KEY = re.compile(
     r"transformer_blocks\.\d+)\.conv1\.(?P<param>.+)$"
 )
 _GATE_PARAM = re.compile(r"^gates\.(\d+)\.conv_spatial\.(weight|bias)$")
-_PLAIN_PARAMS = ("conv_up.weight", "conv_up.bias", "conv_out.weight", "conv_out.bias", "conv_pool.weight",
-                 "conv_pool.bias")
+_PLAIN_PARAMS = (
+    "conv_up.weight",
+    "conv_up.bias",
+    "conv_out.weight",
+    "conv_out.bias",
+    "conv_pool.weight",
+    "conv_pool.bias",
+)
 
 
 def official_block_keys(block_path: str, num_scales: int = 2) -> list[str]:
@@ -69,8 +75,7 @@ def official_block_keys(block_path: str, num_scales: int = 2) -> list[str]:
         >>> official_block_keys("mid_block.attentions.0.transformer_blocks.0")[0]
         'mid_block.attentions.0.transformer_blocks.0.conv1.conv_up.weight'
     """
-    params = [*_PLAIN_PARAMS[:2], *(f"gates.{i}.conv_spatial.weight" for i in range(num_scales)),
-              *_PLAIN_PARAMS[2:]]
+    params = [*_PLAIN_PARAMS[:2], *(f"gates.{i}.conv_spatial.weight" for i in range(num_scales)), *_PLAIN_PARAMS[2:]]
     return [f"{block_path}.conv1.{param}" for param in params]
 
 
@@ -88,9 +93,7 @@ def load_official(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _group_by_block(
-    state: Mapping[str, torch.Tensor], skip_other_keys: bool
-) -> dict[str, dict[str, torch.Tensor]]:
+def _group_by_block(state: Mapping[str, torch.Tensor], skip_other_keys: bool) -> dict[str, dict[str, torch.Tensor]]:
     """{transformer block path: {parameter: tensor}}; raises on keys that are no ``conv1`` parameter unless
     ``skip_other_keys``."""
     blocks: dict[str, dict[str, torch.Tensor]] = {}
@@ -102,8 +105,10 @@ def _group_by_block(
             continue
         params = blocks.setdefault(match["block"], {})
         if match["param"] in params:
-            raise ValueError(f"Two keys name {match['block']}.conv1.{match['param']} (different prefixes); "
-                             "pass the weights of one model only.")
+            raise ValueError(
+                f"Two keys name {match['block']}.conv1.{match['param']} (different prefixes); "
+                "pass the weights of one model only."
+            )
         params[match["param"]] = tensor
     if unknown and not skip_other_keys:
         raise ValueError(
@@ -123,8 +128,10 @@ def _as_matrix(tensor: torch.Tensor, key: str) -> torch.Tensor:
     if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):
         return tensor[:, :, 0, 0]
     if tensor.dim() != 2:
-        raise ValueError(f"{key} has shape {list(tensor.shape)}; expected a linear weight [out, in] "
-                         "or a 1x1 convolution [out, in, 1, 1].")
+        raise ValueError(
+            f"{key} has shape {list(tensor.shape)}; expected a linear weight [out, in] "
+            "or a 1x1 convolution [out, in, 1, 1]."
+        )
     return tensor
 
 
@@ -133,12 +140,16 @@ def _as_depthwise(tensor: torch.Tensor, key: str, hidden: int) -> torch.Tensor:
     if tensor.dim() == 3 and tensor.shape[2] == hidden:
         tensor = tensor.permute(2, 0, 1).unsqueeze(1)
     if tensor.dim() != 4 or tensor.shape[:2] != (hidden, 1):
-        raise ValueError(f"{key} has shape {list(tensor.shape)}; expected a depthwise kernel over {hidden} "
-                         f"channels, [k, k, {hidden}] (Triton layout) or [{hidden}, 1, k, k].")
+        raise ValueError(
+            f"{key} has shape {list(tensor.shape)}; expected a depthwise kernel over {hidden} "
+            f"channels, [k, k, {hidden}] (Triton layout) or [{hidden}, 1, k, k]."
+        )
     height, width = tensor.shape[2:]
     if height != width or height % 2 == 0:
-        raise ValueError(f"{key} is a {height}x{width} kernel; only square kernels of odd size (same "
-                         "padding) convert to PyramidConvBlock.")
+        raise ValueError(
+            f"{key} is a {height}x{width} kernel; only square kernels of odd size (same "
+            "padding) convert to PyramidConvBlock."
+        )
     return tensor
 
 
@@ -183,8 +194,10 @@ def _convert_block(
             f"{name}.conv_up maps {channels} -> {hidden} channels; PyramidConvBlock needs a width divisible by "
             "4 and a hidden width of half of it (the official inter_ratio 0.5)."
         )
-    kernels = [_as_depthwise(params[f"gates.{i}.conv_spatial.weight"], f"{name}.gates.{i}.conv_spatial.weight",
-                             hidden) for i in range(len(scales))]
+    kernels = [
+        _as_depthwise(params[f"gates.{i}.conv_spatial.weight"], f"{name}.gates.{i}.conv_spatial.weight", hidden)
+        for i in range(len(scales))
+    ]
     sizes = {kernel.shape[-1] for kernel in kernels}
     if len(sizes) != 1:
         raise ValueError(f"{name} uses kernel sizes {sorted(sizes)} across its scales; PyramidConvBlock uses one.")
@@ -198,10 +211,13 @@ def _convert_block(
         _expect_shape(params[f"{part}.bias"], (channels,), f"{name}.{part}.bias", "C")
     block = PyramidConvBlock(channels, sizes.pop(), scales=scales, gate=gate, generator=torch.Generator())
     state = {
-        "conv_up.weight": up, "conv_up.bias": up_bias,
+        "conv_up.weight": up,
+        "conv_up.bias": up_bias,
         **{f"dw_convs.{i}.weight": kernel for i, kernel in enumerate(kernels)},
-        "conv_out.weight": out, "conv_out.bias": params["conv_out.bias"],
-        "conv_pool.weight": pool, "conv_pool.bias": params["conv_pool.bias"],
+        "conv_out.weight": out,
+        "conv_out.bias": params["conv_out.bias"],
+        "conv_pool.weight": pool,
+        "conv_pool.bias": params["conv_pool.bias"],
     }
     block.load_state_dict({key: value.float() for key, value in state.items()})
     return block
@@ -246,8 +262,10 @@ def convert_official(
     _, denoiser = resolve_target(target)
     info = describe(denoiser)
     if info.family.kind != "unet":
-        raise NotImplementedError(f"The released ConvFusion weights are for SD1.x/SDXL UNets; this model is "
-                                  f"{info.family.name} ({info.family.kind}).")
+        raise NotImplementedError(
+            f"The released ConvFusion weights are for SD1.x/SDXL UNets; this model is "
+            f"{info.family.name} ({info.family.kind})."
+        )
     state = load_official(source) if isinstance(source, (str, Path)) else dict(source)
     grouped = _group_by_block(state, skip_other_keys)
     widths = {layer.path: layer.module.to_q.in_features for layer in info.layers if layer.kind == "self"}
@@ -266,8 +284,10 @@ def convert_official(
     for path, params in by_layer.items():
         block = _convert_block(path.removesuffix(".attn1"), params, scales, gate)
         if block.channels != widths[path]:
-            raise ValueError(f"{path.removesuffix('.attn1')}.conv1 is {block.channels} channels wide, the model's "
-                             f"{path} {widths[path]}; these weights are for another model.")
+            raise ValueError(
+                f"{path.removesuffix('.attn1')}.conv1 is {block.channels} channels wide, the model's "
+                f"{path} {widths[path]}; these weights are for another model."
+            )
         blocks[path] = block
     ordered = {path: blocks[path] for path in widths}
     return ConvFusion(blocks=ordered, fingerprint=architecture_fingerprint(denoiser))

@@ -27,11 +27,24 @@ CONFIG_NAME = "convfusion.json"
 # Config keys that fix the denoiser's module tree and tensor shapes; sample size, scheduler-facing and
 # training-only keys are left out so the same architecture at another resolution still matches.
 _STRUCTURAL_KEYS = (
-    "in_channels", "out_channels", "block_out_channels", "down_block_types", "mid_block_type",
-    "up_block_types", "layers_per_block", "transformer_layers_per_block", "cross_attention_dim",
-    "attention_head_dim", "num_attention_heads", "use_linear_projection", "only_cross_attention",
-    "addition_embed_type", "projection_class_embeddings_input_dim", "class_embed_type",
-    "encoder_hid_dim_type", "norm_num_groups",
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "down_block_types",
+    "mid_block_type",
+    "up_block_types",
+    "layers_per_block",
+    "transformer_layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "only_cross_attention",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
+    "class_embed_type",
+    "encoder_hid_dim_type",
+    "norm_num_groups",
 )
 
 
@@ -76,13 +89,15 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], sour
 
 def block_spec(block: PyramidConvBlock) -> dict[str, Any]:
     """The constructor arguments that rebuild ``block`` (weights aside)."""
-    return {"channels": block.channels, "kernel_size": block.kernel_size, "scales": list(block.scales),
-            "gate": block.gate}
+    return {
+        "channels": block.channels,
+        "kernel_size": block.kernel_size,
+        "scales": list(block.scales),
+        "gate": block.gate,
+    }
 
 
-def save_blocks(
-    folder: str | Path, blocks: Mapping[str, PyramidConvBlock], fingerprint: Mapping[str, Any]
-) -> Path:
+def save_blocks(folder: str | Path, blocks: Mapping[str, PyramidConvBlock], fingerprint: Mapping[str, Any]) -> Path:
     """Write ``blocks`` (attn1 module path -> block) and the fingerprint into ``folder``.
 
     Args:
@@ -134,19 +149,28 @@ def load_blocks(folder: str | Path) -> tuple[dict[str, PyramidConvBlock], dict[s
     blocks: dict[str, PyramidConvBlock] = {}
     for entry in config["blocks"]:
         path = entry["path"]
-        block = PyramidConvBlock(entry["channels"], entry["kernel_size"], scales=entry["scales"],
-                                 gate=entry["gate"], generator=torch.Generator())
+        block = PyramidConvBlock(
+            entry["channels"],
+            entry["kernel_size"],
+            scales=entry["scales"],
+            gate=entry["gate"],
+            generator=torch.Generator(),
+        )
         prefix = f"{path}."
-        state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         missing = sorted(set(block.state_dict()) - set(state))
         unexpected = sorted(set(state) - set(block.state_dict()))
         if missing or unexpected:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not match its config for {path}: missing "
-                             f"{missing}, unexpected {unexpected}. The folder is damaged; save it again.")
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME} does not match its config for {path}: missing "
+                f"{missing}, unexpected {unexpected}. The folder is damaged; save it again."
+            )
         block.load_state_dict(state)
         blocks[path] = block
     leftover = set(tensors) - {f"{p}.{n}" for p, b in blocks.items() for n in b.state_dict()}
     if leftover:
-        raise ValueError(f"{folder / WEIGHTS_NAME} holds weights that no config entry names "
-                         f"({sorted(leftover)[:5]}); the folder is damaged, save it again.")
+        raise ValueError(
+            f"{folder / WEIGHTS_NAME} holds weights that no config entry names "
+            f"({sorted(leftover)[:5]}); the folder is damaged, save it again."
+        )
     return blocks, config["fingerprint"]

@@ -162,8 +162,9 @@ class ConvFusion(Plugin):
             >>> ConvFusion.extract(pipe).save("out/convfusion")  # doctest: +SKIP
         """
         _, denoiser = resolve_target(target)
-        blocks = {path: module.block for path, module in denoiser.named_modules()
-                  if isinstance(module, ConvFusionAttention)}
+        blocks = {
+            path: module.block for path, module in denoiser.named_modules() if isinstance(module, ConvFusionAttention)
+        }
         if not blocks:
             raise ValueError(f"{type(denoiser).__name__} holds no ConvFusion blocks; apply ConvFusion first.")
         return cls(blocks=blocks, fingerprint=architecture_fingerprint(denoiser))
@@ -171,15 +172,19 @@ class ConvFusion(Plugin):
     def save(self, folder: str | Path) -> Path:
         """Write the blocks (weights only) and their config into ``folder``."""
         if self.blocks is None or self.fingerprint is None:
-            raise ValueError("Only a ConvFusion holding blocks can be saved: use ConvFusion.extract(pipe) "
-                             "after applying and training, or ConvFusion.from_pretrained(path).")
+            raise ValueError(
+                "Only a ConvFusion holding blocks can be saved: use ConvFusion.extract(pipe) "
+                "after applying and training, or ConvFusion.from_pretrained(path)."
+            )
         return save_blocks(folder, self.blocks, self.fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         """Config without weights; blocks round-trip through ``source`` (the folder they came from)."""
         if self.blocks is not None and self.source is None:
-            raise ValueError("These ConvFusion blocks live only in memory; save() them and load them with "
-                             "ConvFusion.from_pretrained(folder) to get a serialisable config.")
+            raise ValueError(
+                "These ConvFusion blocks live only in memory; save() them and load them with "
+                "ConvFusion.from_pretrained(folder) to get a serialisable config."
+            )
         data = super().to_dict()
         del data["blocks"], data["fingerprint"]
         return data
@@ -196,14 +201,16 @@ class ConvFusion(Plugin):
         loaded = cls.from_pretrained(plugin.source)
         return dataclasses.replace(plugin, blocks=loaded.blocks, fingerprint=loaded.fingerprint)
 
-    def _fresh_blocks(
-        self, surgery: Surgery, layers: Mapping[str, AttentionLayer]
-    ) -> dict[str, PyramidConvBlock]:
+    def _fresh_blocks(self, surgery: Surgery, layers: Mapping[str, AttentionLayer]) -> dict[str, PyramidConvBlock]:
         paths = [layer.path for layer in surgery.model.select(self.layers, kinds=("self",))]
         kernels = _kernel_sizes(paths, surgery.model.family.name, self.kernel_size)
         return {
-            path: PyramidConvBlock(layers[path].module.to_q.in_features, kernel, gate=self.gate,
-                                   generator=surgery.generator("convfusion", path, seed=self.seed))
+            path: PyramidConvBlock(
+                layers[path].module.to_q.in_features,
+                kernel,
+                gate=self.gate,
+                generator=surgery.generator("convfusion", path, seed=self.seed),
+            )
             for path, kernel in kernels.items()
         }
 
@@ -221,16 +228,23 @@ class ConvFusion(Plugin):
         for path, block in blocks.items():
             if path not in layers:
                 shown = ", ".join(list(layers)[:4])
-                raise ValueError(f"{path} is not a self-attention layer of this model (it has {shown}, ...); "
-                                 "these blocks were made for another architecture.")
+                raise ValueError(
+                    f"{path} is not a self-attention layer of this model (it has {shown}, ...); "
+                    "these blocks were made for another architecture."
+                )
             width = layers[path].module.to_q.in_features
             if width != block.channels:
-                raise ValueError(f"The block for {path} has {block.channels} channels, the layer {width}; "
-                                 "these blocks were made for another architecture.")
+                raise ValueError(
+                    f"The block for {path} has {block.channels} channels, the layer {width}; "
+                    "these blocks were made for another architecture."
+                )
         with_lora = [path for path in blocks if _has_lora(layers[path].module)]
         if with_lora:
-            warnings.warn(f"LoRA weights on {len(with_lora)} attn1 layers no longer apply once ConvFusion "
-                          f"replaces them (e.g. {with_lora[0]}).", stacklevel=3)
+            warnings.warn(
+                f"LoRA weights on {len(with_lora)} attn1 layers no longer apply once ConvFusion "
+                f"replaces them (e.g. {with_lora[0]}).",
+                stacklevel=3,
+            )
         for path, block in blocks.items():
             reference = layers[path].module.to_q.weight
             block.to(device=reference.device, dtype=reference.dtype)

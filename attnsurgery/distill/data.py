@@ -197,8 +197,16 @@ class LatentFolder:
 
 
 def cache_from_prompts(
-    pipe, prompts: Sequence[str], folder: Path, resolution: int, *, num_inference_steps: int = 25,
-    guidance_scale: float = 7.5, batch_size: int = 4, shard_size: int = 256, seed: int = 0,
+    pipe,
+    prompts: Sequence[str],
+    folder: Path,
+    resolution: int,
+    *,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 4,
+    shard_size: int = 256,
+    seed: int = 0,
 ) -> Path:
     """Let the (unmodified) teacher pipeline generate one latent per prompt and cache them as shards.
 
@@ -222,13 +230,20 @@ def cache_from_prompts(
     num_shards = math.ceil(len(prompts) / shard_size)
     progress = tqdm(total=len(prompts), desc="teacher latents", unit="prompt")
     for shard_index in range(num_shards):
-        shard_prompts = list(prompts[shard_index * shard_size:(shard_index + 1) * shard_size])
+        shard_prompts = list(prompts[shard_index * shard_size : (shard_index + 1) * shard_size])
         chunks = []
         for start in range(0, len(shard_prompts), batch_size):
-            chunk = shard_prompts[start:start + batch_size]
+            chunk = shard_prompts[start : start + batch_size]
             generator = torch.Generator().manual_seed(seed * 1_000_003 + shard_index * shard_size + start)
-            output = pipe(chunk, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, generator=generator, output_type="latent")
+            output = pipe(
+                chunk,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output_type="latent",
+            )
             chunks.append(output.images.float().cpu())
             progress.update(len(chunk))
         write_shard(folder / f"shard-{shard_index:05d}.safetensors", torch.cat(chunks), shard_prompts)
@@ -239,8 +254,14 @@ def cache_from_prompts(
 
 @torch.no_grad()
 def cache_from_images(
-    vae, samples: Sequence[Sample], folder: Path, resolution: int, *, batch_size: int = 8,
-    shard_size: int = 256, seed: int = 0,
+    vae,
+    samples: Sequence[Sample],
+    folder: Path,
+    resolution: int,
+    *,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    seed: int = 0,
 ) -> Path:
     """Encode captioned images with the pipeline's VAE (sampled posterior, scaled and shifted into the
     denoiser's space) and cache them as shards. Existing shards in ``folder`` are reused as they are."""
@@ -254,10 +275,10 @@ def cache_from_images(
     generator = torch.Generator(device=device).manual_seed(seed)
     progress = tqdm(total=len(samples), desc="encoding images", unit="image")
     for shard_index, start in enumerate(range(0, len(samples), shard_size)):
-        shard = samples[start:start + shard_size]
+        shard = samples[start : start + shard_size]
         chunks = []
         for offset in range(0, len(shard), batch_size):
-            chunk = shard[offset:offset + batch_size]
+            chunk = shard[offset : offset + batch_size]
             pixels = torch.stack([load_image(s.image, resolution) for s in chunk]).to(device, dtype)
             latents = vae.encode(pixels).latent_dist.sample(generator=generator)
             chunks.append(((latents - shift) * scaling).float().cpu())
@@ -270,7 +291,13 @@ def cache_from_images(
 
 
 def prepare_latents(
-    pipe, data: Path, cache: Path, resolution: int, *, seed: int, num_inference_steps: int,
+    pipe,
+    data: Path,
+    cache: Path,
+    resolution: int,
+    *,
+    seed: int,
+    num_inference_steps: int,
     guidance_scale: float,
 ) -> LatentFolder:
     """Turn ``data`` (prompts file, captioned image folder or latent folder) into a latent folder.
@@ -296,9 +323,7 @@ def prepare_latents(
         )
         return LatentFolder(folder)
     if not data.is_dir():
-        raise ValueError(
-            f"--data {data} does not exist; pass a prompts .txt file, an image folder or a latent folder."
-        )
+        raise ValueError(f"--data {data} does not exist; pass a prompts .txt file, an image folder or a latent folder.")
     if any(data.glob("*.safetensors")):
         return LatentFolder(data)
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in data.iterdir()):

@@ -80,20 +80,25 @@ def distillation_loss(
         >>> loss, parts = distillation_loss(s, t, noise, s_feats, t_feats, weights)  # doctest: +SKIP
     """
     if set(student_features) != set(teacher_features):
-        raise ValueError(f"Student and teacher features cover different blocks: "
-                         f"{sorted(set(student_features) ^ set(teacher_features))}.")
+        raise ValueError(
+            f"Student and teacher features cover different blocks: "
+            f"{sorted(set(student_features) ^ set(teacher_features))}."
+        )
     noise_term = _per_sample_mse(student, target)
     teacher_term = _per_sample_mse(student, teacher.detach())
     if sample_weights is not None:
         noise_term, teacher_term = noise_term * sample_weights, teacher_term * sample_weights
     feature_term = sum(
-        (F.mse_loss(student_features[path].float(), teacher_features[path].detach().float())
-         for path in student_features),
+        (
+            F.mse_loss(student_features[path].float(), teacher_features[path].detach().float())
+            for path in student_features
+        ),
         start=student.new_zeros((), dtype=torch.float32),
     )
-    total = (weights.noise * noise_term.mean() + weights.teacher * teacher_term.mean()
-             + weights.feature * feature_term)
-    parts = {"noise": noise_term.mean().item(), "teacher": teacher_term.mean().item(),
-             "feature": float(feature_term.detach())}
+    total = weights.noise * noise_term.mean() + weights.teacher * teacher_term.mean() + weights.feature * feature_term
+    parts = {
+        "noise": noise_term.mean().item(),
+        "teacher": teacher_term.mean().item(),
+        "feature": float(feature_term.detach()),
+    }
     return total, parts
-

@@ -22,8 +22,7 @@ from ..ops.pyramid_conv import PyramidConvBlock
 from ..training import atomic_path, setting_changes
 from .config import DistillConfig
 
-__all__ = ["CHECKPOINTS", "RESUMABLE_CHANGES", "TRAINING_NAME", "load_checkpoint", "resume_point",
-           "write_checkpoint"]
+__all__ = ["CHECKPOINTS", "RESUMABLE_CHANGES", "TRAINING_NAME", "load_checkpoint", "resume_point", "write_checkpoint"]
 
 CHECKPOINTS = "checkpoints"
 TRAINING_NAME = "training.json"
@@ -39,9 +38,7 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in (out / CHECKPOINTS).glob("step-*") if not p.name.endswith(PARTIAL))
 
 
-def check_resumable(
-    saved: dict[str, Any], config: DistillConfig, fingerprint: dict[str, Any], where: Path
-) -> None:
+def check_resumable(saved: dict[str, Any], config: DistillConfig, fingerprint: dict[str, Any], where: Path) -> None:
     changed = setting_changes(saved["config"], config.to_dict(), RESUMABLE_CHANGES)
     if changed:
         raise ValueError(
@@ -64,16 +61,13 @@ def resume_point(
             )
         return 0, None
     if not existing:
-        raise ValueError(
-            f"Nothing to resume: {out / CHECKPOINTS} holds no checkpoint. Drop --resume to start."
-        )
+        raise ValueError(f"Nothing to resume: {out / CHECKPOINTS} holds no checkpoint. Drop --resume to start.")
     checkpoint = existing[-1]
     saved = json.loads((checkpoint / TRAINING_NAME).read_text(encoding="utf-8"))
     check_resumable(saved, config, fingerprint, checkpoint)
     if saved["step"] >= config.steps:
         raise ValueError(
-            f"{checkpoint} is already at step {saved['step']} >= steps={config.steps}; "
-            "raise --steps to train further."
+            f"{checkpoint} is already at step {saved['step']} >= steps={config.steps}; raise --steps to train further."
         )
     return int(saved["step"]), checkpoint
 
@@ -108,9 +102,7 @@ def load_checkpoint(
     loaded = ConvFusion.from_pretrained(checkpoint).blocks
     with torch.no_grad():
         for path, block in blocks.items():
-            for target, source in zip(
-                block.state_dict().values(), loaded[path].state_dict().values(), strict=True
-            ):
+            for target, source in zip(block.state_dict().values(), loaded[path].state_dict().values(), strict=True):
                 target.copy_(source)
     state = torch.load(checkpoint / "optimizer.pt", map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])

@@ -66,9 +66,7 @@ def distill(
 
     pipe, denoiser = resolve_target(target)
     if pipe is None or not hasattr(pipe, "encode_prompt"):
-        raise ValueError(
-            "distill needs the whole pipeline (text encoders, VAE, scheduler), not a bare denoiser."
-        )
+        raise ValueError("distill needs the whole pipeline (text encoders, VAE, scheduler), not a bare denoiser.")
     if active_surgeries(denoiser):
         raise ValueError(
             "Remove the surgeries applied to this pipeline before distilling (attnsurgery.remove); "
@@ -88,7 +86,12 @@ def distill(
     pipe.to(accelerator.device)
     with accelerator.main_process_first():  # one process builds the cache, the others then read it
         dataset = prepare_latents(  # before the surgery: the teacher samples
-            pipe, data, out / "latents", resolution, seed=config.seed, num_inference_steps=config.teacher_steps,
+            pipe,
+            data,
+            out / "latents",
+            resolution,
+            seed=config.seed,
+            num_inference_steps=config.teacher_steps,
             guidance_scale=config.teacher_guidance,
         )
     channels = denoiser.config.in_channels

@@ -83,16 +83,19 @@ class Trainer:
         self.student_features: dict[str, torch.Tensor] = {}
         self.teacher_features: dict[str, torch.Tensor] = {}
         for path in self.blocks:
-            surgery.add_hook(
-                student.get_submodule(path), self._recorder(self.student_features, path), pre=False
-            )
+            surgery.add_hook(student.get_submodule(path), self._recorder(self.student_features, path), pre=False)
             teacher.get_submodule(path).register_forward_hook(self._recorder(self.teacher_features, path))
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(warmup_cooldown, steps=config.steps, warmup_steps=config.warmup_steps,
-                                    cooldown_steps=config.cooldown_steps)
+            self.optimizer,
+            partial(
+                warmup_cooldown,
+                steps=config.steps,
+                warmup_steps=config.warmup_steps,
+                cooldown_steps=config.cooldown_steps,
+            ),
         )
         self.student = accelerator.prepare_model(student) if accelerator.num_processes > 1 else student
 
@@ -111,8 +114,13 @@ class Trainer:
         """Steps ``start`` to ``config.steps`` with a progress bar, a log line per step and checkpoints."""
         config, main = self.config, self.accelerator.is_main_process
         history = []
-        progress = tqdm(total=config.steps, initial=start, desc="distilling", unit="step",
-                        disable=not self.accelerator.is_local_main_process)
+        progress = tqdm(
+            total=config.steps,
+            initial=start,
+            desc="distilling",
+            unit="step",
+            disable=not self.accelerator.is_local_main_process,
+        )
         self.out.mkdir(parents=True, exist_ok=True)
         with (self.out / "log.jsonl").open("a", encoding="utf-8") if main else contextlib.nullcontext() as log:
             for step in range(start, config.steps):
@@ -131,8 +139,9 @@ class Trainer:
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` steps (main process), written under a temporary name, then renamed."""
         if self.accelerator.is_main_process:
-            write_checkpoint(self.out, step, self.blocks, self.fingerprint, self.optimizer, self.lr_schedule,
-                             self.config)
+            write_checkpoint(
+                self.out, step, self.blocks, self.fingerprint, self.optimizer, self.lr_schedule, self.config
+            )
         self.accelerator.wait_for_everyone()
 
     def step(self, dataset: LatentFolder, step: int, resolution: int) -> dict[str, float]:
@@ -150,11 +159,7 @@ class Trainer:
         latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
-        target = (
-            noise
-            if prediction_type == "epsilon"
-            else self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        )
+        target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
         dtype = next(self.teacher.parameters()).dtype
         conditioning = _encode_captions(self.pipe, captions, resolution, device)
         self.student_features.clear()

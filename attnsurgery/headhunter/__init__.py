@@ -5,6 +5,16 @@ from .api import HuntPreset, HuntResult, Racing, head_grid, hunt, preset_for, re
 from .objectives import AestheticScore, ClipScore, ReferenceScore, make_objective
 
 __all__ = [
-    "AestheticScore", "ClipScore", "HeadSet", "HuntPreset", "HuntResult", "Racing", "ReferenceScore", "head_grid",
-    "hunt", "make_objective", "preset_for", "report_table",
+    "AestheticScore",
+    "ClipScore",
+    "HeadSet",
+    "HuntPreset",
+    "HuntResult",
+    "Racing",
+    "ReferenceScore",
+    "head_grid",
+    "hunt",
+    "make_objective",
+    "preset_for",
+    "report_table",
 ]

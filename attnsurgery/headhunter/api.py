@@ -155,36 +155,74 @@ def hunt(
     """
     model = _model_of(pipe)
     preset = preset_for(model.family.name, model.family.kind)
-    preset = replace(preset, **{k: v for k, v in (("rounds", rounds), ("top_k", top_k), ("soft", soft),
-                                                  ("scale", scale), ("steps", steps), ("cfg", cfg)) if v is not None})
+    preset = replace(
+        preset,
+        **{
+            k: v
+            for k, v in (
+                ("rounds", rounds),
+                ("top_k", top_k),
+                ("soft", soft),
+                ("scale", scale),
+                ("steps", steps),
+                ("cfg", cfg),
+            )
+            if v is not None
+        },
+    )
     _check(preset, prompts, seeds, batch_candidates, kind)
     pool = model.select(candidates, kinds=SELF_KINDS)
     heads: list[Head] = [(layer.path, h) for layer in pool for h in range(layer.heads)]
     pairs = search_pairs(prompts, seeds)
     height = height or preset.size
     width = width or preset.size
-    generation = GenerationSettings(steps=preset.steps, scale=preset.scale, soft=preset.soft, cfg=preset.cfg,
-                                    height=height, width=width, kind=kind, negative_prompt=negative_prompt)
+    generation = GenerationSettings(
+        steps=preset.steps,
+        scale=preset.scale,
+        soft=preset.soft,
+        cfg=preset.cfg,
+        height=height,
+        width=width,
+        kind=kind,
+        negative_prompt=negative_prompt,
+    )
     objective_name = objective if isinstance(objective, str) else _qualified_name(objective)
     score_fn = make_objective(objective) if isinstance(objective, str) else objective
     settings = {
-        "objective": objective_name, "pairs": pairs, "candidates": [head_name(h) for h in heads],
-        "rounds": preset.rounds, "top_k": preset.top_k, "batch_candidates": batch_candidates,
-        "racing": None if racing is None else asdict(racing), "generation": asdict(generation),
+        "objective": objective_name,
+        "pairs": pairs,
+        "candidates": [head_name(h) for h in heads],
+        "rounds": preset.rounds,
+        "top_k": preset.top_k,
+        "batch_candidates": batch_candidates,
+        "racing": None if racing is None else asdict(racing),
+        "generation": asdict(generation),
         "model": model_fingerprint(model),
     }
     processes = processes or Processes()
     store = ScoreStore(resume, settings, write=processes.rank == 0)
     start = time.perf_counter()
     with CandidateScorer(pipe, pairs, score_fn, generation, {layer.path: layer.heads for layer in pool}) as scorer:
-        rounds_done = greedy_search(heads, len(pairs), scorer.score, store, preset.rounds, preset.top_k,
-                                    batch_candidates, racing, processes, progress)
+        rounds_done = greedy_search(
+            heads,
+            len(pairs),
+            scorer.score,
+            store,
+            preset.rounds,
+            preset.top_k,
+            batch_candidates,
+            racing,
+            processes,
+            progress,
+        )
     selected = tuple(s.head for r in rounds_done for s in r.selected)
-    head_set = HeadSet(selected, model_fingerprint(model), tuple(rounds_done),
-                       {k: v for k, v in settings.items() if k != "model"})
+    head_set = HeadSet(
+        selected, model_fingerprint(model), tuple(rounds_done), {k: v for k, v in settings.items() if k != "model"}
+    )
     exhaustive = sum(len(heads) - i * preset.top_k for i in range(len(rounds_done))) * len(pairs) * preset.steps
-    return HuntResult(head_set, scorer.denoiser_calls, scorer.images, time.perf_counter() - start, exhaustive,
-                      processes.rank)
+    return HuntResult(
+        head_set, scorer.denoiser_calls, scorer.images, time.perf_counter() - start, exhaustive, processes.rank
+    )
 
 
 def search_pairs(prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, int]]:
@@ -202,8 +240,12 @@ def _check(preset: HuntPreset, prompts: Sequence[str], seeds: Sequence[int], bat
         raise ValueError("prompts must be a non-empty list of strings (one search prompt per item)")
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
-    for name, value in (("rounds", preset.rounds), ("top_k", preset.top_k), ("steps", preset.steps),
-                        ("batch_candidates", batch)):
+    for name, value in (
+        ("rounds", preset.rounds),
+        ("top_k", preset.top_k),
+        ("steps", preset.steps),
+        ("batch_candidates", batch),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"hunt {name}={value!r} must be a positive integer")
     if not 0.0 < preset.soft <= 1.0:
@@ -224,13 +266,15 @@ def report_table(head_set: HeadSet) -> str:
     for result in head_set.rounds:
         lines.append(f"| {result.round} | base (heads of earlier rounds) | {result.base_score:.4f} | | |")
         for s in result.selected:
-            lines.append(f"| {result.round} | {s.head} | {s.score:.4f} | {s.score - result.base_score:+.4f} | "
-                         f"{s.pairs} |")
+            lines.append(
+                f"| {result.round} | {s.head} | {s.score:.4f} | {s.score - result.base_score:+.4f} | {s.pairs} |"
+            )
     return "\n".join(lines)
 
 
-def head_grid(pipe: Any, head_set: HeadSet, pairs: Sequence[tuple[str, int]], top: int = 6,
-              path: str | os.PathLike | None = None) -> Image.Image:
+def head_grid(
+    pipe: Any, head_set: HeadSet, pairs: Sequence[tuple[str, int]], top: int = 6, path: str | os.PathLike | None = None
+) -> Image.Image:
     """Images of the base (no head perturbed) and each of the first ``top`` selected heads alone (rows)
     for ``pairs`` (columns), generated with the head set's search settings.
 

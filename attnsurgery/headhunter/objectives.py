@@ -31,9 +31,13 @@ def _from_pretrained(loader: Callable[[str], Any], name: str, what: str, flag: s
     try:
         return loader(name)
     except OSError as error:
-        hint = "the folder has no such files" if Path(name).exists() else (
-            f"the hub is unreachable or {name!r} is not a model id; on a machine with internet run "
-            f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and pass it with {flag} DIR"
+        hint = (
+            "the folder has no such files"
+            if Path(name).exists()
+            else (
+                f"the hub is unreachable or {name!r} is not a model id; on a machine with internet run "
+                f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and pass it with {flag} DIR"
+            )
         )
         raise RuntimeError(f"could not load the {what} from {name!r}: {hint} ({error})") from None
 
@@ -78,8 +82,13 @@ class ClipScore(_ClipObjective):
         >>> scores = clip([image], ["a red circle"])  # doctest: +SKIP
     """
 
-    def __init__(self, model: str = CLIP_MODEL, processor: str | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: str = CLIP_MODEL,
+        processor: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+    ) -> None:
         super().__init__(model, processor, device, batch_size)
 
     def _scores(self, images: list[np.ndarray], prompts: list[str]) -> torch.Tensor:
@@ -107,8 +116,14 @@ class AestheticScore(_ClipObjective):
         ...     "sac+logos+ava1-l14-linearMSE.pth", clip_model="path/to/clip-vit-large-patch14")
     """
 
-    def __init__(self, head: str | os.PathLike, clip_model: str = CLIP_MODEL, processor: str | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        head: str | os.PathLike,
+        clip_model: str = CLIP_MODEL,
+        processor: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+    ) -> None:
         state = _load_state_dict(Path(head))
         super().__init__(clip_model, processor, device, batch_size)
         self.head = aesthetic_head(self.model.config.projection_dim).to(device)
@@ -125,8 +140,14 @@ class AestheticScore(_ClipObjective):
 def aesthetic_head(width: int) -> torch.nn.Sequential:
     """The LAION aesthetic MLP (dropouts sit at the odd indices, so the checkpoint's keys line up)."""
     return torch.nn.Sequential(
-        torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        torch.nn.Linear(width, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
     )
 
 
@@ -186,8 +207,13 @@ def python_objective(spec: str) -> Objective:
 OBJECTIVES = ("clip", "pickscore", "aesthetic", "reference", "python:MODULE:FUNCTION")
 
 
-def make_objective(name: str, model: str | None = None, processor: str | None = None, head: str | None = None,
-                   device: str | torch.device = "cpu") -> Objective:
+def make_objective(
+    name: str,
+    model: str | None = None,
+    processor: str | None = None,
+    head: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Objective:
     """An objective by name, as the CLI spells it.
 
     Args:
@@ -210,4 +236,3 @@ def make_objective(name: str, model: str | None = None, processor: str | None = 
     if name.startswith("python:"):
         return python_objective(name.removeprefix("python:"))
     raise ValueError(f"unknown objective {name!r}; use one of {OBJECTIVES}")
-

@@ -51,8 +51,13 @@ class PromptCache:
 
     def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
         accepted = inspect.signature(self.pipe.encode_prompt).parameters
-        offered = {"prompt": prompt, "device": self.pipe._execution_device, "num_images_per_prompt": 1,
-                   "do_classifier_free_guidance": self.cfg, "negative_prompt": self.negative_prompt}
+        offered = {
+            "prompt": prompt,
+            "device": self.pipe._execution_device,
+            "num_images_per_prompt": 1,
+            "do_classifier_free_guidance": self.cfg,
+            "negative_prompt": self.negative_prompt,
+        }
         if "prompt_2" in accepted:  # SDXL, SD3, FLUX: the second (and third) encoders get the same prompt
             offered.update(prompt_2=None, prompt_3=None)
         with torch.no_grad():
@@ -63,5 +68,8 @@ class PromptCache:
                 f"{type(self.pipe).__name__}.encode_prompt returned {len(outputs)} values; the head search knows "
                 "SD, SDXL, SD3 and FLUX pipelines"
             )
-        return {name: value for name, value in zip(names, outputs, strict=True)
-                if name is not None and isinstance(value, torch.Tensor)}
+        return {
+            name: value
+            for name, value in zip(names, outputs, strict=True)
+            if name is not None and isinstance(value, torch.Tensor)
+        }

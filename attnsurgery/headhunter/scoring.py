@@ -81,8 +81,14 @@ class CandidateScorer:
         layers: every layer path a head set may name, with its head count.
     """
 
-    def __init__(self, pipe: Any, pairs: Sequence[tuple[str, int]], objective: Objective,
-                 settings: GenerationSettings, layers: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        pairs: Sequence[tuple[str, int]],
+        objective: Objective,
+        settings: GenerationSettings,
+        layers: Mapping[str, int],
+    ) -> None:
         self.pipe = pipe
         self.pairs = list(pairs)
         self.objective = objective
@@ -96,8 +102,13 @@ class CandidateScorer:
         self._progress_config: Any = None
 
     def __enter__(self) -> CandidateScorer:
-        plugin = _PerRowHeads(paths=tuple(self.layers), weights=lambda: self._table, scale=self.settings.scale,
-                              kind=self.settings.kind, count_call=self._count)
+        plugin = _PerRowHeads(
+            paths=tuple(self.layers),
+            weights=lambda: self._table,
+            scale=self.settings.scale,
+            kind=self.settings.kind,
+            count_call=self._count,
+        )
         self._surgery = apply(self.pipe, plugin)
         self._progress_config = getattr(self.pipe, "_progress_bar_config", None)
         self.pipe.set_progress_bar_config(disable=True)
@@ -122,10 +133,14 @@ class CandidateScorer:
         self._table = self._head_table([heads for heads, _ in items])
         pairs = [self.pairs[index] for _, index in items]
         s = self.settings
-        call: dict[str, Any] = {"num_inference_steps": s.steps, "output_type": "np",
-                                "generator": [torch.Generator().manual_seed(seed) for _, seed in pairs]}
-        call.update({k: v for k, v in (("guidance_scale", s.cfg), ("height", s.height), ("width", s.width))
-                     if v is not None})
+        call: dict[str, Any] = {
+            "num_inference_steps": s.steps,
+            "output_type": "np",
+            "generator": [torch.Generator().manual_seed(seed) for _, seed in pairs],
+        }
+        call.update(
+            {k: v for k, v in (("guidance_scale", s.cfg), ("height", s.height), ("width", s.width)) if v is not None}
+        )
         try:
             images = self.pipe(**self._cache.batch([prompt for prompt, _ in pairs]), **call).images
         finally:

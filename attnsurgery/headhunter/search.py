@@ -103,8 +103,11 @@ class ScoreStore:
         if self.path is not None and self.path.exists():
             data = json.loads(self.path.read_text())
             if data.get("settings") != self.settings:
-                changed = sorted(k for k in {*self.settings, *data.get("settings", {})}
-                                 if data.get("settings", {}).get(k) != self.settings.get(k))
+                changed = sorted(
+                    k
+                    for k in {*self.settings, *data.get("settings", {})}
+                    if data.get("settings", {}).get(k) != self.settings.get(k)
+                )
                 raise ValueError(
                     f"checkpoint {str(self.path)!r} was written by a search with other settings ({changed}); "
                     "run with the same settings to resume it, or give another checkpoint path"
@@ -176,13 +179,18 @@ def greedy_search(
             if not remaining:
                 break
             state = _Round(index, tuple(selected))
-            ranked = _race(state, remaining, num_pairs, score, store, top_k, batch_size, racing,
-                           processes or Processes(0, 1), bar)
+            ranked = _race(
+                state, remaining, num_pairs, score, store, top_k, batch_size, racing, processes or Processes(0, 1), bar
+            )
             base = _mean(store, state, None, num_pairs)
             added = ranked[:top_k]
-            results.append(RoundResult(index, base, tuple(
-                SelectedHead(head_name(h), _mean(store, state, h, num_pairs), num_pairs) for h in added
-            )))
+            results.append(
+                RoundResult(
+                    index,
+                    base,
+                    tuple(SelectedHead(head_name(h), _mean(store, state, h, num_pairs), num_pairs) for h in added),
+                )
+            )
             selected += added
             remaining = [c for c in remaining if c not in added]
     finally:
@@ -190,9 +198,18 @@ def greedy_search(
     return results
 
 
-def _race(state: _Round, alive: list[Head], num_pairs: int, score: Callable[[list[Item]], list[float]],
-          store: ScoreStore, top_k: int, batch_size: int, racing: Racing | None,
-          processes: Processes, bar: tqdm) -> list[Head]:
+def _race(
+    state: _Round,
+    alive: list[Head],
+    num_pairs: int,
+    score: Callable[[list[Item]], list[float]],
+    store: ScoreStore,
+    top_k: int,
+    batch_size: int,
+    racing: Racing | None,
+    processes: Processes,
+    bar: tqdm,
+) -> list[Head]:
     """One round's candidates ranked best first by their mean over all pairs (survivors only)."""
     floor = max(top_k, (racing.survivors or 2 * top_k) if racing else 0)
     done = 0
@@ -210,9 +227,15 @@ def _race(state: _Round, alive: list[Head], num_pairs: int, score: Callable[[lis
     return sorted(alive, key=lambda c: -_mean(store, state, c, num_pairs))  # stable: ties keep model order
 
 
-def _score_missing(state: _Round, needed: list[tuple[Head | None, int]], score: Callable[[list[Item]], list[float]],
-                   store: ScoreStore, batch_size: int, processes: Processes,
-                   bar: tqdm) -> None:
+def _score_missing(
+    state: _Round,
+    needed: list[tuple[Head | None, int]],
+    score: Callable[[list[Item]], list[float]],
+    store: ScoreStore,
+    batch_size: int,
+    processes: Processes,
+    bar: tqdm,
+) -> None:
     """Score the items not in the store, ``batch_size`` per call, saving after every step."""
     missing = [(c, p) for c, p in needed if store.get(state.index, state.name(c), p) is None]
     batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]

@@ -127,9 +127,7 @@ def _perturbed_output(
     return F.scaled_dot_product_attention(q[index], k[index], v[index], scale=scale / temperature)
 
 
-def _image_only_identity(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: slice, scale: float
-) -> torch.Tensor:
+def _image_only_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: slice, scale: float) -> torch.Tensor:
     """Image queries attending to the text keys and to their own image key only; [P, image tokens, dim].
 
     Each image query i needs softmax over {text keys} + {k_i}. The extra key k_i differs per query, so we
@@ -160,8 +158,7 @@ def _check_tensors(
     """Raise ValueError naming a shape mismatch and the fix."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
-            f"q, k, v must be [batch, heads, tokens, dim], got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"q, k, v must be [batch, heads, tokens, dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if out.shape != q.shape[:-1] + v.shape[-1:]:
         raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)} and v {tuple(v.shape)}")
@@ -172,9 +169,7 @@ def _check_tensors(
         )
 
 
-def _check_kind(
-    kind: str, temperature: float | None, image_tokens: slice | None, queries: int, keys: int
-) -> None:
+def _check_kind(kind: str, temperature: float | None, image_tokens: slice | None, queries: int, keys: int) -> None:
     """Raise ValueError naming a bad perturbation setting and the fix."""
     if kind not in KINDS:
         raise ValueError(f"unknown perturbation kind {kind!r}; use one of {KINDS}")
@@ -189,6 +184,4 @@ def _check_kind(
         if kind != "identity":
             raise ValueError(f"image_tokens (joint='image_only') supports kind='identity' only, got {kind!r}")
         if queries != keys or not 0 <= image_tokens.start <= image_tokens.stop <= queries:
-            raise ValueError(
-                f"image_tokens {image_tokens} must lie inside a joint self-attention of {queries} tokens"
-            )
+            raise ValueError(f"image_tokens {image_tokens} must lie inside a joint self-attention of {queries} tokens")

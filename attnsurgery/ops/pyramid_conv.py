@@ -124,8 +124,7 @@ class PyramidConvBlock(nn.Module):
         # skip_init: the layers' own init would draw from the global RNG; reset_parameters draws from ours.
         self.conv_up = skip_init(nn.Linear, channels, hidden)
         self.dw_convs = nn.ModuleList(
-            skip_init(nn.Conv2d, hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden,
-                      bias=False)
+            skip_init(nn.Conv2d, hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False)
             for _ in scales
         )
         self.conv_out = skip_init(nn.Linear, hidden // 2 * len(scales), channels)
@@ -147,8 +146,7 @@ class PyramidConvBlock(nn.Module):
             layer.bias.zero_()
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, kernel_size={self.kernel_size}, scales={self.scales}, "
-                f"gate={self.gate!r}")
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, scales={self.scales}, gate={self.gate!r}"
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C/2] -> [B, H, W, C/4]; the constant of the "mul"/"div" gates is applied later."""
@@ -181,8 +179,9 @@ class PyramidConvBlock(nn.Module):
             x = conv(x.contiguous(memory_format=torch.channels_last))
             x = self._gate(x.permute(0, 2, 3, 1))  # [B, h, w, C/4]
             if x.shape[1:3] != (height, width):
-                x = F.interpolate(x.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
-                                  align_corners=False).permute(0, 2, 3, 1)
+                x = F.interpolate(
+                    x.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=False
+                ).permute(0, 2, 3, 1)
             stages.append(x.reshape(batch, num_tokens, -1))
         # conv_out(cat(stages)) + conv_pool(mean) as GEMMs accumulating into one buffer: no concatenation
         # and no separate broadcast add over the [B, N, C] output.

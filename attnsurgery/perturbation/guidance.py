@@ -119,8 +119,7 @@ class PerturbationGuidance:
             self._call = {"repeat": True}
             return None
         cond = _cond_rows(batch, self.cfg_active())
-        self._call = {"repeat": False, "scale": scale, "batch": batch, "cond": cond, "args": args,
-                      "kwargs": kwargs}
+        self._call = {"repeat": False, "scale": scale, "batch": batch, "cond": cond, "args": args, "kwargs": kwargs}
         if self.sequential:
             return None
         perturbed = cond.stop - cond.start
@@ -213,9 +212,7 @@ def _sample_of(args: tuple, kwargs: dict) -> torch.Tensor:
     for name in _SAMPLE_KWARGS:
         if isinstance(kwargs.get(name), torch.Tensor):
             return kwargs[name]
-    raise RuntimeError(
-        "perturbation guidance found no noisy input (`sample` or `hidden_states`) in the denoiser call"
-    )
+    raise RuntimeError("perturbation guidance found no noisy input (`sample` or `hidden_states`) in the denoiser call")
 
 
 def _timestep_of(args: tuple, kwargs: dict) -> torch.Tensor:

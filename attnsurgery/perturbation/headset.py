@@ -50,8 +50,12 @@ def model_fingerprint(model: ModelInfo) -> dict[str, Any]:
     """Family and a digest of the perturbable layers: what a head set must match to be loaded."""
     layers = perturbable_layers(model)
     digest = hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:16]
-    return {"family": model.family.name, "layers": len(layers), "heads": sum(h for _, h in layers),
-            "layer_digest": digest}
+    return {
+        "family": model.family.name,
+        "layers": len(layers),
+        "heads": sum(h for _, h in layers),
+        "layer_digest": digest,
+    }
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class HeadSet:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "head set") -> HeadSet:
         if data.get("format") != FORMAT:
-            raise ValueError(f"{source} is not an attnsurgery head set (no \"format\": \"{FORMAT}\" key)")
+            raise ValueError(f'{source} is not an attnsurgery head set (no "format": "{FORMAT}" key)')
         if data.get("version") != VERSION:
             raise ValueError(f"{source} has head-set version {data.get('version')}; this attnsurgery reads {VERSION}")
         rounds = tuple(
@@ -139,4 +143,3 @@ class HeadSet:
                 f"{mine['layer_digest']}); run `attnsurgery hunt` on this model, or pass heads explicitly"
             )
         return list(self.heads)
-

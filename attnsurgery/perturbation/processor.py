@@ -51,9 +51,7 @@ class PerturbationState:
     plans: dict[str, LayerPlan] = field(default_factory=dict)
     num_image_tokens: int | None = None
 
-    def activate(
-        self, rows: range, weights: Mapping[str, torch.Tensor], num_image_tokens: int | None
-    ) -> None:
+    def activate(self, rows: range, weights: Mapping[str, torch.Tensor], num_image_tokens: int | None) -> None:
         """Perturb the batch rows `rows` with per-row head weights.
 
         Args:
@@ -130,7 +128,16 @@ class HeadPerturbationProcessor(WrappingProcessor):
             )
         rows, heads, weights = plan.on(out.device)
         return perturb_heads(
-            q, k, v, out, rows, heads, weights, self.state.kind,
-            scale=call["scale"], temperature=self.state.temperature,
-            image_tokens=self.state.image_tokens(q.shape[-2]), inplace=not torch.is_grad_enabled(),
+            q,
+            k,
+            v,
+            out,
+            rows,
+            heads,
+            weights,
+            self.state.kind,
+            scale=call["scale"],
+            temperature=self.state.temperature,
+            image_tokens=self.state.image_tokens(q.shape[-2]),
+            inplace=not torch.is_grad_enabled(),
         )

@@ -69,8 +69,10 @@ def bench_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError(f"device {str(device)!r}: benchmarks run on cuda or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
-        raise ValueError(f"device {str(device)!r}: torch {torch.__version__} {why}; use the cpu device "
-                         "(--device cpu), or run on a machine with a GPU")
+        raise ValueError(
+            f"device {str(device)!r}: torch {torch.__version__} {why}; use the cpu device "
+            "(--device cpu), or run on a machine with a GPU"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
@@ -86,8 +88,10 @@ def bench_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     parsed = parse_dtype(dtype)
     if device.type == "cpu" and parsed == torch.float16:
-        raise ValueError("fp16 on the CPU is emulated or missing for many ops and would time the emulation; "
-                         "use bf16 or fp32 on the CPU (fp16 on CUDA)")
+        raise ValueError(
+            "fp16 on the CPU is emulated or missing for many ops and would time the emulation; "
+            "use bf16 or fp32 on the CPU (fp16 on CUDA)"
+        )
     if device.type == "cuda" and parsed == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use fp16 or fp32")
     return parsed
@@ -107,8 +111,10 @@ class _Probe:
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.handles = [module.register_forward_pre_hook(self._pre, prepend=True),
-                        module.register_forward_hook(self._post, always_call=True)]
+        self.handles = [
+            module.register_forward_pre_hook(self._pre, prepend=True),
+            module.register_forward_hook(self._post, always_call=True),
+        ]
         self.start_run()
 
     def start_run(self) -> None:
@@ -256,15 +262,21 @@ def _measure(pipe: Any, row: BenchRow, settings: _Settings, advance: Callable[[]
         breaks = _graph_breaks() - breaks if row.compile else None
         timesteps = getattr(getattr(target, "scheduler", None), "timesteps", None)
     steps = len(timesteps) if timesteps is not None else settings.steps  # PNDM runs steps + 1
-    warm, timed = runs[: settings.warmup], runs[settings.warmup:]
+    warm, timed = runs[: settings.warmup], runs[settings.warmup :]
     image_s = Spread.of([run.image_s for run in timed])
     warmup_s = sum(run.image_s for run in warm) if warm else None
     return RowResult(
-        label=row.label, plain=row.plain, compile=row.compile, plugins=_plugin_records(row.plugins), steps=steps,
-        step_s=Spread.of([run.denoiser_s / steps for run in timed]), image_s=image_s,
+        label=row.label,
+        plain=row.plain,
+        compile=row.compile,
+        plugins=_plugin_records(row.plugins),
+        steps=steps,
+        step_s=Spread.of([run.denoiser_s / steps for run in timed]),
+        image_s=image_s,
         peak_bytes=max((run.peak for run in timed if run.peak is not None), default=None),
         peak_image_bytes=max((run.peak_image for run in timed if run.peak_image is not None), default=None),
-        warmup_s=warmup_s, compile_s=warmup_s - len(warm) * image_s.median if row.compile and warm else None,
+        warmup_s=warmup_s,
+        compile_s=warmup_s - len(warm) * image_s.median if row.compile and warm else None,
         graph_breaks=breaks,
     )
 
@@ -304,8 +316,12 @@ def _versions() -> dict[str, str]:
         ours = importlib.metadata.version("attnsurgery")
     except importlib.metadata.PackageNotFoundError:
         ours = "unknown"
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "attnsurgery": ours,
-            "cuda": str(torch.version.cuda)}
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "attnsurgery": ours,
+        "cuda": str(torch.version.cuda),
+    }
 
 
 def benchmark(
@@ -354,8 +370,12 @@ def benchmark(
         raise ValueError("compiled rows compile during warm-up: use warmup >= 1")
     weight = next(_role(pipe)[1].parameters())
     device = weight.device
-    call = {**(prompt_inputs(pipe) if inputs is None else inputs), "num_inference_steps": steps, "height": height,
-            "width": width}
+    call = {
+        **(prompt_inputs(pipe) if inputs is None else inputs),
+        "num_inference_steps": steps,
+        "height": height,
+        "width": width,
+    }
     settings = _Settings(device, call, steps, repeats, warmup, compile_backend)
     failures = check_rows(pipe, rows, keep_going)
     results = []
@@ -377,8 +397,16 @@ def benchmark(
             bar.update((index + 1) * (warmup + repeats) - bar.n)  # what this row's calls would have counted
             results.append(RowResult(row.label, row.plain, row.compile, _plugin_records(row.plugins), skipped=reason))
     return BenchReport(
-        model=model, height=height, width=width, steps=steps, repeats=repeats, warmup=warmup, device=str(device),
-        device_name=device_name(device), dtype=str(weight.dtype).removeprefix("torch."),
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), versions=_versions(),
+        model=model,
+        height=height,
+        width=width,
+        steps=steps,
+        repeats=repeats,
+        warmup=warmup,
+        device=str(device),
+        device_name=device_name(device),
+        dtype=str(weight.dtype).removeprefix("torch."),
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        versions=_versions(),
         rows=tuple(results),
     )

@@ -115,9 +115,15 @@ def _cells(report: BenchReport, row: RowResult, compiled: bool) -> list[str]:
     else:
         peak = "n/a" if row.peak_bytes is None else f"{row.peak_bytes / MIB:,.0f}"
         memory = "n/a" if row.peak_bytes is None else _ratio(ratios["memory_ratio"])
-        cells = [row.label, f"{row.step_s.median * 1e3:,.1f} ±{row.step_s.relative:.0%}",
-                 _ratio(ratios["step_speedup"]), f"{row.image_s.median:,.3f}", _ratio(ratios["image_speedup"]),
-                 peak, memory]
+        cells = [
+            row.label,
+            f"{row.step_s.median * 1e3:,.1f} ±{row.step_s.relative:.0%}",
+            _ratio(ratios["step_speedup"]),
+            f"{row.image_s.median:,.3f}",
+            _ratio(ratios["image_speedup"]),
+            peak,
+            memory,
+        ]
     if compiled:
         compile_s = "-" if row.compile_s is None else f"{row.compile_s:,.1f}"
         cells[1:1] = ["yes" if row.compile else "no"]
@@ -140,9 +146,11 @@ def format_table(report: BenchReport, markdown: bool = False) -> str:
         header.append("compile s")
     header.append("note")
     body = [_cells(report, row, compiled) for row in report.rows]
-    title = (f"{report.model}: {report.width}x{report.height} px, {_count(report.steps, 'step')}, {report.dtype} on "
-             f"{report.device_name}; median of {_count(report.repeats, 'image')} after {report.warmup} warm-up, "
-             f"{report.date}")
+    title = (
+        f"{report.model}: {report.width}x{report.height} px, {_count(report.steps, 'step')}, {report.dtype} on "
+        f"{report.device_name}; median of {_count(report.repeats, 'image')} after {report.warmup} warm-up, "
+        f"{report.date}"
+    )
     if markdown:
         lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
         lines += [f"| {' | '.join(cells)} |" for cells in body]

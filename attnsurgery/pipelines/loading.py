@@ -18,8 +18,15 @@ from typing import Any
 import torch
 
 __all__ = [
-    "DenoiserSpec", "read_denoiser_spec", "meta_module", "meta_denoiser", "load_pipeline", "parse_dtype", "read_json",
-    "single_file_pipeline_class", "default_guidance_scale",
+    "DenoiserSpec",
+    "read_denoiser_spec",
+    "meta_module",
+    "meta_denoiser",
+    "load_pipeline",
+    "parse_dtype",
+    "read_json",
+    "single_file_pipeline_class",
+    "default_guidance_scale",
 ]
 
 DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
@@ -142,8 +149,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"``, ``"fp16"``, ``"fp32"`` (or the long names, or a torch dtype) as a torch dtype."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
@@ -191,8 +204,10 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, config: str | os.Pa
     kwargs = _dtype_kwargs(dtype)
     if config is not None:
         kwargs["config"] = str(config)
-    with _fetch_failure(f"{path.name}: loading a single file needs the model's configs, which could not be fetched",
-                        "pass config=<local diffusers folder of the same architecture>"):
+    with _fetch_failure(
+        f"{path.name}: loading a single file needs the model's configs, which could not be fetched",
+        "pass config=<local diffusers folder of the same architecture>",
+    ):
         return getattr(diffusers, class_name).from_single_file(str(path), **kwargs)
 
 

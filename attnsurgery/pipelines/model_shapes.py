@@ -22,7 +22,13 @@ from ..surgery import resolve_target
 from .loading import meta_module, parse_dtype, read_denoiser_spec, read_json
 
 __all__ = [
-    "ModelShape", "SHAPES", "shape_of", "random_pipeline", "random_weights_", "prompt_inputs", "has_text_encoder",
+    "ModelShape",
+    "SHAPES",
+    "shape_of",
+    "random_pipeline",
+    "random_weights_",
+    "prompt_inputs",
+    "has_text_encoder",
 ]
 
 
@@ -39,66 +45,142 @@ class ModelShape:
 
 
 _VAE = {  # the SD-family AutoencoderKL (SD1.x, SD2.x, SDXL; 16 latent channels for SD3 and FLUX)
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 512,
 }
 _VAE_16 = {**_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024}
-_SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "steps_offset": 1}
+_SD_BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+}
 _SD_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8, "cross_attention_dim": 768,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "norm_num_groups": 32,
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "norm_num_groups": 32,
 }
 _SD3 = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
 }
 _FLUX = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
     "axes_dims_rope": [16, 56, 56],
 }
-_FLUX_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                   "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+_FLUX_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
 
 def _sd3(**changes: Any) -> ModelShape:
     vae = {**_VAE_16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
-    return ModelShape("StableDiffusion3Pipeline", "SD3Transformer2DModel", {**_SD3, **changes}, vae,
-                      "FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0})
+    return ModelShape(
+        "StableDiffusion3Pipeline",
+        "SD3Transformer2DModel",
+        {**_SD3, **changes},
+        vae,
+        "FlowMatchEulerDiscreteScheduler",
+        {"num_train_timesteps": 1000, "shift": 3.0},
+    )
 
 
 def _flux(**changes: Any) -> ModelShape:
     vae = {**_VAE_16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
     scheduler = {**_FLUX_SCHEDULER, **changes.pop("scheduler", {})}
-    return ModelShape("FluxPipeline", "FluxTransformer2DModel", {**_FLUX, **changes}, vae,
-                      "FlowMatchEulerDiscreteScheduler", scheduler)
+    return ModelShape(
+        "FluxPipeline",
+        "FluxTransformer2DModel",
+        {**_FLUX, **changes},
+        vae,
+        "FlowMatchEulerDiscreteScheduler",
+        scheduler,
+    )
 
 
 #: The published architectures by name (the diffusers configs of the base checkpoints).
 SHAPES: dict[str, ModelShape] = {
-    "sd15": ModelShape("StableDiffusionPipeline", "UNet2DConditionModel", _SD_UNET, {**_VAE, "scaling_factor": 0.18215},
-                       "PNDMScheduler", {**_SD_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False}),
+    "sd15": ModelShape(
+        "StableDiffusionPipeline",
+        "UNet2DConditionModel",
+        _SD_UNET,
+        {**_VAE, "scaling_factor": 0.18215},
+        "PNDMScheduler",
+        {**_SD_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False},
+    ),
     "sd21": ModelShape(
-        "StableDiffusionPipeline", "UNet2DConditionModel",
-        {**_SD_UNET, "sample_size": 96, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
-         "use_linear_projection": True, "upcast_attention": True},
-        {**_VAE, "sample_size": 768, "scaling_factor": 0.18215}, "DDIMScheduler",
+        "StableDiffusionPipeline",
+        "UNet2DConditionModel",
+        {
+            **_SD_UNET,
+            "sample_size": 96,
+            "attention_head_dim": [5, 10, 20, 20],
+            "cross_attention_dim": 1024,
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        {**_VAE, "sample_size": 768, "scaling_factor": 0.18215},
+        "DDIMScheduler",
         {**_SD_BETAS, "prediction_type": "v_prediction", "clip_sample": False, "set_alpha_to_one": False},
     ),
     "sdxl": ModelShape(
-        "StableDiffusionXLPipeline", "UNet2DConditionModel",
-        {**_SD_UNET, "sample_size": 128, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-         "cross_attention_dim": 2048, "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
-         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-         "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-         "projection_class_embeddings_input_dim": 2816},
-        {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}, "EulerDiscreteScheduler",
+        "StableDiffusionXLPipeline",
+        "UNet2DConditionModel",
+        {
+            **_SD_UNET,
+            "sample_size": 128,
+            "block_out_channels": [320, 640, 1280],
+            "attention_head_dim": [5, 10, 20],
+            "cross_attention_dim": 2048,
+            "transformer_layers_per_block": [1, 2, 10],
+            "use_linear_projection": True,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "EulerDiscreteScheduler",
         {**_SD_BETAS, "timestep_spacing": "leading"},
     ),
     "sd3-medium": _sd3(),
@@ -109,8 +191,14 @@ SHAPES: dict[str, ModelShape] = {
 }
 
 #: The named shape whose pipeline, VAE and scheduler stand in for the parts a config folder lacks.
-FAMILY_SHAPES = {"sd15": "sd15", "sd2": "sd21", "sdxl": "sdxl", "sd3": "sd3-medium", "sd35": "sd35-medium",
-                 "flux": "flux-dev"}
+FAMILY_SHAPES = {
+    "sd15": "sd15",
+    "sd2": "sd21",
+    "sdxl": "sdxl",
+    "sd3": "sd3-medium",
+    "sd35": "sd35-medium",
+    "flux": "flux-dev",
+}
 
 
 def _optional_json(path: Path) -> dict[str, Any] | None:
@@ -122,23 +210,32 @@ def _folder_shape(folder: Path) -> ModelShape:
     spec = read_denoiser_spec(folder)
     family = detect_family(meta_module(spec.class_name, spec.config), spec.vae_scale_factor)
     if family.name not in FAMILY_SHAPES:
-        raise NotImplementedError(f"{folder}: random weights are built for text-to-image models; "
-                                  f"{family.name} is not one ({', '.join(FAMILY_SHAPES)} are)")
+        raise NotImplementedError(
+            f"{folder}: random weights are built for text-to-image models; "
+            f"{family.name} is not one ({', '.join(FAMILY_SHAPES)} are)"
+        )
     base = SHAPES[FAMILY_SHAPES[family.name]]
     root = folder if (folder / "model_index.json").is_file() else folder.parent
     vae = _optional_json(root / "vae" / "config.json") or base.vae_config
     scheduler = _optional_json(root / "scheduler" / "scheduler_config.json")
     scheduler_class = scheduler.get("_class_name", base.scheduler) if scheduler else base.scheduler
-    return ModelShape(base.pipeline, spec.class_name, spec.config, vae, scheduler_class,
-                      scheduler or base.scheduler_config)
+    return ModelShape(
+        base.pipeline, spec.class_name, spec.config, vae, scheduler_class, scheduler or base.scheduler_config
+    )
 
 
 def shape_of(pipe: Any) -> ModelShape:
     """The shape of a built pipeline, to build it again with random weights and no text encoders (the GPU
     suite's CPU smoke test runs the tiny test pipelines through the same path as the full-size shapes)."""
     _, denoiser = resolve_target(pipe)
-    return ModelShape(type(pipe).__name__, type(denoiser).__name__, dict(denoiser.config), dict(pipe.vae.config),
-                      type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
+    return ModelShape(
+        type(pipe).__name__,
+        type(denoiser).__name__,
+        dict(denoiser.config),
+        dict(pipe.vae.config),
+        type(pipe.scheduler).__name__,
+        dict(pipe.scheduler.config),
+    )
 
 
 def random_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -158,8 +255,9 @@ def random_weights_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def _random_module(class_name: str, config: dict[str, Any], dtype: torch.dtype | None,
-                   device: str | torch.device, seed: int) -> torch.nn.Module:
+def _random_module(
+    class_name: str, config: dict[str, Any], dtype: torch.dtype | None, device: str | torch.device, seed: int
+) -> torch.nn.Module:
     """Built on the meta device and cast there, so the weights are allocated once, in their final dtype."""
     module = meta_module(class_name, config)
     if dtype is not None:  # torch's own to(): diffusers' warns about fp32-kept modules even when there are none
@@ -206,8 +304,9 @@ def random_pipeline(
     elif Path(model).expanduser().is_dir():
         shape = _folder_shape(Path(model).expanduser())
     else:
-        raise ValueError(f"unknown model shape {str(model)!r}; use one of {', '.join(SHAPES)} "
-                         "or a local diffusers config folder")
+        raise ValueError(
+            f"unknown model shape {str(model)!r}; use one of {', '.join(SHAPES)} or a local diffusers config folder"
+        )
     import diffusers
 
     torch_dtype = parse_dtype(dtype)

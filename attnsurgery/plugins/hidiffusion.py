@@ -24,8 +24,15 @@ if TYPE_CHECKING:
     from ..families import Family
     from ..surgery import Surgery
 
-__all__ = ["HiDiffusion", "HiDiffusionLayout", "RauNetTiming", "check_raunet_sites", "layout_for", "preset_timing",
-           "unet_layout"]
+__all__ = [
+    "HiDiffusion",
+    "HiDiffusionLayout",
+    "RauNetTiming",
+    "check_raunet_sites",
+    "layout_for",
+    "preset_timing",
+    "unet_layout",
+]
 
 SHIFT_MODES = ("random", "cycle")
 AGGRESSIVE_FRACTION = 8 / 50  # package: RAD/RAU only for the first 8 of 50 steps in aggressive mode
@@ -72,8 +79,10 @@ def check_raunet_sites(unet: torch.nn.Module, layout: RauNetLayout) -> None:
     _check_downsampler(unet, layout.rad_block)
     pool, unpool = unet.down_blocks[layout.pool_block], unet.up_blocks[layout.unpool_block]
     rau = unet.up_blocks[layout.rau_block]
-    if not getattr(pool, "attentions", None) or len(getattr(unpool, "attentions", ())) < 2 or not getattr(
-        rau, "upsamplers", None
+    if (
+        not getattr(pool, "attentions", None)
+        or len(getattr(unpool, "attentions", ())) < 2
+        or not getattr(rau, "upsamplers", None)
     ):
         raise NotImplementedError(
             f"RAU-Net needs attention in down_blocks.{layout.pool_block}, two attentions in "
@@ -260,8 +269,12 @@ class HiDiffusion(Plugin):
             def phase(controlnet: bool) -> RauNetPhase:
                 return self.raunet_phase(surgery.context, layout, controlnet)
 
-            sites = (f"down_blocks.{layout.raunet.rad_block}", f"down_blocks.{layout.raunet.pool_block}",
-                     f"up_blocks.{layout.raunet.rau_block}", f"up_blocks.{layout.raunet.unpool_block}")
+            sites = (
+                f"down_blocks.{layout.raunet.rad_block}",
+                f"down_blocks.{layout.raunet.pool_block}",
+                f"up_blocks.{layout.raunet.rau_block}",
+                f"up_blocks.{layout.raunet.unpool_block}",
+            )
             for site in dict.fromkeys(sites):
                 surgery.claim(site, "blocks")
             RauNetHooks(surgery.denoiser, layout.raunet, phase).attach(surgery)
@@ -286,4 +299,3 @@ class HiDiffusion(Plugin):
             return WindowGrid(height, width, grid.rows, grid.cols, shift)
 
         return plan
-

@@ -109,9 +109,7 @@ class PerturbedAttention(Plugin):
             if self.temperature is None or not self.temperature > 0:
                 raise ValueError(f"kind='temperature' needs temperature > 0 (e.g. 2), got {self.temperature}")
         elif self.temperature is not None:
-            raise ValueError(
-                f"temperature={self.temperature!r} only applies to kind='temperature', not {self.kind!r}"
-            )
+            raise ValueError(f"temperature={self.temperature!r} only applies to kind='temperature', not {self.kind!r}")
         if self.joint == "image_only" and self.kind != "identity":
             raise ValueError(
                 f"joint='image_only' is diffusers' identity variant; use kind='identity', not {self.kind!r}"
@@ -147,9 +145,14 @@ class PerturbedAttention(Plugin):
         if self.scale == 0.0 or self.soft == 0.0:
             return  # nothing to add: the pipeline stays bit-identical
         install_perturbation(
-            surgery, list(weights), lambda: weights,
+            surgery,
+            list(weights),
+            lambda: weights,
             GuidanceSchedule(self.scale, self.adaptive_scale, self.start, self.stop),
-            kind=self.kind, temperature=self.temperature, joint=self.joint, sequential=self.mode == "sequential",
+            kind=self.kind,
+            temperature=self.temperature,
+            joint=self.joint,
+            sequential=self.mode == "sequential",
         )
 
 
@@ -177,7 +180,9 @@ def install_perturbation(
     """
     family = surgery.model.family
     state = PerturbationState(
-        kind=kind, temperature=temperature, image_only=joint == "image_only",
+        kind=kind,
+        temperature=temperature,
+        image_only=joint == "image_only",
         text_first=family.joint_order == "text_image",
     )
     for path in paths:
@@ -196,6 +201,7 @@ def install_perturbation(
     surgery.add_hook(surgery.denoiser, guidance.pre_hook, pre=True, with_kwargs=True)
     surgery.add_hook(surgery.denoiser, guidance.post_hook, pre=False, with_kwargs=True)
     return state
+
 
 def _clock(surgery: Surgery) -> tuple[float, float]:
     """(progress, timestep on the 0-1000 scale) of the current call; FLUX passes t / 1000."""
@@ -228,4 +234,3 @@ def _check_number(name: str, value: Any, low: float, high: float, hint: str) -> 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"PerturbedAttention {name}={value!r} is invalid; use one of {choices}")
-

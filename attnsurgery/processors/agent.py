@@ -145,15 +145,18 @@ class AgentProcessor(MergingProcessor):
         out = linear(x).view(batch, tokens, attn.heads, -1).transpose(1, 2)
         return out if norm is None else norm(out)
 
-    def _attend(
-        self, attn: torch.nn.Module, x: torch.Tensor, q: torch.Tensor, agents: torch.Tensor
-    ) -> torch.Tensor:
+    def _attend(self, attn: torch.nn.Module, x: torch.Tensor, q: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
         """Agent attention of tokens ``x`` (queries ``q`` given) and the layer's output projection."""
         k = self._project(attn, attn.to_k, x, attn.norm_k)
         v = self._project(attn, attn.to_v, x, None)
         out = agent_attention(
-            q, k, v, agents,
-            k_scale2=self.k_scale2, k_shortcut=self.k_shortcut, compute_dtype=self.compute_dtype,
+            q,
+            k,
+            v,
+            agents,
+            k_scale2=self.k_scale2,
+            k_shortcut=self.k_shortcut,
+            compute_dtype=self.compute_dtype,
         )
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return attn.to_out[1](attn.to_out[0](out))

@@ -126,8 +126,9 @@ class RauNetHooks:
         for index, block in enumerate(unet.up_blocks):
             if getattr(block, "upsamplers", None):
                 skip_of = count - 2 - index
-                surgery.add_hook(block.upsamplers[0], self._skip_size_for_upsampler(skip_of), pre=True,
-                                 with_kwargs=True)
+                surgery.add_hook(
+                    block.upsamplers[0], self._skip_size_for_upsampler(skip_of), pre=True, with_kwargs=True
+                )
         surgery.add_hook(unet.down_blocks[layout.rad_block].downsamplers[0].conv, self.rad, pre=True)
         surgery.add_hook(unet.down_blocks[layout.pool_block].attentions[0], self.pool, pre=False)
         surgery.add_hook(unet.up_blocks[layout.unpool_block].attentions[1], self.unpool, pre=False)

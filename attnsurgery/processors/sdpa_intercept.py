@@ -23,7 +23,6 @@ Tensor = torch.Tensor
 AttentionEdit = Callable[[Tensor, Tensor, Tensor, Tensor, dict[str, Any]], Tensor]
 
 
-
 def _sdpa_parameters(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
 ) -> None:

@@ -18,8 +18,14 @@ from ..context import StepContext
 from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
 from .base import WrappingProcessor
 
-__all__ = ["BlockInput", "MergingProcessor", "TokenMergeProcessor", "check_cells", "check_fraction",
-           "check_self_attention_call"]
+__all__ = [
+    "BlockInput",
+    "MergingProcessor",
+    "TokenMergeProcessor",
+    "check_cells",
+    "check_fraction",
+    "check_self_attention_call",
+]
 
 GeneratorFactory = Callable[[], torch.Generator]
 

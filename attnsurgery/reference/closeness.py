@@ -72,5 +72,7 @@ def mean_closeness(images: Sequence[np.ndarray], references: Sequence[np.ndarray
     """(mean PSNR, mean SSIM) of ``images`` to ``references``, pair by pair (PSNR is inf if all are equal)."""
     if len(images) != len(references) or not images:
         raise ValueError(f"closeness needs as many images as references (> 0), got {len(images)}, {len(references)}")
-    return (float(np.mean([psnr(a, b) for a, b in zip(images, references, strict=True)])),
-            float(np.mean([ssim(a, b) for a, b in zip(images, references, strict=True)])))
+    return (
+        float(np.mean([psnr(a, b) for a, b in zip(images, references, strict=True)])),
+        float(np.mean([ssim(a, b) for a, b in zip(images, references, strict=True)])),
+    )

@@ -85,8 +85,14 @@ def pipeline_sampler(
     def generate(prompts: list[str], seeds: list[int], size: int) -> Sequence[np.ndarray]:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         output = pipe(
-            prompts, height=size, width=size, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generators, output_type="np", **call_kwargs,
+            prompts,
+            height=size,
+            width=size,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="np",
+            **call_kwargs,
         )
         return list(output.images)  # type: ignore[attr-defined]
 

@@ -175,4 +175,3 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     for obj in scene.objects:
         image[_object_mask(obj, xs, ys)] = PALETTE[obj.colour]
     return image
-

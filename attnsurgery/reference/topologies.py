@@ -38,7 +38,10 @@ Objective = Callable[[Any, torch.Tensor, list[str], torch.Generator], torch.Tens
 
 def _encode_clip(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
     ids = pipe.tokenizer(
-        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        captions,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids
     return pipe.text_encoder(ids)[0]
@@ -52,8 +55,9 @@ class UNetObjective:
         self.prediction_type = prediction_type
         self.velocity = prediction_type == "v_prediction"
 
-    def __call__(self, pipe: StableDiffusionPipeline, images: torch.Tensor, captions: list[str],
-                 generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, pipe: StableDiffusionPipeline, images: torch.Tensor, captions: list[str], generator: torch.Generator
+    ) -> torch.Tensor:
         with torch.no_grad():
             latents = pipe.vae.encode(images).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
@@ -78,8 +82,9 @@ class RectifiedFlowObjective:
         slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
         self.shift = math.exp(config.base_shift + slope * (tokens - config.base_image_seq_len))
 
-    def __call__(self, pipe: FluxPipeline, images: torch.Tensor, captions: list[str],
-                 generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, pipe: FluxPipeline, images: torch.Tensor, captions: list[str], generator: torch.Generator
+    ) -> torch.Tensor:
         vae = pipe.vae
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample(generator)
@@ -93,8 +98,13 @@ class RectifiedFlowObjective:
         text, pooled, text_ids = pipe.encode_prompt(captions, None, device=x0.device, max_sequence_length=TEXT_TOKENS)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)
         pred = pipe.transformer(
-            hidden_states=noisy, timestep=sigma, pooled_projections=pooled, encoder_hidden_states=text,
-            txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+            hidden_states=noisy,
+            timestep=sigma,
+            pooled_projections=pooled,
+            encoder_hidden_states=text,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
         )[0]
         return (pred - (noise - x0)).pow(2).mean()
 
@@ -128,15 +138,22 @@ class Topology:
 
 TOPOLOGIES: dict[str, Topology] = {
     "unet": Topology(
-        "unet", ("unet", "text_encoder"), build_reference_pipeline, save_reference_weights,
-        lambda folder: load_reference_pipeline(weights_dir=folder), UNetObjective,
+        "unet",
+        ("unet", "text_encoder"),
+        build_reference_pipeline,
+        save_reference_weights,
+        lambda folder: load_reference_pipeline(weights_dir=folder),
+        UNetObjective,
         "A small StableDiffusionPipeline (SD1.x UNet topology, AutoencoderKL of factor 4, CLIP text encoder\n"
         "with the real CLIP BPE tokenizer) trained from scratch on procedural captioned shapes, so that\n"
         "attention-surgery quality is measurable offline. Native size 64 px (16 x 16 latents).",
     ),
     "flux": Topology(
-        "flux", ("transformer", "text_encoder", "text_encoder_2"), build_reference_flux_pipeline,
-        save_reference_flux_weights, lambda folder: load_reference_flux_pipeline(weights_dir=folder),
+        "flux",
+        ("transformer", "text_encoder", "text_encoder_2"),
+        build_reference_flux_pipeline,
+        save_reference_flux_weights,
+        lambda folder: load_reference_flux_pipeline(weights_dir=folder),
         RectifiedFlowObjective,
         "A small FluxPipeline (FLUX.1 topology: double-stream then single-stream blocks, RoPE, true CFG;\n"
         "the U-Net reference's VAE and CLIP text encoder, a small T5 encoder with a word-level tokenizer)\n"

@@ -194,8 +194,13 @@ class DenoiserState:
 
 
 def train_denoiser(
-    pipe: DiffusionPipeline, cfg: TrainConfig, stream: SceneStream, generator: torch.Generator,
-    out: Path, max_minutes: float | None, state: DenoiserState | None = None,
+    pipe: DiffusionPipeline,
+    cfg: TrainConfig,
+    stream: SceneStream,
+    generator: torch.Generator,
+    out: Path,
+    max_minutes: float | None,
+    state: DenoiserState | None = None,
     save: Callable[[DenoiserState], None] | None = None,
 ) -> list[float]:
     """Train the topology's denoiser and text encoders on latents; the EMA copies replace the pipeline's
@@ -225,8 +230,9 @@ def train_denoiser(
     def snapshot(step: int) -> DenoiserState:
         return DenoiserState(step, losses, trained.state_dict(), ema.state_dict(), opt.state_dict(), sched.state_dict())
 
-    bar = tqdm(range(state.step, cfg.steps), desc=topology.denoiser, dynamic_ncols=True, initial=state.step,
-               total=cfg.steps)
+    bar = tqdm(
+        range(state.step, cfg.steps), desc=topology.denoiser, dynamic_ncols=True, initial=state.step, total=cfg.steps
+    )
     for step in bar:
         images, captions = stream.batch(cfg.batch_size)
         captions = ["" if stream.rng.random() < CAPTION_DROPOUT else c for c in captions]
@@ -275,8 +281,10 @@ def write_model_card(out: Path, record: dict) -> None:
     steps = record.get("total_steps", record["steps_done"])
     if topology.name == "unet":
         title = "# attnsurgery reference model"
-        stage_one = (f"VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, {cfg['vae_crop']} px "
-                     f"crops, lr {cfg['vae_lr']}); UNet + text encoder {steps} steps")
+        stage_one = (
+            f"VAE {record['vae_steps_done']} steps (batch {cfg['vae_batch_size']}, {cfg['vae_crop']} px "
+            f"crops, lr {cfg['vae_lr']}); UNet + text encoder {steps} steps"
+        )
         objective = f"min-SNR {MIN_SNR_GAMMA}, {cfg.get('prediction_type', 'epsilon')} prediction"
     else:
         title = "# attnsurgery reference DiT"
@@ -311,8 +319,15 @@ def write_model_card(out: Path, record: dict) -> None:
     rows = record.get("evaluation_rows", {})
     if rows:
         ordered = [rows[label] for label, *_ in CARD_SUITE if label in rows]
-        lines += ["", "## Evaluator numbers (held-out seeds, analytic evaluator)", "",
-                  record["evaluation_setting"], "", *TABLE_HEADER, *ordered]
+        lines += [
+            "",
+            "## Evaluator numbers (held-out seeds, analytic evaluator)",
+            "",
+            record["evaluation_setting"],
+            "",
+            *TABLE_HEADER,
+            *ordered,
+        ]
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
@@ -337,18 +352,20 @@ def _load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"--resume: {path} does not exist; start without --resume")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"--resume: {path} was written by an older trainer and cannot be continued exactly; "
-                         "use --init-from with the weights it produced")
+        raise ValueError(
+            f"--resume: {path} was written by an older trainer and cannot be continued exactly; "
+            "use --init-from with the weights it produced"
+        )
     changed = [change.name for change in setting_changes(checkpoint["settings"], _checkpoint_settings(cfg))]
     if changed:
-        raise ValueError(f"--resume: {path} was written with other settings ({changed}); pass the same ones "
-                         "(only --steps and --cooldown-steps may change)")
+        raise ValueError(
+            f"--resume: {path} was written with other settings ({changed}); pass the same ones "
+            "(only --steps and --cooldown-steps may change)"
+        )
     return checkpoint
 
 
-def _warm_start(
-    pipe: DiffusionPipeline, topology: Topology, init_from: Path
-) -> tuple[DenoiserState, list[str], int]:
+def _warm_start(pipe: DiffusionPipeline, topology: Topology, init_from: Path) -> tuple[DenoiserState, list[str], int]:
     """The VAE and the denoiser weights of an earlier run; its commands and denoiser steps (for the card)."""
     earlier = topology.load(init_from)
     pipe.vae.load_state_dict(earlier.vae.state_dict())
@@ -362,7 +379,10 @@ def _warm_start(
 
 
 def train(
-    cfg: TrainConfig, out: Path, max_minutes: float | None = None, resume: bool = False,
+    cfg: TrainConfig,
+    out: Path,
+    max_minutes: float | None = None,
+    resume: bool = False,
     init_from: Path | None = None,
 ) -> DiffusionPipeline:
     """Run the topology's stages and write the weights, ``training.json`` and the model card into ``out``.
@@ -421,12 +441,18 @@ def train(
 
     def save(current: DenoiserState) -> None:
         checkpoint = {
-            "version": CHECKPOINT_VERSION, "settings": _checkpoint_settings(cfg), "commands": commands,
-            "earlier_steps": earlier_steps, "vae": pipe.vae.state_dict(),
-            "scaling_factor": float(pipe.vae.config.scaling_factor), "vae_losses": vae_losses,
+            "version": CHECKPOINT_VERSION,
+            "settings": _checkpoint_settings(cfg),
+            "commands": commands,
+            "earlier_steps": earlier_steps,
+            "vae": pipe.vae.state_dict(),
+            "scaling_factor": float(pipe.vae.config.scaling_factor),
+            "vae_losses": vae_losses,
             "shift_factor": pipe.vae.config.get("shift_factor"),
-            "stream_rng": stream.rng.bit_generator.state, "generator": generator.get_state(),
-            "denoiser": vars(current), "minutes": minutes_before + (time.monotonic() - begin) / 60,
+            "stream_rng": stream.rng.bit_generator.state,
+            "generator": generator.get_state(),
+            "denoiser": vars(current),
+            "minutes": minutes_before + (time.monotonic() - begin) / 60,
         }
         with atomic_path(out / CHECKPOINT_FILE) as tmp:
             torch.save(checkpoint, tmp)
@@ -461,29 +487,48 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder for weights and model card")
-    parser.add_argument("--topology", choices=tuple(TOPOLOGIES), default=defaults.topology,
-                        help="unet: the SD1.x-topology reference; flux: the reference DiT (FLUX.1 topology)")
+    parser.add_argument(
+        "--topology",
+        choices=tuple(TOPOLOGIES),
+        default=defaults.topology,
+        help="unet: the SD1.x-topology reference; flux: the reference DiT (FLUX.1 topology)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="denoiser + text encoder steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--cooldown-steps", type=int, default=None,
-                        help="let the LR fall linearly to 0 over the last N steps (default: the last fifth; "
-                        "may be changed on --resume)")
+    parser.add_argument(
+        "--cooldown-steps",
+        type=int,
+        default=None,
+        help="let the LR fall linearly to 0 over the last N steps (default: the last fifth; "
+        "may be changed on --resume)",
+    )
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=defaults.prediction_type)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
-    parser.add_argument("--eval", action="store_true",
-                        help="evaluate after training and put the evaluator numbers into the model card")
+    parser.add_argument(
+        "--eval", action="store_true", help="evaluate after training and put the evaluator numbers into the model card"
+    )
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights already in --out")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue --out's run exactly from its checkpoint (--steps may be raised)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="start the UNet stage from the weights of an earlier run (a second stage)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue --out's run exactly from its checkpoint (--steps may be raised)"
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start the UNet stage from the weights of an earlier run (a second stage)",
+    )
     parser.add_argument("--cfg", type=float, default=GUIDANCE_SCALE, help="guidance scale used by the evaluation")
-    parser.add_argument("--eval-pairs", type=int, nargs=len(CARD_SUITE), default=None,
-                        help=f"pairs per evaluation row ({', '.join(r[0] for r in CARD_SUITE)}); 0 skips")
+    parser.add_argument(
+        "--eval-pairs",
+        type=int,
+        nargs=len(CARD_SUITE),
+        default=None,
+        help=f"pairs per evaluation row ({', '.join(r[0] for r in CARD_SUITE)}); 0 skips",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -491,9 +536,16 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)
         return
     cooldown = args.steps // 5 if args.cooldown_steps is None else args.cooldown_steps
-    cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, cooldown_steps=cooldown, prediction_type=args.prediction_type,
-                      topology=args.topology)
+    cfg = TrainConfig(
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        cooldown_steps=cooldown,
+        prediction_type=args.prediction_type,
+        topology=args.topology,
+    )
     train(cfg, args.out, args.max_minutes, resume=args.resume, init_from=args.init_from)
     if args.eval:
         evaluate_into_card(args.out, args.cfg, counts=args.eval_pairs)

@@ -12,6 +12,14 @@ from .restore import PipelineState, assert_restored, snapshot
 from .tiny import byte_clip_tokenizer, tiny_flux, tiny_sd3, tiny_sd15, tiny_sd35, tiny_sdxl, tiny_t5_tokenizer
 
 __all__ = [
-    "tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "byte_clip_tokenizer", "tiny_t5_tokenizer",
-    "PipelineState", "snapshot", "assert_restored",
+    "tiny_sd15",
+    "tiny_sdxl",
+    "tiny_sd3",
+    "tiny_sd35",
+    "tiny_flux",
+    "byte_clip_tokenizer",
+    "tiny_t5_tokenizer",
+    "PipelineState",
+    "snapshot",
+    "assert_restored",
 ]

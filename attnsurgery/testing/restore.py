@@ -19,8 +19,14 @@ import torch
 
 __all__ = ["PipelineState", "snapshot", "assert_restored"]
 
-HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks")
+HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_hooks",
+)
 
 #: ``{"modules": {"component:path": {...}}, "pipe": {attribute: id}}``
 PipelineState = dict[str, dict[str, Any]]
@@ -56,9 +62,9 @@ def snapshot(pipe: Any) -> PipelineState:
     for name, component in _components(pipe).items():
         if isinstance(component, torch.nn.Module):
             modules.update({f"{name}:{path}": _module_entry(m) for path, m in component.named_modules()})
-    public = {} if isinstance(pipe, torch.nn.Module) else {
-        k: id(v) for k, v in vars(pipe).items() if not k.startswith("_")
-    }
+    public = (
+        {} if isinstance(pipe, torch.nn.Module) else {k: id(v) for k, v in vars(pipe).items() if not k.startswith("_")}
+    )
     return {"modules": modules, "pipe": public}
 
 

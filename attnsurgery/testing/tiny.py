@@ -41,8 +41,7 @@ from transformers import (
 
 from ..reference.model import bytes_to_unicode
 
-__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "byte_clip_tokenizer",
-           "tiny_t5_tokenizer"]
+__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "byte_clip_tokenizer", "tiny_t5_tokenizer"]
 
 CLIP_VOCAB = 514  # 256 bytes, 256 word-final bytes, <|startoftext|>, <|endoftext|>
 CLIP_BOS, CLIP_EOS = 512, 513
@@ -72,18 +71,36 @@ T5_VOCAB = 196
 
 def _clip(hidden: int = 32, projection: bool = False) -> torch.nn.Module:
     config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden, bos_token_id=CLIP_BOS,
-        eos_token_id=CLIP_EOS, pad_token_id=CLIP_EOS, hidden_act="quick_gelu",
+        vocab_size=CLIP_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=CLIP_BOS,
+        eos_token_id=CLIP_EOS,
+        pad_token_id=CLIP_EOS,
+        hidden_act="quick_gelu",
     )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _t5(d_model: int) -> T5EncoderModel:
     config = T5Config(
-        vocab_size=T5_VOCAB, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
-        num_decoder_layers=0, num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=T5_VOCAB,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_decoder_layers=0,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     return T5EncoderModel(config)
 
@@ -91,9 +108,16 @@ def _t5(d_model: int) -> T5EncoderModel:
 def _vae(**kwargs: Any) -> AutoencoderKL:
     """Four levels, so ``vae_scale_factor`` is 8 as in the real models."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=64, **kwargs,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        **kwargs,
     )
 
 
@@ -103,8 +127,14 @@ def _frozen(*modules: torch.nn.Module) -> None:
 
 
 def _sd_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 def tiny_sd15(seed: int = 0, in_channels: int = 4) -> StableDiffusionPipeline:
@@ -112,16 +142,28 @@ def tiny_sd15(seed: int = 0, in_channels: int = 4) -> StableDiffusionPipeline:
     (16, 32, 64, 64); ``in_channels=9`` gives the inpainting variant."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=in_channels, out_channels=4, block_out_channels=(16, 32, 64, 64),
-        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8,
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     vae, text_encoder = _vae(), _clip()
     _frozen(unet, vae, text_encoder)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=byte_clip_tokenizer(), unet=unet, scheduler=_sd_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_clip_tokenizer(),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -130,20 +172,36 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     linear projections, text-time conditioning) at widths (16, 32, 64)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(16, 32, 64), layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 8), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
     )
     vae, te1, te2 = _vae(), _clip(), _clip(projection=True)
     _frozen(unet, vae, te1, te2)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=byte_clip_tokenizer(),
-        tokenizer_2=byte_clip_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=byte_clip_tokenizer(),
+        tokenizer_2=byte_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
     )
 
 
@@ -152,17 +210,32 @@ def _sd3_pipeline(transformer: SD3Transformer2DModel) -> StableDiffusion3Pipelin
     te1, te2, te3 = _clip(projection=True), _clip(projection=True), _t5(64)
     _frozen(transformer, vae, te1, te2, te3)
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=te1, tokenizer=byte_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=byte_clip_tokenizer(),
-        text_encoder_3=te3, tokenizer_3=tiny_t5_tokenizer(),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=byte_clip_tokenizer(),
+        text_encoder_2=te2,
+        tokenizer_2=byte_clip_tokenizer(),
+        text_encoder_3=te3,
+        tokenizer_3=tiny_t5_tokenizer(),
     )
 
 
 def _sd3_transformer(num_layers: int, **kwargs: Any) -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=32, **kwargs,
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+        **kwargs,
     )
 
 
@@ -183,14 +256,26 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
     """FLUX's layout: 2 double-stream + 2 single-stream blocks, 2 heads x 16 dims, RoPE axes (4, 4, 8)."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
         guidance_embeds=guidance_embeds,
     )
     vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
     te1, te2 = _clip(), _t5(32)
     _frozen(transformer, vae, te1, te2)
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te1, tokenizer=byte_clip_tokenizer(),
-        text_encoder_2=te2, tokenizer_2=tiny_t5_tokenizer(), transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=byte_clip_tokenizer(),
+        text_encoder_2=te2,
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=transformer,
     )

@@ -28,14 +28,25 @@ def table(out: str) -> dict[str, list[str]]:
     """Row label -> cells, from the printed table (cells are split on runs of two or more spaces)."""
     lines = out.strip().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("config"))
-    return {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line) for line in lines[start + 1:])}
+    return {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line) for line in lines[start + 1 :])}
 
 
 def test_every_plugin_is_a_row_with_ratios_and_json(tmp_path, capsys):
     flags = [flag for row in SD15_ROWS.values() for flag in row]
     out_json = tmp_path / "bench.json"
-    argv = ["bench", "--model", "tiny-sd15", "--height", "128", "--width", "128", *FAST, *flags,
-            "--json", str(out_json)]
+    argv = [
+        "bench",
+        "--model",
+        "tiny-sd15",
+        "--height",
+        "128",
+        "--width",
+        "128",
+        *FAST,
+        *flags,
+        "--json",
+        str(out_json),
+    ]
     assert main(argv) == 0
     rows = table(capsys.readouterr().out)
     assert set(rows) == set(SD15_ROWS)
@@ -57,8 +68,20 @@ def test_every_plugin_is_a_row_with_ratios_and_json(tmp_path, capsys):
 
 
 def test_a_dit_benchmarks_layer_and_head_pag(capsys):
-    argv = ["bench", "--model", "tiny-flux", "--height", "64", "--width", "64", *FAST, "--pag", "3.0",
-            "--plugin", '{"type": "PerturbedAttention", "heads": ["transformer_blocks.1.attn:0"]}']
+    argv = [
+        "bench",
+        "--model",
+        "tiny-flux",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        *FAST,
+        "--pag",
+        "3.0",
+        "--plugin",
+        '{"type": "PerturbedAttention", "heads": ["transformer_blocks.1.attn:0"]}',
+    ]
     assert main(argv) == 0
     assert set(table(capsys.readouterr().out)) == {"plain", "PerturbedAttention (heads)", "PerturbedAttention (layers)"}
 
@@ -83,13 +106,17 @@ def test_compile_adds_compiled_rows_with_their_compile_time(capsys):
     compiled = rows["plain + compile"]
     assert compiled[0] == "yes" and compiled[2] == "1.00x" and float(compiled[-1]) >= 0
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--model", "sdxxl"], "unknown model 'sdxxl'; use a named shape (sd15, sd21, sdxl"),
-    (["--model", "tiny-sd15", "--dtype", "fp16"], "fp16 on the CPU"),
-    (["--model", "tiny-flux", "--tome", "0.5"], "row 'TokenMerging': group 'top' does not exist on a flux"),
-    (["--model", "tiny-sd3", "--hidiffusion"], "row 'HiDiffusion': HiDiffusion supports SD1.x, SD2.x and SDXL"),
-    (["--model", "tiny-sd15", "--tome", "1.5"], "ratio"),
-])
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "sdxxl"], "unknown model 'sdxxl'; use a named shape (sd15, sd21, sdxl"),
+        (["--model", "tiny-sd15", "--dtype", "fp16"], "fp16 on the CPU"),
+        (["--model", "tiny-flux", "--tome", "0.5"], "row 'TokenMerging': group 'top' does not exist on a flux"),
+        (["--model", "tiny-sd3", "--hidiffusion"], "row 'HiDiffusion': HiDiffusion supports SD1.x, SD2.x and SDXL"),
+        (["--model", "tiny-sd15", "--tome", "1.5"], "ratio"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(flags, message, capsys):
     assert main(["bench", "--height", "64", "--width", "64", *FAST, *flags]) == 2
     err = capsys.readouterr().err

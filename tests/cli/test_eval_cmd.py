@@ -15,12 +15,30 @@ def reference_dir(tmp_path_factory):
 
 
 def test_eval_prints_plain_and_plugin_rows_at_each_size(reference_dir, capsys):
-    argv = ["eval", "--model", reference_dir, "--pairs", "2", "--sizes", "1,2", "--steps", "2", "--batch-size", "2",
-            "--pag", "2.0", "--no-progress"]
+    argv = [
+        "eval",
+        "--model",
+        reference_dir,
+        "--pairs",
+        "2",
+        "--sizes",
+        "1,2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--pag",
+        "2.0",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [(row[0], row[1]) for row in rows] == [("plain", "64"), ("plain", "128"),
-                                                  ("PerturbedAttention", "64"), ("PerturbedAttention", "128")]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("plain", "64"),
+        ("plain", "128"),
+        ("PerturbedAttention", "64"),
+        ("PerturbedAttention", "128"),
+    ]
     for row in rows:
         fidelity, duplication, clean = map(float, row[2:5])
         assert 0 <= fidelity <= 1 and 0 <= duplication <= 1

@@ -20,8 +20,27 @@ def pixels(path):
 
 def test_generate_writes_pngs_that_replay_exactly(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["generate", "a red circle", "--model", model_dir, "--steps", "2", "--height", "64", "--width", "64",
-            "--seed", "5", "--num-images", "2", "--out", str(out), "--no-progress", "--negative-prompt", "blur"]
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        model_dir,
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "5",
+        "--num-images",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--negative-prompt",
+        "blur",
+    ]
     assert main(argv) == 0
     paths = capsys.readouterr().out.split()
     assert len(paths) == 2
@@ -79,7 +98,16 @@ def test_the_reference_model_samples_with_its_own_guidance_scale(tmp_path, capsy
     assert GUIDANCE_SCALE != DEFAULT_GUIDANCE_SCALE
     assert default_guidance_scale("reference") == default_guidance_scale(weights) == GUIDANCE_SCALE
     assert default_guidance_scale(tmp_path) == DEFAULT_GUIDANCE_SCALE  # a folder without reference weights
-    argv = ["generate", "a red circle", "--model", str(weights), "--steps", "1", "--out", str(tmp_path / "out"),
-            "--no-progress"]
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(weights),
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert read_png_params(capsys.readouterr().out.split()[0]).cfg == GUIDANCE_SCALE

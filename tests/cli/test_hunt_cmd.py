@@ -35,9 +35,29 @@ def setup(tmp_path_factory):
 
 
 def _argv(setup, out, *extra):
-    return ["hunt", "--model", str(setup / "model"), "--prompts", str(setup / "prompts.txt"), "--seeds", "0",
-            "--objective", "python:dark_objective:score", "--candidates", "top", "--top-k", "2", "--steps", "2",
-            "--batch-candidates", "4", "--out", str(out), "--no-progress", *extra]
+    return [
+        "hunt",
+        "--model",
+        str(setup / "model"),
+        "--prompts",
+        str(setup / "prompts.txt"),
+        "--seeds",
+        "0",
+        "--objective",
+        "python:dark_objective:score",
+        "--candidates",
+        "top",
+        "--top-k",
+        "2",
+        "--steps",
+        "2",
+        "--batch-candidates",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_hunt_writes_a_head_set_and_resumes_exactly(setup, monkeypatch, capsys):
@@ -62,11 +82,14 @@ def test_hunt_writes_a_head_set_and_resumes_exactly(setup, monkeypatch, capsys):
     assert json.loads((setup / "cut.json").read_text()) == full
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--seeds", "a"], "--seeds takes comma-separated integers"),
-    (["--prompts", "missing.txt"], "does not exist"),
-    (["--objective", "aesthetic"], "head's weights file"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seeds", "a"], "--seeds takes comma-separated integers"),
+        (["--prompts", "missing.txt"], "does not exist"),
+        (["--objective", "aesthetic"], "head's weights file"),
+    ],
+)
 def test_hunt_bad_arguments(setup, extra, message, capsys, tmp_path):
     assert main([*_argv(setup, tmp_path / "h.json"), *extra]) == 2
     assert message in capsys.readouterr().err

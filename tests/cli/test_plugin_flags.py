@@ -33,8 +33,22 @@ def model_dir(tmp_path_factory):
 
 
 def generate(model_dir, out, *flags):
-    argv = ["generate", "a red circle", "--model", model_dir, "--steps", "2", "--height", "128", "--width", "128",
-            "--out", str(out), "--no-progress", *flags]
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        model_dir,
+        "--steps",
+        "2",
+        "--height",
+        "128",
+        "--width",
+        "128",
+        "--out",
+        str(out),
+        "--no-progress",
+        *flags,
+    ]
     assert main(argv) == 0
 
 
@@ -76,4 +90,6 @@ def test_pag_heads_flag_takes_several_heads_of_one_layer():
     layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
     info = surg.describe(tiny.tiny_sd15().unet)
     assert {path: sorted(heads) for path, heads in info.select_heads(plugin.heads, kinds=("self",)).items()} == {
-        "mid_block.attentions.0.transformer_blocks.0.attn1": [1], layer: [0, 3]}
+        "mid_block.attentions.0.transformer_blocks.0.attn1": [1],
+        layer: [0, 3],
+    }

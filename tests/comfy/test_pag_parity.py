@@ -8,8 +8,11 @@ import attnsurgery as surg
 from attnsurgery.comfy.perturbed_attention import AttnSurgeryPerturbedAttention
 from tests.support.comfy.parity import capture_first_call, diffusers_prediction
 
-HEADS = ["up_blocks.1.attentions.0.transformer_blocks.0.attn1:0", "mid_block.attentions.0.transformer_blocks.0.attn1:3",
-         "down_blocks.1.attentions.1.transformer_blocks.0.attn1:5"]
+HEADS = [
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn1:0",
+    "mid_block.attentions.0.transformer_blocks.0.attn1:3",
+    "down_blocks.1.attentions.1.transformer_blocks.0.attn1:5",
+]
 
 
 def test_guided_prediction_matches_the_diffusers_plugin(tiny):

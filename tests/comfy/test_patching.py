@@ -21,8 +21,9 @@ from tests.support.comfy.parity import diffusers_twin
 def test_sites_carry_comfyui_keys_and_diffusers_paths(tiny):
     sites = unet_attention_sites(tiny.model)
     blocks = [site.block for site in sites]
-    assert blocks == ([("input", n) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0)]
-                      + [("output", n) for n in range(3, 12)])
+    assert blocks == (
+        [("input", n) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0)] + [("output", n) for n in range(3, 12)]
+    )
     twin = {name: module for name, module in diffusers_twin().named_modules() if name.endswith(".attn1")}
     assert sorted(site.path for site in sites) == sorted(twin)
     assert all(site.heads == twin[site.path].heads == 8 for site in sites)
@@ -39,16 +40,33 @@ def test_head_specs(tiny):
         "up_blocks.1.attentions.0.transformer_blocks.0.attn1": [0, 3, 5],
         "mid_block.attentions.0.transformer_blocks.0.attn1": list(range(8)),
     }
-    assert select_heads(sites, '["down_blocks.*.attentions.1.*:2"]').keys() == select_heads(
-        sites, '{"down_blocks.0.attentions.1.transformer_blocks.0.attn1": [2], '
-               '"down_blocks.1.attentions.1.transformer_blocks.0.attn1": [2], '
-               '"down_blocks.2.attentions.1.transformer_blocks.0.attn1": [2]}').keys()
+    assert (
+        select_heads(sites, '["down_blocks.*.attentions.1.*:2"]').keys()
+        == select_heads(
+            sites,
+            '{"down_blocks.0.attentions.1.transformer_blocks.0.attn1": [2], '
+            '"down_blocks.1.attentions.1.transformer_blocks.0.attn1": [2], '
+            '"down_blocks.2.attentions.1.transformer_blocks.0.attn1": [2]}',
+        ).keys()
+    )
     with pytest.raises(ValueError, match="empty head spec"):
         select_heads(sites, "  ")
 
 
-@pytest.mark.parametrize("spec", ["top", "mid", "down", "up", "all", "up_blocks.*.attentions.0", "down_blocks.1",
-                                  "**.attentions.1.**", "up_blocks.?.attentions.2.transformer_blocks.0.attn1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "top",
+        "mid",
+        "down",
+        "up",
+        "all",
+        "up_blocks.*.attentions.0",
+        "down_blocks.1",
+        "**.attentions.1.**",
+        "up_blocks.?.attentions.2.transformer_blocks.0.attn1",
+    ],
+)
 def test_nodes_select_what_the_plugins_select(tiny, spec):
     """One grammar: a node and a diffusers plugin given the same selector act on the same self-attention layers."""
     plugin_layers = {layer.path for layer in describe(diffusers_twin()).select(spec, kinds=("self",))}

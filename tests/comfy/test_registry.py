@@ -35,4 +35,3 @@ def test_nodes_follow_comfyui_conventions(comfyui):
         assert cls.DESCRIPTION
         for spec in inputs.values():
             assert spec[1]["tooltip"]
-

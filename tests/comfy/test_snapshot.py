@@ -15,7 +15,6 @@ def test_tiny_model_samples_deterministically(tiny):
     assert not torch.equal(sample(tiny.model, tiny.negative, tiny.positive), tiny.baseline)
 
 
-
 def test_bootstrap_leaves_no_torchvision_stub_behind(comfyui):
     import comfy.ldm.cascade.stage_c_coder as cascade_coder  # imported at bootstrap; holds torchvision
 

@@ -46,8 +46,10 @@ def test_documented_workflow_runs_on_the_tiny_model(tiny, document):
         if node_id not in outputs:
             node = workflow[node_id]
             cls = pack.NODE_CLASS_MAPPINGS[node["class_type"]]
-            inputs = {name: evaluate(value[0])[value[1]] if isinstance(value, list) else value
-                      for name, value in node["inputs"].items()}
+            inputs = {
+                name: evaluate(value[0])[value[1]] if isinstance(value, list) else value
+                for name, value in node["inputs"].items()
+            }
             outputs[node_id] = getattr(cls(), cls.FUNCTION)(**inputs)
         return outputs[node_id]
 

@@ -18,8 +18,15 @@ from attnsurgery.convfusion import convert_official
 from attnsurgery.testing.tiny import tiny_sd15, tiny_sdxl
 
 # Kernel sizes of the released models by UNet block (the authors' SD15ConvModel / SDXLConvModel defaults).
-SD15_KERNELS = {"down_blocks.0": 7, "down_blocks.1": 9, "down_blocks.2": 5, "mid_block": 3,
-                "up_blocks.1": 5, "up_blocks.2": 9, "up_blocks.3": 11}
+SD15_KERNELS = {
+    "down_blocks.0": 7,
+    "down_blocks.1": 9,
+    "down_blocks.2": 5,
+    "mid_block": 3,
+    "up_blocks.1": 5,
+    "up_blocks.2": 9,
+    "up_blocks.3": 11,
+}
 SDXL_KERNELS = {"down_blocks.1": 9, "down_blocks.2": 7, "mid_block": 9, "up_blocks.0": 9, "up_blocks.1": 13}
 SCALES = (1.0, 0.5)
 
@@ -35,7 +42,7 @@ def _depthwise_bhwc(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     for i in range(size):
         for j in range(size):
-            out += padded[:, i:i + height, j:j + width, :] * kernel[i, j]
+            out += padded[:, i : i + height, j : j + width, :] * kernel[i, j]
     return out
 
 
@@ -84,8 +91,9 @@ def official_weights(channels: int, kernel: int, generator: torch.Generator) -> 
 
 
 def _self_layers(pipe) -> dict[str, int]:
-    return {layer.path: layer.module.to_q.in_features
-            for layer in surg.describe(pipe.unet).layers if layer.kind == "self"}
+    return {
+        layer.path: layer.module.to_q.in_features for layer in surg.describe(pipe.unet).layers if layer.kind == "self"
+    }
 
 
 def official_file(pipe, kernels: dict[str, int], seed: int = 0, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -102,7 +110,7 @@ def official_file(pipe, kernels: dict[str, int], seed: int = 0, prefix: str = ""
 
 def _block_weights(state: dict[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:
     start = f"{block}.conv1."
-    return {key[len(start):]: value for key, value in state.items() if key.startswith(start)}
+    return {key[len(start) :]: value for key, value in state.items() if key.startswith(start)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -136,9 +144,11 @@ def test_converted_blocks_equal_the_official_block(gate: str) -> None:
     plugin = convert_official(state, pipe, gate=gate)
     assert set(plugin.blocks) == set(_self_layers(pipe))
     generator = torch.Generator().manual_seed(3)
-    for path, grid in [("down_blocks.0.attentions.1.transformer_blocks.0.attn1", (7, 12)),
-                       ("mid_block.attentions.0.transformer_blocks.0.attn1", (3, 5)),
-                       ("up_blocks.3.attentions.2.transformer_blocks.0.attn1", (11, 6))]:
+    for path, grid in [
+        ("down_blocks.0.attentions.1.transformer_blocks.0.attn1", (7, 12)),
+        ("mid_block.attentions.0.transformer_blocks.0.attn1", (3, 5)),
+        ("up_blocks.3.attentions.2.transformer_blocks.0.attn1", (11, 6)),
+    ]:
         block = plugin.blocks[path].double()
         assert block.kernel_size == SD15_KERNELS[path.split(".attentions")[0]] and block.gate == gate
         x = torch.randn(2, *grid, block.channels, generator=generator, dtype=torch.float64)
@@ -160,8 +170,9 @@ def test_sdxl_file_with_prefix_and_half_precision(tmp_path: Path) -> None:
     assert block.kernel_size == 9
     weights = {k: v.half().double() for k, v in _block_weights(state, "denoiser." + path[:-6]).items()}
     x = torch.randn(1, 4, 6, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    torch.testing.assert_close(block(x.reshape(1, 24, 64), (4, 6)).reshape(x.shape), official_block(x, weights),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        block(x.reshape(1, 24, 64), (4, 6)).reshape(x.shape), official_block(x, weights), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_plain_pytorch_layout_converts_the_same() -> None:
@@ -181,8 +192,7 @@ def test_plain_pytorch_layout_converts_the_same() -> None:
         plain[key] = value
     expected, converted = convert_official(state, pipe), convert_official(plain, pipe)
     for path, block in expected.blocks.items():
-        for (name, a), b in zip(block.state_dict().items(), converted.blocks[path].state_dict().values(),
-                                strict=True):
+        for (name, a), b in zip(block.state_dict().items(), converted.blocks[path].state_dict().values(), strict=True):
             assert torch.equal(a, b), (path, name)
 
 
@@ -248,8 +258,14 @@ def test_cli_converts_against_a_model_folder(tmp_path: Path, capsys: pytest.Capt
     pipe.unet.save_pretrained(tmp_path / "unet")
     state = official_file(pipe, SD15_KERNELS, seed=9)
     save_file(state, str(tmp_path / "official.safetensors"))
-    argv = ["convert-convfusion", str(tmp_path / "official.safetensors"), "--model", str(tmp_path / "unet"),
-            "--out", str(tmp_path / "out")]
+    argv = [
+        "convert-convfusion",
+        str(tmp_path / "official.safetensors"),
+        "--model",
+        str(tmp_path / "unet"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     assert "16 ConvFusion blocks" in capsys.readouterr().out
     loaded, direct = ConvFusion.from_pretrained(tmp_path / "out"), convert_official(state, pipe)
@@ -276,21 +292,34 @@ def _edited(**changes: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"conv_out__bias": None}, r"lacks \['conv_out.bias'\]"),
-    ({"gates__1__conv_spatial__weight": None}, r"lacks \['gates.1.conv_spatial.weight'\]"),
-    ({"gates__2__conv_spatial__weight": torch.zeros(7, 7, 8)}, r"has gates \[0, 1, 2\]"),
-    ({"gates__0__conv_spatial__bias": torch.zeros(8)}, "bias on its depthwise convs"),
-    ({"extra__weight": torch.zeros(1)}, r"unexpected parameters \['extra.weight'\]"),
-    ({"conv_pool__weight": torch.zeros(16, 17)}, r"conv_pool.weight has shape \[16, 17\], expected \[16, 16\]"),
-    ({"conv_up__weight": torch.zeros(6, 16)}, "hidden width of half"),
-    ({"gates__0__conv_spatial__weight": torch.zeros(6, 6, 8),
-      "gates__1__conv_spatial__weight": torch.zeros(6, 6, 8)}, "odd size"),
-    ({"gates__0__conv_spatial__weight": torch.zeros(7, 7, 8),
-      "gates__1__conv_spatial__weight": torch.zeros(5, 5, 8)}, r"kernel sizes \[5, 7\]"),
-    ({"gates__0__conv_spatial__weight": torch.zeros(7, 7, 9)}, r"expected a depthwise kernel over 8"),
-    ({"conv_out__weight": torch.zeros(16, 8, 3)}, r"expected a linear weight"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"conv_out__bias": None}, r"lacks \['conv_out.bias'\]"),
+        ({"gates__1__conv_spatial__weight": None}, r"lacks \['gates.1.conv_spatial.weight'\]"),
+        ({"gates__2__conv_spatial__weight": torch.zeros(7, 7, 8)}, r"has gates \[0, 1, 2\]"),
+        ({"gates__0__conv_spatial__bias": torch.zeros(8)}, "bias on its depthwise convs"),
+        ({"extra__weight": torch.zeros(1)}, r"unexpected parameters \['extra.weight'\]"),
+        ({"conv_pool__weight": torch.zeros(16, 17)}, r"conv_pool.weight has shape \[16, 17\], expected \[16, 16\]"),
+        ({"conv_up__weight": torch.zeros(6, 16)}, "hidden width of half"),
+        (
+            {
+                "gates__0__conv_spatial__weight": torch.zeros(6, 6, 8),
+                "gates__1__conv_spatial__weight": torch.zeros(6, 6, 8),
+            },
+            "odd size",
+        ),
+        (
+            {
+                "gates__0__conv_spatial__weight": torch.zeros(7, 7, 8),
+                "gates__1__conv_spatial__weight": torch.zeros(5, 5, 8),
+            },
+            r"kernel sizes \[5, 7\]",
+        ),
+        ({"gates__0__conv_spatial__weight": torch.zeros(7, 7, 9)}, r"expected a depthwise kernel over 8"),
+        ({"conv_out__weight": torch.zeros(16, 8, 3)}, r"expected a linear weight"),
+    ],
+)
 def test_bad_blocks_fail_clearly(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         convert_official(_edited(**changes), tiny_sd15())
@@ -309,8 +338,9 @@ def test_files_that_do_not_fit_the_model_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"1 of its 16 attn1 layers have no block.*mid_block.attentions.0"):
         convert_official(partial, pipe)
     wide = dict(state)
-    wide.update({f"{BLOCK}.{name}": value for name, value in
-                 official_weights(32, 7, torch.Generator().manual_seed(0)).items()})
+    wide.update(
+        {f"{BLOCK}.{name}": value for name, value in official_weights(32, 7, torch.Generator().manual_seed(0)).items()}
+    )
     with pytest.raises(ValueError, match="is 32 channels wide, the model's .* 16"):
         convert_official(wide, pipe)
     with pytest.raises(ValueError, match="different prefixes"):

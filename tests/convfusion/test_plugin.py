@@ -55,8 +55,15 @@ def test_kernel_presets_follow_the_blocks() -> None:
     with surg.patched(pipe, ConvFusion()):
         blocks = ConvFusion.extract(pipe).blocks
     kernels = {path.split(".attentions")[0]: block.kernel_size for path, block in blocks.items()}
-    assert kernels == {"down_blocks.0": 7, "down_blocks.1": 9, "down_blocks.2": 5, "mid_block": 3,
-                       "up_blocks.1": 5, "up_blocks.2": 9, "up_blocks.3": 11}
+    assert kernels == {
+        "down_blocks.0": 7,
+        "down_blocks.1": 9,
+        "down_blocks.2": 5,
+        "mid_block": 3,
+        "up_blocks.1": 5,
+        "up_blocks.2": 9,
+        "up_blocks.3": 11,
+    }
     sdxl = tiny_sdxl()
     with surg.patched(sdxl, ConvFusion(layers="down")):
         blocks = ConvFusion.extract(sdxl).blocks
@@ -76,8 +83,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
     assert loaded.blocks.keys() == trained.blocks.keys()
     for path, block in trained.blocks.items():
         assert loaded.blocks[path].gate == "sigmoid" and loaded.blocks[path].kernel_size == block.kernel_size
-        for (name, a), b in zip(block.state_dict().items(), loaded.blocks[path].state_dict().values(),
-                                strict=True):
+        for (name, a), b in zip(block.state_dict().items(), loaded.blocks[path].state_dict().values(), strict=True):
             assert torch.equal(a, b), (path, name)
     other = tiny_sd15()  # same architecture, a fresh pipeline
     with surg.patched(other, loaded):

@@ -56,8 +56,14 @@ def test_img2img_with_strength_starts_midway(sd15):
     recorder = Recorder()
     image = torch.rand(1, 3, 64, 64)
     with surg.patched(img2img, recorder):
-        img2img("a red circle", image=image, strength=0.5, num_inference_steps=10, output_type="np",
-                generator=torch.Generator().manual_seed(0))
+        img2img(
+            "a red circle",
+            image=image,
+            strength=0.5,
+            num_inference_steps=10,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
     assert indices(recorder.log) == [(i, 10) for i in range(5, 10)]
     assert recorder.log[0]["progress"] == 0.5
 

@@ -42,9 +42,7 @@ def test_globs_stay_inside_segments(sd3_info, sd15_info):
     assert len(sd3_info.select("transformer_blocks.1?")) == 2  # 10, 11
     assert len(sd3_info.select("transformer_blocks.*.attn")) == 12
     selected = sd15_info.select("up_blocks.*.attentions.0.**.attn1")
-    assert paths(selected) == [
-        f"up_blocks.{i}.attentions.0.transformer_blocks.0.attn1" for i in (1, 2, 3)
-    ]
+    assert paths(selected) == [f"up_blocks.{i}.attentions.0.transformer_blocks.0.attn1" for i in (1, 2, 3)]
 
 
 def test_named_groups_on_unets(sd15_info, sdxl_info):
@@ -54,7 +52,9 @@ def test_named_groups_on_unets(sd15_info, sdxl_info):
     # SDXL has no attention at full resolution: its top attention level is the 64x64 one of a 1024 image
     sdxl_top = sdxl_info.select("top", kinds=("self",))
     assert {layer.path.split(".")[0] + "." + layer.path.split(".")[1] for layer in sdxl_top} == {
-        "down_blocks.1", "up_blocks.1"}
+        "down_blocks.1",
+        "up_blocks.1",
+    }
     assert len(sdxl_top) == 10
     assert paths(sd15_info.select("mid", kinds=("self",))) == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
     assert len(sd15_info.select("all")) == len(sd15_info.layers)
@@ -98,9 +98,11 @@ def test_several_heads_of_one_layer(sd3_info, sd15_info):
     # a selector that names several layers gives each of them those heads; items add up per layer
     layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
     assert sd15_info.select_heads(["up_blocks.1.attentions.0:0,3", f"{layer}:5"], kinds=("self",)) == {
-        layer: frozenset({0, 3, 5})}
+        layer: frozenset({0, 3, 5})
+    }
     assert sd15_info.select_heads(["mid:1,2", "mid"], kinds=("self",)) == {
-        "mid_block.attentions.0.transformer_blocks.0.attn1": None}
+        "mid_block.attentions.0.transformer_blocks.0.attn1": None
+    }
     with pytest.raises(ValueError, match="out of range: transformer_blocks.1.attn has heads 0..3"):
         sd3_info.select_heads("transformer_blocks.1:0,4")
     for bad in ("transformer_blocks.1:0,", "transformer_blocks.1:0,x", "transformer_blocks.1:"):
@@ -110,7 +112,10 @@ def test_several_heads_of_one_layer(sd3_info, sd15_info):
 
 def test_split_items_keeps_head_lists_together():
     assert split_items("up_blocks.1.attentions.0:0,3 mid_block; top") == [
-        "up_blocks.1.attentions.0:0,3", "mid_block", "top"]
+        "up_blocks.1.attentions.0:0,3",
+        "mid_block",
+        "top",
+    ]
     assert split_items("a:0, 3,b\nc:1") == ["a:0,3", "b", "c:1"]
     assert split_items(" ; ") == []
 

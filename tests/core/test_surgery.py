@@ -122,8 +122,9 @@ def test_wrapper_keeps_extra_keyword_arguments_flowing(sd15, caplog):
         def __init__(self, inner):
             self.inner = inner
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                     my_scale=1.0):
+        def __call__(
+            self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, my_scale=1.0
+        ):
             seen.append(my_scale)
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 

@@ -61,7 +61,10 @@ def test_captions_from_sidecars_and_metadata(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("third")
     samples = find_captioned_images(tmp_path)
     assert [(s.image.name, s.caption) for s in samples] == [
-        ("a.png", "a red box"), ("b.jpg", "from metadata"), ("c.png", "third")]
+        ("a.png", "a red box"),
+        ("b.jpg", "from metadata"),
+        ("c.png", "third"),
+    ]
 
 
 def test_empty_inputs_fail_clearly(tmp_path: Path) -> None:

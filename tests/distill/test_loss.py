@@ -44,8 +44,7 @@ def test_presets_and_bad_input() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         LossWeights(noise=-1.0)
     with pytest.raises(ValueError, match="different blocks"):
-        distillation_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), {"a": torch.zeros(1)}, {},
-                          LossWeights())
+        distillation_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), {"a": torch.zeros(1)}, {}, LossWeights())
 
 
 def test_min_snr_weights() -> None:

@@ -17,11 +17,17 @@ from attnsurgery.testing.tiny import tiny_sd15, tiny_sdxl
 PROMPTS = ["a red cube", "a blue ball on grass", "two green cones", "a yellow star at night"]
 # The tiny teacher has random weights, so it cannot predict the noise: the noise term is a floor the blocks
 # cannot lower. These tests train on the two distillation terms, which a working student must drive down.
-TEST_CONFIG = DistillConfig(loss_weights=(0.0, 1.0, 1.0), min_snr_gamma=None, batch_size=2, lr=3e-3,
-                            warmup_steps=0, caption_dropout=0.0, resolution=64, checkpoint_every=0,
-                            teacher_steps=2)
-
-
+TEST_CONFIG = DistillConfig(
+    loss_weights=(0.0, 1.0, 1.0),
+    min_snr_gamma=None,
+    batch_size=2,
+    lr=3e-3,
+    warmup_steps=0,
+    caption_dropout=0.0,
+    resolution=64,
+    checkpoint_every=0,
+    teacher_steps=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,7 @@ def _student_teacher_error(pipe, plugin) -> float:
     generator = torch.Generator().manual_seed(1234)
     sample = torch.randn(4, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        text = pipe.encode_prompt(["a purple pyramid", "an orange ring", "a gray wall", "snow"], "cpu", 1,
-                                  False)[0]
+        text = pipe.encode_prompt(["a purple pyramid", "an orange ring", "a gray wall", "snow"], "cpu", 1, False)[0]
         timesteps = torch.tensor([50, 300, 600, 900])
         teacher = pipe.unet(sample, timesteps, text).sample
         with surg.patched(pipe, plugin):
@@ -83,14 +88,18 @@ def test_resume_continues_exactly(latents: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in resumed.history] == [3, 4]
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[2:]]
     for path, block in straight.plugin.blocks.items():
-        for a, b in zip(block.state_dict().values(), resumed.plugin.blocks[path].state_dict().values(),
-                        strict=True):
+        for a, b in zip(block.state_dict().values(), resumed.plugin.blocks[path].state_dict().values(), strict=True):
             assert torch.equal(a, b), path
     log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"other settings \(lr: checkpoint 0.003, now 0.01\)"):
-        distill(tiny_sd15(), latents, tmp_path / "split",
-                DistillConfig(**{**config.__dict__, "steps": 6, "lr": 0.01}), resume=True)
+        distill(
+            tiny_sd15(),
+            latents,
+            tmp_path / "split",
+            DistillConfig(**{**config.__dict__, "steps": 6, "lr": 0.01}),
+            resume=True,
+        )
     with pytest.raises(ValueError, match="already holds checkpoints"):
         distill(tiny_sd15(), latents, tmp_path / "split", config)
     with pytest.raises(ValueError, match="Nothing to resume"):
@@ -123,8 +132,24 @@ def test_cli_entry_trains_from_an_image_folder(tmp_path: Path, monkeypatch: pyte
         (images / f"{index}.txt").write_text(f"a plain colour {index}")
     pipe = tiny_sd15()
     monkeypatch.setattr("attnsurgery.cli.distill_cmd.load_pipeline", lambda *args, **kwargs: pipe)
-    code = main(["distill", "--model", "tiny", "--data", str(images), "--out", str(tmp_path / "out"),
-                 "--steps", "2", "--batch-size", "2", "--resolution", "64", "--gradient-checkpointing"])
+    code = main(
+        [
+            "distill",
+            "--model",
+            "tiny",
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--resolution",
+            "64",
+            "--gradient-checkpointing",
+        ]
+    )
     assert code == 0
     plugin = surg.ConvFusion.from_pretrained(tmp_path / "out")
     assert len(plugin.blocks) == 16

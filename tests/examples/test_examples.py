@@ -26,8 +26,7 @@ def run_example(name: str, *args: str, capsys) -> str:
 
 
 def test_every_example_is_covered_here():
-    tested = {"patch_a_pipeline.py", "head_pag_with_a_head_set.py", "side_by_side_grid.py",
-              "write_your_own_plugin.py"}
+    tested = {"patch_a_pipeline.py", "head_pag_with_a_head_set.py", "side_by_side_grid.py", "write_your_own_plugin.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -39,8 +38,18 @@ def test_patch_a_pipeline(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_head_pag_with_a_head_set(tmp_path, capsys):
-    out = run_example("head_pag_with_a_head_set.py", "--steps", "2", "--seeds", "0", "--prompts", "a red circle",
-                      "--out", str(tmp_path), capsys=capsys)
+    out = run_example(
+        "head_pag_with_a_head_set.py",
+        "--steps",
+        "2",
+        "--seeds",
+        "0",
+        "--prompts",
+        "a red circle",
+        "--out",
+        str(tmp_path),
+        capsys=capsys,
+    )
     assert "selected heads ['up_blocks.1.attentions.0" in out and (tmp_path / "heads.json").is_file()
     assert "'a red circle': " in out and (tmp_path / "pag-heads-0.png").is_file()
 
@@ -50,8 +59,7 @@ def test_side_by_side_grid(tmp_path, capsys):
     from PIL import Image
 
     grid = tmp_path / "grid.png"
-    out = run_example("side_by_side_grid.py", "--steps", "2", "--scales", "1", "2", "--out", str(grid),
-                      capsys=capsys)
+    out = run_example("side_by_side_grid.py", "--steps", "2", "--scales", "1", "2", "--out", str(grid), capsys=capsys)
     assert "5 configurations x 2 sizes" in out
     assert Image.open(grid).size == (5 * 192, 20 + 2 * (192 + 40))
 

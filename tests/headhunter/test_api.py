@@ -27,8 +27,21 @@ def found(tmp_path_factory):
 
     pipe = tiny_sd15()
     pipe.set_progress_bar_config(disable=True)
-    result = surg.hunt(pipe, PROMPTS, seeds=[0], objective=darkness, candidates="top", top_k=2, rounds=2, steps=2,
-                       cfg=4.0, height=64, width=64, batch_candidates=16, progress=False)
+    result = surg.hunt(
+        pipe,
+        PROMPTS,
+        seeds=[0],
+        objective=darkness,
+        candidates="top",
+        top_k=2,
+        rounds=2,
+        steps=2,
+        cfg=4.0,
+        height=64,
+        width=64,
+        batch_candidates=16,
+        progress=False,
+    )
     path = result.head_set.save(tmp_path_factory.mktemp("hunt") / "heads.json")
     return pipe, result, path
 
@@ -80,15 +93,18 @@ def test_presets_follow_the_paper():
     assert unet.cfg == 4.0 and unet.scale == 3.0
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"prompts": "a red circle"}, "non-empty list"),
-    ({"seeds": []}, "at least one seed"),
-    ({"top_k": 0}, "top_k=0"),
-    ({"soft": 1.5}, "soft=1.5"),
-    ({"kind": "temperature"}, "kind='temperature'"),
-    ({"candidates": "down_blocks.9"}, "down_blocks.9"),
-    ({"objective": "pixels"}, "unknown objective"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompts": "a red circle"}, "non-empty list"),
+        ({"seeds": []}, "at least one seed"),
+        ({"top_k": 0}, "top_k=0"),
+        ({"soft": 1.5}, "soft=1.5"),
+        ({"kind": "temperature"}, "kind='temperature'"),
+        ({"candidates": "down_blocks.9"}, "down_blocks.9"),
+        ({"objective": "pixels"}, "unknown objective"),
+    ],
+)
 def test_bad_settings_fail_before_anything_runs(sd15, kwargs, message):
     args = {"prompts": PROMPTS, "seeds": [0], "objective": darkness, **kwargs}
     with pytest.raises(ValueError, match=message):

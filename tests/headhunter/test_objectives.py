@@ -20,9 +20,11 @@ def clip_folder(tmp_path_factory):
     """A random-weight CLIPModel with a processor, saved as a local folder (what an offline user passes)."""
     torch.manual_seed(0)
     layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=514, max_position_embeddings=77, bos_token_id=512,
-                                         eos_token_id=513, **layers),
-                        vision_config=dict(image_size=32, patch_size=8, **layers), projection_dim=PROJECTION)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, **layers),
+        vision_config=dict(image_size=32, patch_size=8, **layers),
+        projection_dim=PROJECTION,
+    )
     folder = tmp_path_factory.mktemp("clip")
     CLIPModel(config).save_pretrained(folder)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

@@ -71,11 +71,7 @@ def test_pool_agents_average_each_cell(h, w, sx, sy):
     q = torch.randn(2, 3, h * w, 4, dtype=torch.float64)
     agents = pool_agents(q, h, w, sx, sy)
     grid = q.reshape(2, 3, h, w, 4)
-    want = [
-        grid[:, :, y : y + sy, x : x + sx].mean(dim=(2, 3))
-        for y in range(0, h, sy)
-        for x in range(0, w, sx)
-    ]
+    want = [grid[:, :, y : y + sy, x : x + sx].mean(dim=(2, 3)) for y in range(0, h, sy) for x in range(0, w, sx)]
     assert agents.shape[2] == math.ceil(h / sy) * math.ceil(w / sx)
     assert agents.is_contiguous()  # else SDPA falls back to a kernel that builds the full map
     torch.testing.assert_close(agents, torch.stack(want, dim=2))

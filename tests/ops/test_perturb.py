@@ -47,7 +47,7 @@ def _reference(q, k, v, weights, kind, temperature=None, image=None):
     else:
         p = (logits / temperature).softmax(-1)
     u = weights.double()[:, :, None, None]
-    return (((1 - u) * a + u * p) @ v)
+    return ((1 - u) * a + u * p) @ v
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -85,8 +85,9 @@ def test_image_only_identity_is_stable_for_large_logits():
     w = torch.ones(B, H)
     new = perturb_heads(q, k, v, out, *head_pairs(w), image_tokens=slice(0, 16))
     assert torch.isfinite(new).all()
-    torch.testing.assert_close(new.double(), _reference(q, k, v, w, "identity", image=slice(0, 16)),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        new.double(), _reference(q, k, v, w, "identity", image=slice(0, 16)), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_unselected_pairs_are_bit_identical_and_full_identity_is_exact():

@@ -28,11 +28,11 @@ def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     k = weight.shape[-1]
     pad = k // 2
     padded = torch.zeros(channels, height + 2 * pad, width + 2 * pad, dtype=x.dtype)
-    padded[:, pad:pad + height, pad:pad + width] = x
+    padded[:, pad : pad + height, pad : pad + width] = x
     out = torch.zeros_like(x)
     for di in range(k):
         for dj in range(k):
-            out += weight[:, di, dj, None, None] * padded[:, di:di + height, dj:dj + width]
+            out += weight[:, di, dj, None, None] * padded[:, di : di + height, dj : dj + width]
     return out
 
 
@@ -53,8 +53,12 @@ def _bilinear(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     out = torch.zeros(x.shape[0], out_h, out_w, dtype=x.dtype)
     for i, (r0, r1, fr) in enumerate(rows):
         for j, (c0, c1, fc) in enumerate(cols):
-            out[:, i, j] = ((1 - fr) * (1 - fc) * x[:, r0, c0] + (1 - fr) * fc * x[:, r0, c1]
-                            + fr * (1 - fc) * x[:, r1, c0] + fr * fc * x[:, r1, c1])
+            out[:, i, j] = (
+                (1 - fr) * (1 - fc) * x[:, r0, c0]
+                + (1 - fr) * fc * x[:, r0, c1]
+                + fr * (1 - fc) * x[:, r1, c0]
+                + fr * fc * x[:, r1, c1]
+            )
     return out
 
 
@@ -74,7 +78,7 @@ def reference_block(block: PyramidConvBlock, tokens: torch.Tensor, grid: tuple[i
                 pooled = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
                 y = _adaptive_avg_pool(y, *pooled)
             y = _depthwise_conv(y, p[f"dw_convs.{index}.weight"][:, 0])
-            x1, x2 = y[: channels // 4], y[channels // 4:]
+            x1, x2 = y[: channels // 4], y[channels // 4 :]
             if block.gate == "mul":
                 y = x1 * x2 * math.sqrt(channels / 4)
             elif block.gate == "div":

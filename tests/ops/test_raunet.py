@@ -88,8 +88,7 @@ def test_down_path_sizes_plain_unet():
 
 
 def test_down_path_sizes_with_rad_and_pool():
-    skips, mid = down_path_sizes((66, 64), _sd15_like_blocks(), rad_blocks=frozenset({0}),
-                                 pooled_blocks=frozenset({1}))
+    skips, mid = down_path_sizes((66, 64), _sd15_like_blocks(), rad_blocks=frozenset({0}), pooled_blocks=frozenset({1}))
     # RAD: 66 -> 17 (ceil(66 / 4)); pool in block 1: 17 -> 9 after its first pair.
     assert skips[:4] == [(66, 64)] * 3 + [(17, 16)]
     assert skips[4:7] == [(9, 8), (9, 8), (5, 4)]

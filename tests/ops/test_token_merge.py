@@ -44,9 +44,7 @@ def sorted_rows(t: torch.Tensor) -> torch.Tensor:
     return t[keys]
 
 
-@pytest.mark.parametrize(
-    "h,w,sx,sy,r", [(8, 8, 2, 2, 20), (6, 10, 2, 2, 25), (7, 9, 2, 2, 13), (8, 8, 4, 4, 1000)]
-)
+@pytest.mark.parametrize("h,w,sx,sy,r", [(8, 8, 2, 2, 20), (6, 10, 2, 2, 25), (7, 9, 2, 2, 13), (8, 8, 4, 4, 1000)])
 def test_merge_matches_float64_reference(h, w, sx, sy, r):
     gen = torch.Generator().manual_seed(0)
     metric = torch.randn(3, h * w, 6, generator=gen, dtype=torch.float64)

@@ -80,8 +80,10 @@ def test_a_step_sums_every_denoiser_call_of_the_step():
 def test_plain_rows_are_added_and_skipped_rows_listed():
     pipe = FakePipeline(CountingDenoiser(0.0, 0.0))
     report = fake_benchmark(pipe, [BenchRow("neighborhood attention", skip="not built")])
-    assert [(row.label, row.skipped) for row in report.rows] == [("plain", None),
-                                                                 ("neighborhood attention", "not built")]
+    assert [(row.label, row.skipped) for row in report.rows] == [
+        ("plain", None),
+        ("neighborhood attention", "not built"),
+    ]
     late = fake_benchmark(pipe, [BenchRow("plain")], deadline=time.perf_counter() - 1)
     assert late.rows[0].skipped == "skipped: time budget"
 
@@ -101,9 +103,12 @@ def _row(label, step, image, peak=None, plain=False, compile=False):
 
 
 def test_ratios_are_against_plain_with_the_same_compile_setting():
-    rows = (_row("plain", 0.2, 2.0, 100, plain=True), _row("fast", 0.1, 1.6, 50),
-            _row("plain + compile", 0.1, 1.0, plain=True, compile=True),
-            _row("fast + compile", 0.05, 0.8, compile=True))
+    rows = (
+        _row("plain", 0.2, 2.0, 100, plain=True),
+        _row("fast", 0.1, 1.6, 50),
+        _row("plain + compile", 0.1, 1.0, plain=True, compile=True),
+        _row("fast + compile", 0.05, 0.8, compile=True),
+    )
     report = BenchReport("m", 64, 64, 2, 1, 1, "cuda", "GPU", "bfloat16", "today", {}, rows)
     assert report.ratios(rows[1]) == {"step_speedup": 2.0, "image_speedup": 1.25, "memory_ratio": 0.5}
     assert report.ratios(rows[3])["step_speedup"] == 2.0
@@ -127,10 +132,16 @@ def test_missing_cuda_and_bad_dtypes_are_refused(monkeypatch):
         bench_dtype("fp8", cpu)
 
 
-@pytest.mark.parametrize(("name", "family", "parameters"), [
-    ("sd15", "sd15", 859_520_964), ("sdxl", "sdxl", 2_567_463_684), ("flux-dev", "flux", 11_901_408_320),
-    ("sd35-medium", "sd35", None), ("sd3-medium", "sd3", None),
-])
+@pytest.mark.parametrize(
+    ("name", "family", "parameters"),
+    [
+        ("sd15", "sd15", 859_520_964),
+        ("sdxl", "sdxl", 2_567_463_684),
+        ("flux-dev", "flux", 11_901_408_320),
+        ("sd35-medium", "sd35", None),
+        ("sd3-medium", "sd3", None),
+    ],
+)
 def test_named_shapes_are_the_published_architectures(name, family, parameters):
     """Built on the meta device: the published parameter counts, and the family every preset keys on."""
     shape = SHAPES[name]
@@ -160,14 +171,29 @@ def test_the_gpu_suite_runs_on_the_cpu_with_tiny_shapes(tmp_path):
     """``benchmarks/gpu_suite.py --smoke``: every case and row of the GPU run, through the same code, in tens of
     seconds; peers and plugins all measured, the not-built rows listed, one compiled row traced."""
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_suite.py"), "--smoke", "--out",
-                             str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600, cwd=root)
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(tmp_path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "gpu_suite.json").read_text())
     cases = {case["model"].split(" (")[0]: case["rows"] for case in record["cases"]}
-    assert set(cases) == {f"{model} {size}^2" for model, size in (
-        ("sd15", 1024), ("sdxl", 1024), ("sd15", 2048), ("sdxl", 2048), ("sd35-medium", 2048), ("flux-dev", 2048),
-        ("sd35-medium", 4096), ("flux-dev", 4096))}
+    assert set(cases) == {
+        f"{model} {size}^2"
+        for model, size in (
+            ("sd15", 1024),
+            ("sdxl", 1024),
+            ("sd15", 2048),
+            ("sdxl", 2048),
+            ("sd35-medium", 2048),
+            ("flux-dev", 2048),
+            ("sd35-medium", 4096),
+            ("flux-dev", 4096),
+        )
+    }
     reasons = [row["skipped"] for case in cases.values() for row in case if row["skipped"]]
     assert not [reason for reason in reasons if not reason.startswith(("not built", "diffusers has no"))]
     unet = {row["label"] for row in cases["sdxl 2048^2"]}

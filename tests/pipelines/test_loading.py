@@ -72,8 +72,11 @@ def test_the_readme_main_job_runs_offline_with_the_default_model(tmp_path):
     from attnsurgery.cli import main
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    [line] = [line for line in readme.splitlines()
-              if line.startswith('attnsurgery generate "a red circle and a') and "--model" not in line]
+    [line] = [
+        line
+        for line in readme.splitlines()
+        if line.startswith('attnsurgery generate "a red circle and a') and "--model" not in line
+    ]
     argv = shlex.split(line.split("#")[0])[1:]
     assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
     assert len(list(tmp_path.glob("*.png"))) == int(argv[argv.index("--num-images") + 1])

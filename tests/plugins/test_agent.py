@@ -31,8 +31,15 @@ def layer_setup(h: int, w: int, source: str, batch: int = 2):
     context = StepContext(Family("sd15", "unet", 512, 8), latent_hw=(h, w), step_index=0, num_steps=10)
     block_input = BlockInput()
     processor = AgentProcessor(
-        AttnProcessor2_0(), schedule=surg.AgentAttention().schedule, source=source, k_scale2=0.3,
-        k_shortcut=0.075, compute_dtype=None, context=context, block_input=block_input, generator=None,
+        AttnProcessor2_0(),
+        schedule=surg.AgentAttention().schedule,
+        source=source,
+        k_scale2=0.3,
+        k_shortcut=0.075,
+        compute_dtype=None,
+        context=context,
+        block_input=block_input,
+        generator=None,
     )
     block_x = torch.randn(batch, h * w, 16, dtype=torch.float64)
     normed = torch.nn.functional.layer_norm(block_x, (16,))
@@ -41,6 +48,7 @@ def layer_setup(h: int, w: int, source: str, batch: int = 2):
 
 def explicit_agent_layer(attn, tokens, agents_in, pooled: tuple[int, int, int, int] | None = None):
     """to_q/to_k/to_v, explicit float64 agent attention maps, to_out."""
+
     def heads(t):
         return t.view(t.shape[0], t.shape[1], attn.heads, -1).transpose(1, 2)
 
@@ -50,8 +58,9 @@ def explicit_agent_layer(attn, tokens, agents_in, pooled: tuple[int, int, int, i
     else:
         h, w, sy, sx = pooled
         grid = q.reshape(*q.shape[:2], h, w, -1)
-        a = torch.stack([grid[:, :, y : y + sy, x : x + sx].mean((2, 3))
-                         for y in range(0, h, sy) for x in range(0, w, sx)], dim=2)
+        a = torch.stack(
+            [grid[:, :, y : y + sy, x : x + sx].mean((2, 3)) for y in range(0, h, sy) for x in range(0, w, sx)], dim=2
+        )
     s = q.shape[-1] ** -0.5
     agent_values = torch.softmax(a @ k.transpose(-1, -2) * s, -1) @ v
     out = torch.softmax(q @ a.transpose(-1, -2) * s**0.3, -1) @ agent_values + 0.075 * v
@@ -165,8 +174,13 @@ def test_layers_with_extra_machinery_are_refused():
 
 
 def test_config_round_trip_and_bad_input(sd15):
-    plugin = surg.AgentAttention(schedule=[{"until": 0.5, "sx": 2, "sy": 2, "ratio": 0.3, "agent_ratio": 0.9},
-                                           surg.AgentPhase(1.0, 2, 2, 0.3, 0.5)], agent_source="pool")
+    plugin = surg.AgentAttention(
+        schedule=[
+            {"until": 0.5, "sx": 2, "sy": 2, "ratio": 0.3, "agent_ratio": 0.9},
+            surg.AgentPhase(1.0, 2, 2, 0.3, 0.5),
+        ],
+        agent_source="pool",
+    )
     assert surg.plugin_from_dict(plugin.to_dict()) == plugin
     assert surg.AgentAttention().schedule[0] == surg.AgentPhase(0.4, 4, 4, 0.4, 0.95)
     with pytest.raises(ValueError, match="agent_source"):

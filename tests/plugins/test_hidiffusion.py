@@ -72,17 +72,13 @@ SCHEDULES = {
     # SD1.x image < 2048 px: T1 0.4 drives RAD/RAU, T2 0 (pool never).
     ("sd15", 128, False): {10: ((0, 4), None), 20: ((0, 8), None), 25: ((0, 10), None), 50: ((0, 20), None)},
     # SD1.x image >= 2048 px: T1 0.7 (RAD/RAU), T2 0.3 (pool/unpool).
-    ("sd15", 256, False): {10: ((0, 7), (0, 3)), 20: ((0, 14), (0, 6)), 25: ((0, 17), (0, 7)),
-                           50: ((0, 35), (0, 15))},
+    ("sd15", 256, False): {10: ((0, 7), (0, 3)), 20: ((0, 14), (0, 6)), 25: ((0, 17), (0, 7)), 50: ((0, 35), (0, 15))},
     # SDXL image < 4096 px, aggressive: RAD/RAU first 8/50, then pool/unpool until T1 0.4.
-    ("sdxl", 256, False): {10: ((0, 1), (1, 4)), 20: ((0, 3), (3, 8)), 25: ((0, 4), (4, 10)),
-                           50: ((0, 8), (8, 20))},
+    ("sdxl", 256, False): {10: ((0, 1), (1, 4)), 20: ((0, 3), (3, 8)), 25: ((0, 4), (4, 10)), 50: ((0, 8), (8, 20))},
     # SDXL with ControlNet residuals: T1 0.5.
-    ("sdxl", 256, True): {10: ((0, 1), (1, 5)), 20: ((0, 3), (3, 10)), 25: ((0, 4), (4, 12)),
-                          50: ((0, 8), (8, 25))},
+    ("sdxl", 256, True): {10: ((0, 1), (1, 5)), 20: ((0, 3), (3, 10)), 25: ((0, 4), (4, 12)), 50: ((0, 8), (8, 25))},
     # SDXL image >= 4096 px: T1 0.7 drives pool/unpool, T2 0.3 drives RAD/RAU.
-    ("sdxl", 512, False): {10: ((0, 3), (0, 7)), 20: ((0, 6), (0, 14)), 25: ((0, 7), (0, 17)),
-                           50: ((0, 15), (0, 35))},
+    ("sdxl", 512, False): {10: ((0, 3), (0, 7)), 20: ((0, 6), (0, 14)), 25: ((0, 7), (0, 17)), 50: ((0, 15), (0, 35))},
 }
 
 
@@ -99,8 +95,10 @@ def test_t1_t2_boundaries_follow_the_spec(key):
     plugin = HiDiffusion()
     for num_steps, (rad_span, pool_span) in SCHEDULES[key].items():
         context = StepContext(family, latent_hw=(latent, latent), num_steps=num_steps)
-        phases = [plugin.raunet_phase(dataclasses.replace(context, step_index=s), layout, controlnet)
-                  for s in range(num_steps)]
+        phases = [
+            plugin.raunet_phase(dataclasses.replace(context, step_index=s), layout, controlnet)
+            for s in range(num_steps)
+        ]
         assert [p.rad for p in phases] == _steps_in(rad_span, num_steps), (num_steps, "rad")
         assert [p.pool for p in phases] == _steps_in(pool_span, num_steps), (num_steps, "pool")
 
@@ -110,8 +108,7 @@ def test_few_step_sdxl_uses_the_turbo_preset():
     family = surg.detect_family(pipe.unet)
     layout = unet_layout(pipe.unet, family)
     context = StepContext(family, latent_hw=(128, 128), num_steps=4)
-    phases = [HiDiffusion().raunet_phase(dataclasses.replace(context, step_index=s), layout, False)
-              for s in range(4)]
+    phases = [HiDiffusion().raunet_phase(dataclasses.replace(context, step_index=s), layout, False) for s in range(4)]
     assert [p.pool for p in phases] == [True, True, False, False]  # T1 0.5
     assert not any(p.rad for p in phases)  # no T2 modules
 
@@ -176,8 +173,13 @@ def test_t2i_adapter_residuals_follow_raunet():
     """T2I-Adapter residuals are added inside the down blocks; without resizing they crash RAU-Net's steps."""
     base = tiny.tiny_sd15()
     torch.manual_seed(0)
-    adapter = T2IAdapter(in_channels=3, channels=list(base.unet.config.block_out_channels), num_res_blocks=1,
-                         downscale_factor=8, adapter_type="full_adapter")
+    adapter = T2IAdapter(
+        in_channels=3,
+        channels=list(base.unet.config.block_out_channels),
+        num_res_blocks=1,
+        downscale_factor=8,
+        adapter_type="full_adapter",
+    )
     components = {k: v for k, v in base.components.items() if k != "image_encoder"}
     pipe = StableDiffusionAdapterPipeline(**components, adapter=adapter)
     pipe.set_progress_bar_config(disable=True)
@@ -198,8 +200,10 @@ def test_img2img_and_inpainting(sd15):
     inpaint = StableDiffusionInpaintPipeline(**inpaint_base.components)
     mask = torch.zeros(1, 1, ABOVE_NATIVE, ABOVE_NATIVE)
     mask[..., 64:200, 80:240] = 1
-    for pipe, kwargs in [(img2img, dict(image=image, strength=1.0)),
-                         (inpaint, dict(image=image, mask_image=mask, strength=1.0))]:
+    for pipe, kwargs in [
+        (img2img, dict(image=image, strength=1.0)),
+        (inpaint, dict(image=image, mask_image=mask, strength=1.0)),
+    ]:
         pipe.set_progress_bar_config(disable=True)
         plain = run_latents(pipe, ABOVE_NATIVE, steps=3, **kwargs)
         with surg.patched(pipe, HiDiffusion(t1=0.5, t2=0.5)):
@@ -271,8 +275,7 @@ def test_round_trips_through_a_dict():
 
 
 def test_windows_wrap_the_layers_own_processor_and_double_apply_conflicts(sd15):
-    layers = surg.describe(sd15.unet).select(["down_blocks.0.attentions", "up_blocks.3.attentions"],
-                                             kinds=("self",))
+    layers = surg.describe(sd15.unet).select(["down_blocks.0.attentions", "up_blocks.3.attentions"], kinds=("self",))
     before = {layer.path: layer.module.processor for layer in layers}
     with surg.patched(sd15, HiDiffusion()) as handle:
         for layer in layers:

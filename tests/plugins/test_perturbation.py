@@ -54,8 +54,11 @@ def _with(pipe, plugin, **kwargs) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("plugin", [PerturbedAttention(scale=0.0), PerturbedAttention(soft=0.0),
-                                    PerturbedAttention(start=0.6, stop=1.0)], ids=["scale0", "soft0", "window"])
+@pytest.mark.parametrize(
+    "plugin",
+    [PerturbedAttention(scale=0.0), PerturbedAttention(soft=0.0), PerturbedAttention(start=0.6, stop=1.0)],
+    ids=["scale0", "soft0", "window"],
+)
 def test_zero_strength_is_bit_identical_to_no_plugin(sd3, plugin):
     """The window holds no step of a 2-step run (progress 0 and 0.5)."""
     plain = _latents(sd3, guidance_scale=4.0, **SD3_SIZE)

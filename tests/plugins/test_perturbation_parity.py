@@ -45,8 +45,7 @@ def sd15():
 def test_sd15_mid_block_matches_diffusers_pag(sd15, guidance_scale):
     """192 px: the mid block holds 3 x 3 tokens (at 64 px it holds one, where PAG changes nothing)."""
     pag = _pag_pipeline(StableDiffusionPAGPipeline, sd15, "mid")
-    _assert_parity(sd15, pag, surg.PerturbedAttention(scale=3.0), height=192, width=192,
-                   guidance_scale=guidance_scale)
+    _assert_parity(sd15, pag, surg.PerturbedAttention(scale=3.0), height=192, width=192, guidance_scale=guidance_scale)
 
 
 def test_sdxl_mid_block_matches_diffusers_pag():
@@ -64,5 +63,13 @@ def test_sd3_image_only_matches_diffusers_pag(guidance_scale):
     pipe.set_progress_bar_config(disable=True)
     pag = _pag_pipeline(StableDiffusion3PAGPipeline, pipe, "blocks.1")
     plugin = surg.PerturbedAttention(scale=3.0, layers="transformer_blocks.1", joint="image_only")
-    _assert_parity(pipe, pag, plugin, height=128, width=128, guidance_scale=guidance_scale,
-                   max_sequence_length=16, prompt=["a red cube", "a blue ball"])
+    _assert_parity(
+        pipe,
+        pag,
+        plugin,
+        height=128,
+        width=128,
+        guidance_scale=guidance_scale,
+        max_sequence_length=16,
+        prompt=["a red cube", "a blue ball"],
+    )

@@ -48,10 +48,16 @@ def test_remove_restores_bit_identical_output(sd15):
 
 def merged_blocks(unet: torch.nn.Module) -> list[str]:
     """U-Net blocks whose attention layers carry a token-merging processor."""
-    found = {name.split(".attentions")[0] for name, proc in unet.attn_processors.items()
-             if isinstance(proc, TokenMergeProcessor)}
-    assert all(name.endswith("attn1.processor") for name, proc in unet.attn_processors.items()
-               if isinstance(proc, TokenMergeProcessor))
+    found = {
+        name.split(".attentions")[0]
+        for name, proc in unet.attn_processors.items()
+        if isinstance(proc, TokenMergeProcessor)
+    }
+    assert all(
+        name.endswith("attn1.processor")
+        for name, proc in unet.attn_processors.items()
+        if isinstance(proc, TokenMergeProcessor)
+    )
     return sorted(found)
 
 

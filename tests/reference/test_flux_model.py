@@ -50,7 +50,8 @@ def test_captions_are_one_token_per_word_and_fit_the_text_length(pipe):
 def test_calls_default_to_the_trained_text_length_and_true_cfg(pipe):
     seen = []
     hook = pipe.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape), with_kwargs=True
+    )
     try:
         pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np")
         assert seen == [(1, TEXT_TOKENS, 128)] * 4  # cond and uncond, two steps: guidance is on by default
@@ -84,8 +85,11 @@ TINY = dict(topology="flux", batch_size=2, warmup_steps=1, cooldown_steps=0)
 
 def _weights(folder):
     loaded = load_reference_flux_pipeline(weights_dir=folder)
-    return {f"{n}.{k}": v for n in ("transformer", "text_encoder", "text_encoder_2", "vae")
-            for k, v in getattr(loaded, n).state_dict().items()}
+    return {
+        f"{n}.{k}": v
+        for n in ("transformer", "text_encoder", "text_encoder_2", "vae")
+        for k, v in getattr(loaded, n).state_dict().items()
+    }
 
 
 @pytest.mark.slow

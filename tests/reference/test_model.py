@@ -79,8 +79,9 @@ def test_missing_weights_give_an_actionable_error(tmp_path) -> None:
 def test_shipped_weights_make_a_64_px_image_in_two_steps() -> None:
     shipped = load_reference_pipeline()
     shipped.set_progress_bar_config(disable=True)
-    image = shipped("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                    output_type="np").images[0]
+    image = shipped(
+        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images[0]
     assert image.shape == (64, 64, 3)
     assert image.std() > 0.01  # a picture, not a flat field
 
@@ -92,6 +93,7 @@ def test_shipped_weights_draw_the_prompted_object() -> None:
 
     shipped = load_reference_pipeline()
     shipped.set_progress_bar_config(disable=True)
-    report = evaluate(pipeline_sampler(shipped, 20, GUIDANCE_SCALE), heldout_pairs(16, num_objects=1, start=500_000),
-                      progress=False)
+    report = evaluate(
+        pipeline_sampler(shipped, 20, GUIDANCE_SCALE), heldout_pairs(16, num_objects=1, start=500_000), progress=False
+    )
     assert report.metrics.fidelity >= 0.6, report.metrics

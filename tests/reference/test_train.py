@@ -45,8 +45,9 @@ def test_module_runs_as_a_script() -> None:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "attnsurgery.reference.train", "--help"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "attnsurgery.reference.train", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--steps" in result.stdout and "--eval-pairs" in result.stdout
 
 
@@ -55,8 +56,11 @@ TINY = dict(vae_steps=2, vae_batch_size=2, batch_size=2, warmup_steps=1, cooldow
 
 def _weights(folder):
     pipe = load_reference_pipeline(weights_dir=folder)
-    return {f"{name}.{k}": v for name in ("unet", "text_encoder", "vae")
-            for k, v in getattr(pipe, name).state_dict().items()}
+    return {
+        f"{name}.{k}": v
+        for name in ("unet", "text_encoder", "vae")
+        for k, v in getattr(pipe, name).state_dict().items()
+    }
 
 
 @pytest.mark.slow

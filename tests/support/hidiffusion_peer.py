@@ -15,8 +15,21 @@ from collections.abc import Iterator, Sequence
 import torch
 
 # Instance attributes the package sets on modules (and the pipeline) and never deletes.
-LEFT_BEHIND = ("info", "model", "switching_threshold_ratio", "timestep", "max_timestep", "T1_ratio", "T1",
-               "T1_start", "T1_end", "aggressive_raunet", "ori_stride", "ori_padding", "ori_dilation")
+LEFT_BEHIND = (
+    "info",
+    "model",
+    "switching_threshold_ratio",
+    "timestep",
+    "max_timestep",
+    "T1_ratio",
+    "T1",
+    "T1_start",
+    "T1_end",
+    "aggressive_raunet",
+    "ori_stride",
+    "ori_padding",
+    "ori_dilation",
+)
 PACKAGE_NAMES = {"sd15": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
@@ -24,8 +37,15 @@ def run_latents(pipe, size: int | tuple[int, int] = 256, steps: int = 2, **kwarg
     """Run a pipeline from a fixed seed and return its final latents (no VAE decode: faster)."""
     height, width = (size, size) if isinstance(size, int) else size
     generator = torch.Generator("cpu").manual_seed(0)
-    return pipe("a red circle", num_inference_steps=steps, height=height, width=width, generator=generator,
-                output_type="latent", **kwargs).images
+    return pipe(
+        "a red circle",
+        num_inference_steps=steps,
+        height=height,
+        width=width,
+        generator=generator,
+        output_type="latent",
+        **kwargs,
+    ).images
 
 
 def import_package():
@@ -52,8 +72,9 @@ class ForcedShifts:
 
 
 @contextlib.contextmanager
-def package_applied(pipe, family: str, *, raunet: bool, window_attn: bool,
-                    shifts: Sequence[int] = ()) -> Iterator[ForcedShifts]:
+def package_applied(
+    pipe, family: str, *, raunet: bool, window_attn: bool, shifts: Sequence[int] = ()
+) -> Iterator[ForcedShifts]:
     """The package applied to `pipe` with forced shifts; afterwards everything it leaves is undone."""
     package, module = import_package()
     forced = ForcedShifts(shifts)

@@ -13,6 +13,7 @@ def run_pipe(pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64,
         kwargs = {**DIT_KWARGS, **kwargs}
     generator = torch.Generator("cpu").manual_seed(seed)
     height, width = (size, size) if isinstance(size, int) else size
-    out = pipe(prompt, num_inference_steps=steps, height=height, width=width, generator=generator,
-               output_type="np", **kwargs)
+    out = pipe(
+        prompt, num_inference_steps=steps, height=height, width=width, generator=generator, output_type="np", **kwargs
+    )
     return torch.from_numpy(out.images)

@@ -21,8 +21,9 @@ class Recorder(Plugin):
         context = surgery.context
 
         def record(module, args, kwargs):
-            self.log.append({f.name: getattr(context, f.name) for f in dataclasses.fields(context)
-                             if f.name != "family"})
+            self.log.append(
+                {f.name: getattr(context, f.name) for f in dataclasses.fields(context) if f.name != "family"}
+            )
 
         surgery.add_hook(surgery.denoiser, record, pre=True, with_kwargs=True)
 
@@ -72,7 +73,7 @@ class Everything(Plugin):
         if hasattr(denoiser, "conv_in"):
             surgery.swap_module("conv_in", DoubledConv(denoiser.conv_in), role="module")
         surgery.add_hook(denoiser, lambda module, args, output: output, pre=False)
-        surgery.set_attr(denoiser, "attnsurgery_marker", "added")          # did not exist before
-        surgery.set_attr(denoiser, "training", denoiser.training)          # existed in __dict__
+        surgery.set_attr(denoiser, "attnsurgery_marker", "added")  # did not exist before
+        surgery.set_attr(denoiser, "training", denoiser.training)  # existed in __dict__
         if surgery.pipeline is not None:
             surgery.set_attr(surgery.pipeline, "attnsurgery_marker", 1)

@@ -22,8 +22,11 @@ def test_a_left_over_processor_is_named():
     before = snapshot(pipe)
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     attn.processor = type(attn.processor)()
-    with pytest.raises(AssertionError, match=r"unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1: "
-                                             r"(dict|processor) not restored"):
+    with pytest.raises(
+        AssertionError,
+        match=r"unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1: "
+        r"(dict|processor) not restored",
+    ):
         assert_restored(pipe, before)
 
 

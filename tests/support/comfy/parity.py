@@ -14,9 +14,13 @@ def diffusers_twin() -> UNet2DConditionModel:
     """The diffusers U-Net of the tiny SD1.5 layout (same levels, heads and widths)."""
     channels = tuple(MODEL_CHANNELS * m for m in (1, 2, 4, 4))
     return UNet2DConditionModel(
-        block_out_channels=channels, layers_per_block=2, attention_head_dim=8, cross_attention_dim=CONTEXT_DIM,
+        block_out_channels=channels,
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=CONTEXT_DIM,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        norm_num_groups=32,
     )
 
 
@@ -24,10 +28,16 @@ def diffusers_twin_sdxl() -> UNet2DConditionModel:
     """The diffusers U-Net of the tiny SDXL layout (same levels, heads, widths and added conditioning)."""
     channels = tuple(MODEL_CHANNELS * m for m in (1, 2, 4))
     return UNet2DConditionModel(
-        block_out_channels=channels, layers_per_block=2, attention_head_dim=tuple(max(1, c // 64) for c in channels),
-        cross_attention_dim=CONTEXT_DIM, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), norm_num_groups=32,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        block_out_channels=channels,
+        layers_per_block=2,
+        attention_head_dim=tuple(max(1, c // 64) for c in channels),
+        cross_attention_dim=CONTEXT_DIM,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
 
@@ -46,8 +56,9 @@ def capture_first_call(tiny, model, **sample_options) -> dict:
     return calls[0]
 
 
-def diffusers_prediction(tiny, call: dict, plugin: surg.Plugin | None = None, twin: UNet2DConditionModel | None = None,
-                         **unet_kwargs) -> torch.Tensor:
+def diffusers_prediction(
+    tiny, call: dict, plugin: surg.Plugin | None = None, twin: UNet2DConditionModel | None = None, **unet_kwargs
+) -> torch.Tensor:
     """The denoised conditional prediction of the diffusers twin (ComfyUI's weights) at that call.
 
     ``twin`` defaults to the SD1.5 one; ``unet_kwargs`` go to its forward (ControlNet residuals, SDXL's

@@ -15,14 +15,23 @@ CONTEXT_DIM = 64
 LATENT_SIZE = 16  # 128 px: the input-1 blocks hold 256 tokens (a 16x16 grid), enough for windows and merges
 
 TINY_SD15_UNET: dict[str, Any] = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4,
-    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
-    "in_channels": 4, "model_channels": MODEL_CHANNELS,
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": MODEL_CHANNELS,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_middle": 1,
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_linear_in_transformer": False,
+    "context_dim": CONTEXT_DIM,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
 }  # SD15.__init__ adds num_heads=8, num_head_channels=-1, as in the real SD1.5
 
 
@@ -40,9 +49,14 @@ def _reset_parameters(module: torch.nn.Module, seed: int) -> None:
 # SDXL's layout (no attention on the top level, attention from input 4; output blocks 0-5), narrower and one
 # transformer per block; SDXL.__init__ adds num_head_channels=64, as in the real SDXL (1 and 2 heads here).
 TINY_SDXL_UNET: dict[str, Any] = {
-    **TINY_SD15_UNET, "adm_in_channels": 2816, "num_classes": "sequential", "num_res_blocks": [2, 2, 2],
-    "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 1, 1],
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "use_linear_in_transformer": True,
+    **TINY_SD15_UNET,
+    "adm_in_channels": 2816,
+    "num_classes": "sequential",
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 1, 1, 1, 1],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "use_linear_in_transformer": True,
 }
 SDXL_POOLED_DIM = 1280  # the pooled text embedding SDXL's adm input starts with (2816 = 1280 + 6 * 256)
 
@@ -60,8 +74,9 @@ def _patcher(base: type, unet: dict[str, Any], seed: int):
     model = config.get_model({})
     _reset_parameters(model.diffusion_model, seed)
     model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def build_tiny_sd15(seed: int = 0):
@@ -85,8 +100,15 @@ def conditioning(seed: int, pooled: bool = False) -> list:
     return [[torch.randn(1, 77, CONTEXT_DIM, generator=generator), options]]
 
 
-def sample(model, positive: list, negative: list, steps: int = 3, cfg: float = 5.0, seed: int = 1,
-           size: int | tuple[int, int] = LATENT_SIZE) -> torch.Tensor:
+def sample(
+    model,
+    positive: list,
+    negative: list,
+    steps: int = 3,
+    cfg: float = 5.0,
+    seed: int = 1,
+    size: int | tuple[int, int] = LATENT_SIZE,
+) -> torch.Tensor:
     """``comfy.sample.sample`` with euler / normal on a ``size`` x ``size`` (or (h, w)) latent, in inference mode."""
     import comfy.sample
 
@@ -94,5 +116,6 @@ def sample(model, positive: list, negative: list, steps: int = 3, cfg: float = 5
     with torch.inference_mode():
         latent = torch.zeros([1, 4, height, width])
         noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                                   disable_pbar=True, seed=seed)
+        return comfy.sample.sample(
+            model, noise, steps, cfg, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=seed
+        )
