@@ -360,7 +360,11 @@ def benchmark(
         BenchError: a row that fails (unless ``keep_going``), naming it: e.g. a plugin for U-Nets on a DiT.
 
     Example:
-        >>> report = benchmark(pipe, [BenchRow("ToMe", (TokenMerging(0.5),))], height=1024, width=1024)
+        >>> from attnsurgery import TokenMerging
+        >>> rows = [BenchRow("ToMe", (TokenMerging(0.5),))]
+        >>> report = benchmark(pipe, rows, height=64, width=64, steps=2, repeats=1, progress=False)
+        >>> [row.label for row in report.rows]
+        ['plain', 'ToMe']
         >>> print(format_table(report))  # doctest: +SKIP
     """
     if repeats < 1 or warmup < 0 or steps < 1:

@@ -11,6 +11,7 @@ from attnsurgery.families import detect_family
 from attnsurgery.pipelines.loading import default_guidance_scale, load_pipeline
 from attnsurgery.reference import train as train_module
 from attnsurgery.reference.flux_model import (
+    FLUX_WEIGHTS_DIR,
     GUIDANCE_SCALE,
     TEXT_TOKENS,
     ReferenceFluxPipeline,
@@ -108,3 +109,15 @@ def test_flux_training_resumes_exactly_and_writes_its_card(tmp_path, monkeypatch
     assert "rectified flow" in card and "transformer + text encoders 3 steps" in card
     config = json.loads((tmp_path / "parts" / "config.json").read_text())
     assert config["vae"]["shift_factor"] != 0.0  # the latent mean was measured
+
+
+@pytest.mark.skipif(not is_flux_reference_folder(FLUX_WEIGHTS_DIR), reason="the reference DiT's weights do not ship")
+def test_shipped_dit_draws_the_prompted_object() -> None:
+    """A small sample of the card's gate (held-out one-object prompts, 20 steps, the model's own CFG)."""
+    from attnsurgery.reference.eval import evaluate, heldout_pairs, pipeline_sampler
+
+    shipped = load_pipeline("reference-flux")
+    shipped.set_progress_bar_config(disable=True)
+    pairs = heldout_pairs(16, num_objects=1, start=500_000)
+    report = evaluate(pipeline_sampler(shipped, 20, GUIDANCE_SCALE), pairs, progress=False)
+    assert report.metrics.fidelity >= 0.6, report.metrics
