@@ -84,7 +84,10 @@ def detect_family(denoiser: torch.nn.Module, vae_scale_factor: int | None = None
         side = int(config.get("sample_size") or 128) * factor
         return Family(name, "mmdit", side, factor, int(config.get("patch_size", 2)), "image_text", text_tokens=77 + 256)
     if isinstance(denoiser, FluxTransformer2DModel):
-        return Family("flux", "mmdit", 1024, factor, 2, "text_image", text_tokens=512)
+        # FLUX configs carry no sample size; FLUX.1 is trained at 1024 px. One that records its own (the
+        # reference DiT) says so with ``sample_size``, in latent cells as SD3's config does.
+        side = int(config.get("sample_size") or 1024 // factor) * factor
+        return Family("flux", "mmdit", side, factor, 2, "text_image", text_tokens=512)
     found = ", ".join(f"{k}={v!r}" for k, v in list(config.items())[:8] if not k.startswith("_"))
     raise NotImplementedError(
         f"unsupported denoiser {type(denoiser).__name__} ({found}); attnsurgery supports "

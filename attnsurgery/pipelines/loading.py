@@ -7,6 +7,7 @@ a 12B-parameter FLUX is described in a second and no weight file is read.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -94,6 +95,9 @@ def read_denoiser_spec(model: str | os.PathLike[str]) -> DenoiserSpec:
         FileNotFoundError: a path that does not exist, or a hub id that cannot be reached.
         ValueError: a folder that holds no supported denoiser config.
     """
+    reference = _reference_spec(model)
+    if reference is not None:
+        return reference
     path = Path(model).expanduser()
     if path.is_file():
         raise ValueError(f"{path} is a single file; inspect takes a diffusers folder (pipeline or unet/transformer)")
@@ -111,13 +115,41 @@ def read_denoiser_spec(model: str | os.PathLike[str]) -> DenoiserSpec:
     return spec
 
 
+def _reference_spec(model: str | os.PathLike[str]) -> DenoiserSpec | None:
+    """The denoiser of a shipped reference model (by name: its architecture is in the code) or of a folder
+    the reference trainer wrote (its ``config.json`` holds every component's config); None otherwise."""
+    from ..reference.flux_model import flux_reference_configs, is_flux_reference_folder
+    from ..reference.model import has_reference_weights, reference_configs
+
+    path = Path(model).expanduser()
+    if str(model) == "reference":
+        configs, denoiser = reference_configs(), "unet"
+    elif str(model) == "reference-flux":
+        configs, denoiser = flux_reference_configs(), "transformer"
+    elif path.is_dir() and (has_reference_weights(path) or is_flux_reference_folder(path)):
+        configs = read_json(path / "config.json")
+        denoiser = "transformer" if "transformer" in configs else "unet"
+    else:
+        return None
+    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    if denoiser == "unet":
+        return DenoiserSpec("UNet2DConditionModel", configs["unet"], factor)
+    native = {"sample_size": configs["vae"]["sample_size"] // factor}  # as build_reference_flux_pipeline records
+    return DenoiserSpec("FluxTransformer2DModel", {**configs["transformer"], **native}, factor)
+
+
 def meta_module(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
     """Build a diffusers model class from its config on the meta device: the module tree, no weight memory."""
     import diffusers
 
     cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    known = {k: v for k, v in config.items() if k in accepted}
     with torch.device("meta"):
-        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        module = cls.from_config(known)
+    # keys the class does not take (a FLUX config's recorded sample_size) stay readable in its config
+    module.register_to_config(**{k: v for k, v in config.items() if k not in accepted and not k.startswith("_")})
+    return module
 
 
 def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:

@@ -154,6 +154,8 @@ def build_reference_flux_pipeline(configs: dict[str, dict[str, Any]] | None = No
         tokenizer_2=reference_t5_tokenizer(),
         transformer=FluxTransformer2DModel(**configs["transformer"]),
     )
+    # the native size, for detect_family (FluxTransformer2DModel takes no sample_size argument)
+    pipe.transformer.register_to_config(sample_size=NATIVE_SIZE // pipe.vae_scale_factor)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         module.eval().requires_grad_(False)
     return pipe

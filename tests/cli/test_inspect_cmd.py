@@ -56,3 +56,27 @@ def test_inspect_errors_are_one_line(argv, message, capsys):
 def test_inspect_rejects_non_positive_sizes(saved_sd15, capsys):
     assert main(["inspect", str(saved_sd15), "--height", "-8"]) == 2
     assert "--height must be a positive number of pixels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "model, first_line, layers",
+    [
+        ("reference", "sd15 (unet), native 64px, image 128x128, latent 32x32", 32),
+        ("reference-flux", "flux (mmdit), native 64px, image 128x128, latent 32x32", 9),
+    ],
+)
+def test_inspect_the_reference_models_by_name(model, first_line, layers, capsys):
+    assert main(["inspect", model, "--height", "128", "--width", "128"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(first_line)
+    assert len(table_rows(out)) == layers
+
+
+def test_inspect_a_folder_the_reference_trainer_wrote(tmp_path, capsys):
+    from attnsurgery.reference.flux_model import build_reference_flux_pipeline, save_reference_flux_weights
+
+    save_reference_flux_weights(build_reference_flux_pipeline(), tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("flux (mmdit), native 64px, image 64x64, latent 16x16")
+    assert next(r for r in table_rows(out) if r[0] == "transformer_blocks.0.attn")[1:5] == ["joint", "6", "32", "8x8"]

@@ -33,7 +33,7 @@ def pipe() -> ReferenceFluxPipeline:
 
 def test_it_is_a_flux_model_of_the_reference_image_space(pipe):
     family = detect_family(pipe.transformer, pipe.vae_scale_factor)
-    assert family.name == "flux" and pipe.vae_scale_factor == 4
+    assert family.name == "flux" and pipe.vae_scale_factor == 4 and family.native_resolution == 64
     assert not pipe.transformer.config.guidance_embeds
     assert pipe.transformer.config.num_attention_heads > 2  # heads are addressable
     assert type(pipe).__mro__[1].__name__ == "FluxPipeline"
