@@ -41,8 +41,9 @@ FLUX_WEIGHTS_DIR = WEIGHTS_DIR / "flux"
 NATIVE_SIZE = 64
 #: Text tokens per prompt (T5 pads to this); the longest caption of the grammar takes 21.
 TEXT_TOKENS = 32
-#: The true-CFG scale the reference DiT is evaluated at.
-GUIDANCE_SCALE = 2.0
+#: The true-CFG scale the reference DiT is used and evaluated at: on 64 held-out one-object pairs (disjoint
+#: from the card's) fidelity was 0.92 at 2, 0.97 at 3, 0.95 at 4 and 5; clean shapes fall above 3.
+GUIDANCE_SCALE = 3.0
 #: Component name -> weights file name.
 FLUX_WEIGHT_FILES = {
     "transformer": "transformer.safetensors",
@@ -156,6 +157,7 @@ def build_reference_flux_pipeline(configs: dict[str, dict[str, Any]] | None = No
     )
     # the native size, for detect_family (FluxTransformer2DModel takes no sample_size argument)
     pipe.transformer.register_to_config(sample_size=NATIVE_SIZE // pipe.vae_scale_factor)
+    pipe.default_sample_size = NATIVE_SIZE // pipe.vae_scale_factor  # FluxPipeline's default image side / 4
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         module.eval().requires_grad_(False)
     return pipe

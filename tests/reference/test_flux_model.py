@@ -59,6 +59,9 @@ def test_calls_default_to_the_trained_text_length_and_true_cfg(pipe):
         seen.clear()
         pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np", guidance_scale=1.0)
         assert len(seen) == 2  # guidance 1 turns CFG off
+        seen.clear()
+        image = pipe("a red circle", num_inference_steps=1, output_type="np", guidance_scale=1.0).images[0]
+        assert image.shape == (64, 64, 3)  # the native size by default, not FLUX.1's
     finally:
         hook.remove()
 
