@@ -9,7 +9,6 @@ the native resolution's sampling schedule.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from attnsurgery.reference.flux_model import (
     NATIVE_SIZE,
@@ -79,8 +79,10 @@ class RectifiedFlowObjective:
     def __init__(self, pipe: FluxPipeline, prediction_type: str) -> None:
         config = pipe.scheduler.config
         tokens = (NATIVE_SIZE // pipe.vae_scale_factor // 2) ** 2
-        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
-        self.shift = math.exp(config.base_shift + slope * (tokens - config.base_image_seq_len))
+        # the mu FluxPipeline computes for the native sequence length; the scheduler's own time shift uses it
+        self.mu = calculate_shift(
+            tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+        )
 
     def __call__(
         self, pipe: FluxPipeline, images: torch.Tensor, captions: list[str], generator: torch.Generator
@@ -93,7 +95,7 @@ class RectifiedFlowObjective:
         x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
         noise = torch.randn(x0.shape, generator=generator)
         u = torch.sigmoid(torch.randn(b, generator=generator))
-        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        sigma = pipe.scheduler.time_shift(self.mu, 1.0, u)
         noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         text, pooled, text_ids = pipe.encode_prompt(captions, None, device=x0.device, max_sequence_length=TEXT_TOKENS)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, x0.dtype)
