@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnsurgery.reference.evaluator import as_rgb_array
+
 __all__ = ["psnr", "ssim", "mean_closeness"]
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -28,10 +30,8 @@ PEAK = 255.0
 
 
 def _as_float(image: np.ndarray) -> np.ndarray:
-    array = np.asarray(image)
-    if array.dtype != np.uint8:  # pipelines' "np" output: floats in [0, 1]
-        array = np.clip(np.round(array * PEAK), 0, PEAK)
-    return array.astype(np.float64)
+    """0..255 float64, quantised to 8 bits as a saved image would be (pipelines' "np" output is [0, 1])."""
+    return np.round(as_rgb_array(image)).astype(np.float64)
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
