@@ -115,24 +115,41 @@ def read_denoiser_spec(model: str | os.PathLike[str]) -> DenoiserSpec:
     return spec
 
 
+#: The reference models shipped in the package, by name, and their trainer topology.
+REFERENCE_MODELS = {"reference": "unet", "reference-flux": "flux"}
+
+
+def reference_topology(model: str | os.PathLike[str]) -> str | None:
+    """``"unet"`` or ``"flux"`` for a shipped reference model's name or a folder the reference trainer wrote
+    (either topology); None for anything else."""
+    from ..reference.flux_model import is_flux_reference_folder
+    from ..reference.model import has_reference_weights
+
+    if str(model) in REFERENCE_MODELS:
+        return REFERENCE_MODELS[str(model)]
+    path = Path(model).expanduser()
+    if path.is_dir() and has_reference_weights(path):
+        return "unet"
+    if path.is_dir() and is_flux_reference_folder(path):
+        return "flux"
+    return None
+
+
 def _reference_spec(model: str | os.PathLike[str]) -> DenoiserSpec | None:
     """The denoiser of a shipped reference model (by name: its architecture is in the code) or of a folder
     the reference trainer wrote (its ``config.json`` holds every component's config); None otherwise."""
-    from ..reference.flux_model import flux_reference_configs, is_flux_reference_folder
-    from ..reference.model import has_reference_weights, reference_configs
+    from ..reference.flux_model import flux_reference_configs
+    from ..reference.model import reference_configs
 
-    path = Path(model).expanduser()
-    if str(model) == "reference":
-        configs, denoiser = reference_configs(), "unet"
-    elif str(model) == "reference-flux":
-        configs, denoiser = flux_reference_configs(), "transformer"
-    elif path.is_dir() and (has_reference_weights(path) or is_flux_reference_folder(path)):
-        configs = read_json(path / "config.json")
-        denoiser = "transformer" if "transformer" in configs else "unet"
-    else:
+    topology = reference_topology(model)
+    if topology is None:
         return None
+    if str(model) in REFERENCE_MODELS:
+        configs = reference_configs() if topology == "unet" else flux_reference_configs()
+    else:
+        configs = read_json(Path(model).expanduser() / "config.json")
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    if denoiser == "unet":
+    if topology == "unet":
         return DenoiserSpec("UNet2DConditionModel", configs["unet"], factor)
     native = {"sample_size": configs["vae"]["sample_size"] // factor}  # as build_reference_flux_pipeline records
     return DenoiserSpec("FluxTransformer2DModel", {**configs["transformer"], **native}, factor)
@@ -247,19 +264,6 @@ def _load_single_file(path: Path, dtype: torch.dtype | None, config: str | os.Pa
 DEFAULT_GUIDANCE_SCALE = 7.5
 
 
-#: Names of the reference models shipped in the package.
-REFERENCE_MODELS = ("reference", "reference-flux")
-
-
-def _is_reference(model: str | os.PathLike[str]) -> bool:
-    from ..reference.flux_model import is_flux_reference_folder
-    from ..reference.model import has_reference_weights
-
-    path = Path(model).expanduser()
-    folder = path.is_dir() and (has_reference_weights(path) or is_flux_reference_folder(path))
-    return str(model) in REFERENCE_MODELS or folder
-
-
 def default_guidance_scale(model: str | os.PathLike[str]) -> float:
     """The guidance scale to use when none is given: the reference models' own, 7.5 for every other model.
 
@@ -268,12 +272,10 @@ def default_guidance_scale(model: str | os.PathLike[str]) -> float:
         7.5
     """
     from ..reference.flux_model import GUIDANCE_SCALE as FLUX_GUIDANCE_SCALE
-    from ..reference.flux_model import is_flux_reference_folder
     from ..reference.model import GUIDANCE_SCALE
 
-    if str(model) == "reference-flux" or is_flux_reference_folder(Path(model).expanduser()):
-        return FLUX_GUIDANCE_SCALE
-    return GUIDANCE_SCALE if _is_reference(model) else DEFAULT_GUIDANCE_SCALE
+    scales = {"unet": GUIDANCE_SCALE, "flux": FLUX_GUIDANCE_SCALE}
+    return scales.get(reference_topology(model) or "", DEFAULT_GUIDANCE_SCALE)
 
 
 def load_pipeline(
@@ -301,23 +303,21 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
-    from ..reference.flux_model import is_flux_reference_folder, load_reference_flux_pipeline
-    from ..reference.model import has_reference_weights, load_reference_pipeline
+    from ..reference.flux_model import load_reference_flux_pipeline
+    from ..reference.model import load_reference_pipeline
 
     torch_dtype = parse_dtype(dtype)
     path = Path(model).expanduser()
-    if str(model) == "reference":
-        pipe = load_reference_pipeline(dtype=torch_dtype)
-    elif str(model) == "reference-flux":
-        pipe = load_reference_flux_pipeline(dtype=torch_dtype)
+    topology = reference_topology(model)
+    weights_dir = None if str(model) in REFERENCE_MODELS else path  # None: the weights in the package
+    if topology == "unet":
+        pipe = load_reference_pipeline(dtype=torch_dtype, weights_dir=weights_dir)
+    elif topology == "flux":
+        pipe = load_reference_flux_pipeline(dtype=torch_dtype, weights_dir=weights_dir)
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ValueError(f"{path} is not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a folder")
         pipe = _load_single_file(path, torch_dtype, config)
-    elif path.is_dir() and has_reference_weights(path):  # a folder written by attnsurgery.reference.train
-        pipe = load_reference_pipeline(dtype=torch_dtype, weights_dir=path)
-    elif path.is_dir() and is_flux_reference_folder(path):  # ... with --topology flux
-        pipe = load_reference_flux_pipeline(dtype=torch_dtype, weights_dir=path)
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
