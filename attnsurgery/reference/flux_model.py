@@ -51,6 +51,8 @@ FLUX_WEIGHT_FILES = {
     "text_encoder": "text_encoder.safetensors",
     "text_encoder_2": "text_encoder_2.safetensors",
 }
+#: The shipped weights' T5 vocabulary is this list, in this order (a word's id is its place here), so it is
+#: written out rather than derived from the grammar; tests check that every caption tokenizes without <unk>.
 #: Every word the captions use ("a red circle on the left, a blue square and ..."); other words fall back
 #: to letters.
 GRAMMAR_WORDS = (*PALETTE, *SHAPES, "a", "an", "and", "on", "at", "the", "left", "right", "top", "bottom")
