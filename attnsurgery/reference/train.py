@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from attnsurgery.reference.eval import CARD_SUITE, TABLE_HEADER, evaluation_rows, pipeline_sampler
 from attnsurgery.reference.evaluator import score
 from attnsurgery.reference.model import GUIDANCE_SCALE, load_reference_pipeline
-from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, Scene, heldout_seed, make_scene, render
+from attnsurgery.reference.shapes import HELDOUT_SEED_BASE, OBJECT_SCALES, Scene, heldout_seed, make_scene, render
 from attnsurgery.reference.topologies import MIN_SNR_GAMMA, TOPOLOGIES, Topology
 from attnsurgery.training import atomic_path, ema_update, setting_changes, warmup_cooldown
 
@@ -82,21 +82,23 @@ class TrainConfig:
     # v_prediction: the model predicts x0 directly at high noise, where epsilon errors grow ~12x into x0
     prediction_type: str = "v_prediction"  # U-Net only; the DiT always learns rectified flow's velocity
     topology: str = "unet"
+    object_scale: str = "fixed"  # a key of shapes.OBJECT_SCALES: the training objects' size range
 
 
 class SceneStream:
     """Unlimited captioned training images; scene seeds come from a private RNG and stay below the
     held-out range, so evaluation prompts are never trained on."""
 
-    def __init__(self, seed: int, size: int = 64) -> None:
+    def __init__(self, seed: int, size: int = 64, object_scale: str = "fixed") -> None:
         self.rng = np.random.default_rng(seed)
         self.size = size
+        self.object_scale = object_scale
 
     def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
         """``n`` images in [-1, 1], ``[n, 3, size, size]``, and their captions."""
         seeds = self.rng.integers(0, HELDOUT_SEED_BASE, size=n)
         counts = self.rng.choice([1, 2, 3], size=n, p=OBJECT_COUNT_PROBS)
-        scenes = [make_scene(int(s), int(c)) for s, c in zip(seeds, counts, strict=True)]
+        scenes = [make_scene(int(s), int(c), self.object_scale) for s, c in zip(seeds, counts, strict=True)]
         images = np.stack([render(s, self.size) for s in scenes])
         tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return tensor, [s.caption for s in scenes]
@@ -415,7 +417,7 @@ def train(
     pipe = topology.build()
     if topology.name == "unet":
         pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    stream = SceneStream(cfg.seed)
+    stream = SceneStream(cfg.seed, object_scale=cfg.object_scale)
     generator = torch.Generator().manual_seed(cfg.seed)
     command = "python -m attnsurgery.reference.train " + " ".join(sys.argv[1:])
     earlier_steps, minutes_before = 0, 0.0
@@ -506,6 +508,12 @@ def main(argv: list[str] | None = None) -> None:
         "may be changed on --resume)",
     )
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=defaults.prediction_type)
+    parser.add_argument(
+        "--object-scale",
+        choices=tuple(OBJECT_SCALES),
+        default=defaults.object_scale,
+        help="fixed: objects S/5..S/3 (the spec); multi: lone objects up to 0.6 S (draws one object at any size)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage after this long")
     parser.add_argument(
@@ -545,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         cooldown_steps=cooldown,
         prediction_type=args.prediction_type,
         topology=args.topology,
+        object_scale=args.object_scale,
     )
     train(cfg, args.out, args.max_minutes, resume=args.resume, init_from=args.init_from)
     if args.eval:
