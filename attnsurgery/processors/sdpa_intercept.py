@@ -11,7 +11,9 @@ direct SDPA calls (AttnProcessor2_0, JointAttnProcessor2_0) and diffusers' nativ
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from torch.overrides import TorchFunctionMode
 # (q, k, v, out, call) -> new out; `call` holds the bound SDPA arguments (attn_mask, scale, ...).
 Tensor = torch.Tensor
 AttentionEdit = Callable[[Tensor, Tensor, Tensor, Tensor, dict[str, Any]], Tensor]
+# (q, k, v, call) -> out: computes the attention in place of SDPA.
+AttentionCompute = Callable[[Tensor, Tensor, Tensor, dict[str, Any]], Tensor]
 
 
 def _sdpa_parameters(
@@ -32,7 +36,62 @@ def _sdpa_parameters(
 _SDPA_SIGNATURE = inspect.signature(_sdpa_parameters)
 
 
-class FirstAttentionCall(TorchFunctionMode):
+_ACTIVE = threading.local()
+
+
+def _active_modes() -> list[_AttentionMode]:
+    """Our modes entered on this thread, outermost first (each processor wrapper enters one)."""
+    if not hasattr(_ACTIVE, "modes"):
+        _ACTIVE.modes = []
+    return _ACTIVE.modes
+
+
+@contextmanager
+def _muted(modes: list[_AttentionMode]) -> Iterator[None]:
+    """Let SDPA calls pass these modes untouched (an op computing attention must not be edited itself)."""
+    for mode in modes:
+        mode.muted += 1
+    try:
+        yield
+    finally:
+        for mode in modes:
+            mode.muted -= 1
+
+
+class _AttentionMode(TorchFunctionMode):
+    """Base of the interception modes: counts SDPA calls and keeps track of the modes below it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.muted = 0
+
+    def __enter__(self):
+        _active_modes().append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _active_modes().remove(self)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.muted:
+            return func(*args, **kwargs)
+        self.calls += 1
+        if self.calls > 1:
+            return func(*args, **kwargs)
+        call = _SDPA_SIGNATURE.bind(*args, **kwargs)
+        call.apply_defaults()
+        arguments = dict(call.arguments)
+        q, k, v = arguments.pop("query"), arguments.pop("key"), arguments.pop("value")
+        return self._first_call(func, q, k, v, arguments)
+
+    def _first_call(self, func, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+
+class FirstAttentionCall(_AttentionMode):
     """Apply `edit` to the output of the first SDPA call made while this mode is active.
 
     Only the first call is edited: later calls inside the same processor call are IP-Adapter or other
@@ -51,18 +110,40 @@ class FirstAttentionCall(TorchFunctionMode):
     def __init__(self, edit: AttentionEdit) -> None:
         super().__init__()
         self.edit = edit
-        self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is not F.scaled_dot_product_attention:
-            return out
-        self.calls += 1
-        if self.calls > 1:
-            return out
-        call = _SDPA_SIGNATURE.bind(*args, **kwargs)
-        call.apply_defaults()
-        arguments = dict(call.arguments)
-        # The mode is off inside its own handler, so the edit's SDPA calls are not intercepted.
-        return self.edit(arguments.pop("query"), arguments.pop("key"), arguments.pop("value"), out, arguments)
+    def _first_call(self, func, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any]) -> Tensor:
+        # The mode is off inside its own handler, so the edit's SDPA calls are not intercepted by it.
+        return self.edit(q, k, v, func(q, k, v, **call), call)
+
+
+class ReplacedAttentionCall(_AttentionMode):
+    """Compute the first SDPA call made while this mode is active with ``compute`` instead of SDPA.
+
+    The dense call never runs (what local attention saves). An edit of a :class:`FirstAttentionCall`
+    entered around this mode (head-level perturbation wrapping a local-attention layer) still sees the
+    layer's attention, now the replaced one: ``compute`` runs with those outer modes muted, then their
+    edits are applied to its result, nearest first, as if SDPA had returned it.
+
+    Example:
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> with ReplacedAttentionCall(lambda q, k, v, call: 2 * v) as mode:
+        ...     out = F.scaled_dot_product_attention(q, q, q)
+        >>> torch.equal(out, 2 * q), mode.calls
+        (True, 1)
+    """
+
+    def __init__(self, compute: AttentionCompute) -> None:
+        super().__init__()
+        self.compute = compute
+
+    def _first_call(self, func, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any]) -> Tensor:
+        modes = _active_modes()
+        outer = [m for m in modes[: modes.index(self)] if m.calls == 0 and not m.muted]
+        with _muted(outer):
+            out = self.compute(q, k, v, call)
+        for mode in reversed(outer):
+            mode.calls += 1
+            if isinstance(mode, FirstAttentionCall):
+                with _muted([mode]):
+                    out = mode.edit(q, k, v, out, call)
+        return out
