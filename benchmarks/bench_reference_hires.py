@@ -40,14 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t1", default="0.4,0.6,0.8,1.0", help="RAD durations to try (ratios of the steps)")
     parser.add_argument("--scale", type=int, default=2, help="multiple of the native 64 px")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", default="reference", help="'reference' or a folder of reference weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    pipe = load_pipeline("reference")
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     pairs = heldout_pairs(args.pairs, num_objects=1, start=300_000)
     size = NATIVE_SIZE * args.scale
-    setups = [("plain", NATIVE_SIZE, ()), ("plain", size, ())] + [
+    setups = [("plain", NATIVE_SIZE, ()), ("plain", size, ()), ("HiDiffusion preset", size, (surg.HiDiffusion(),))] + [
         (f"RAU-Net t1={t}", size, (surg.HiDiffusion(window_attn=False, t1=float(t)),)) for t in args.t1.split(",")
     ]
     print(f"{args.pairs} held-out one-object pairs, {args.steps} steps, guidance {GUIDANCE_SCALE}, one thread")
