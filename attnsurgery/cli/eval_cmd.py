@@ -6,12 +6,8 @@ the same pairs (PSNR and SSIM; ``reference.closeness``)."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from .plugin_flags import add_plugin_flags, plugins_from_args
-
-if TYPE_CHECKING:
-    from ..reference.eval import EvalReport
 
 __all__ = ["register"]
 
@@ -54,10 +50,10 @@ def _sizes(text: str, native: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..families import detect_family
+    from ..pipelines.comparison import compare_setups
     from ..pipelines.loading import default_guidance_scale, load_pipeline
-    from ..reference.closeness import mean_closeness
-    from ..reference.eval import evaluate, heldout_pairs, pipeline_sampler
-    from ..surgery import patched, resolve_target
+    from ..reference.eval import heldout_pairs, pipeline_sampler
+    from ..surgery import resolve_target
 
     if args.pairs < 1 or args.steps < 1 or args.batch_size < 1:
         raise ValueError("--pairs, --steps and --batch-size must be positive")
@@ -75,31 +71,14 @@ def run(args: argparse.Namespace) -> int:
         f"{'setup':<32} {'size':>5} {'fidelity':>9} {'duplication':>12} {'clean shapes':>13} "
         f"{'PSNR dB':>8} {'SSIM':>6} {'s/image':>8}"
     )
-    rows = [header, "-" * len(header)]
-    plain: dict[int, EvalReport] = {}
-    for label, chosen in setups:
-        for size in sizes:
-            with patched(pipe, *chosen):
-                report = evaluate(
-                    sampler,
-                    pairs,
-                    size=size,
-                    batch_size=args.batch_size,
-                    progress=not args.no_progress,
-                    keep_images=True,
-                )
-            m = report.metrics
-            base = plain.setdefault(size, report)
-            if base is report:
-                closeness = f"{'-':>8} {'-':>6}"
-            else:
-                psnr, ssim = mean_closeness(report.images, base.images)
-                closeness = f"{psnr:>8.2f} {ssim:>6.3f}"
-            ratio = report.seconds_per_image / base.seconds_per_image
-            rows.append(
-                f"{label:<32} {size:>5} {m.fidelity:>9.3f} {m.duplication_rate:>12.3f} "
-                f"{m.clean_shape_rate:>13.3f} {closeness} {report.seconds_per_image:>8.3f}  "
-                f"({ratio:.2f}x plain)"
-            )
-    print("\n".join(rows))
+    lines = [header, "-" * len(header)]
+    for row in compare_setups(pipe, sampler, setups, pairs, sizes, args.batch_size, progress=not args.no_progress):
+        m = row.report.metrics
+        closeness = f"{'-':>8} {'-':>6}" if row.psnr is None else f"{row.psnr:>8.2f} {row.ssim:>6.3f}"
+        lines.append(
+            f"{row.setup:<32} {row.size:>5} {m.fidelity:>9.3f} {m.duplication_rate:>12.3f} "
+            f"{m.clean_shape_rate:>13.3f} {closeness} {row.report.seconds_per_image:>8.3f}  "
+            f"({row.time_ratio:.2f}x plain)"
+        )
+    print("\n".join(lines))
     return 0
