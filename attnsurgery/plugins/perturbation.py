@@ -38,12 +38,14 @@ def default_layers(model: ModelInfo) -> str:
     - U-Nets: the mid block's self-attention (the PAG authors' choice for SD1.5, diffusers' "mid").
     - SD3 / SD3.5: block 1 exactly (``transformer_blocks.1``; diffusers' regex "blocks.1" also hits
       blocks 10-19). On SD3.5 with dual attention in block 1 this includes its image-only ``attn2``.
-    - FLUX: the second double-stream block, ``transformer_blocks.1``: no published whole-layer preset
-      exists (diffusers' PAG guider raises on FLUX), so we follow SD3's default, an early joint block.
+    - FLUX, FLUX.2, Chroma, Qwen-Image: the second double-stream block, ``transformer_blocks.1``: no
+      published whole-layer preset exists (diffusers' PAG guider raises on FLUX), so we follow SD3's default,
+      an early joint block.
+    - Z-Image: for the same reason its second joint layer, ``layers.1`` (its refiners see one stream only).
     """
     if model.family.kind == "unet":
         return "mid"
-    return "transformer_blocks.1"
+    return "layers.1" if model.family.name == "zimage" else "transformer_blocks.1"
 
 
 @dataclass(frozen=True)
