@@ -148,6 +148,8 @@ _VAE_SHAPE = dict(
     norm_num_groups=8,
     sample_size=64,
 )
+# FLUX-like transformers: 2 double + 2 single blocks of 16-dim heads over 2x2-packed 4-channel latents.
+_FLUX_BLOCKS = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16)
 # The FLUX.1 VAE's latent statistics (also Chroma's and Z-Image's VAE).
 _FLUX_VAE = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
 
@@ -287,11 +289,7 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
     """FLUX's layout: 2 double-stream + 2 single-stream blocks, 2 heads x 16 dims, RoPE axes (4, 4, 8)."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
+        **_FLUX_BLOCKS,
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=32,
@@ -312,6 +310,15 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
     )
 
 
+def _assemble(pipeline_class: type, transformer, vae, text_encoder, tokenizer, shift: float = 1.0) -> Any:
+    """The newer pipelines' common shape: one text encoder with its tokenizer, a VAE, a flow-matching scheduler."""
+    _frozen(transformer, vae, text_encoder)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    return pipeline_class(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
 def tiny_flux2(seed: int = 0) -> Flux2Pipeline:
     """FLUX.2's layout: 2 double-stream blocks (Flux2Attention) + 2 single-stream blocks (Flux2ParallelSelfAttention,
     fused QKV+MLP projection), 4 heads x 16 dims, 4-axis RoPE over (T, H, W, L) ids, guidance embedding; a
@@ -321,11 +328,7 @@ def tiny_flux2(seed: int = 0) -> Flux2Pipeline:
     torch.manual_seed(seed)
     tokenizer = tiny_mistral_tokenizer()
     transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
+        **_FLUX_BLOCKS,
         num_attention_heads=4,
         joint_attention_dim=3 * 32,
         timestep_guidance_channels=32,
@@ -335,14 +338,7 @@ def tiny_flux2(seed: int = 0) -> Flux2Pipeline:
     )
     vae = AutoencoderKLFlux2(**{**_VAE_SHAPE, "norm_num_groups": 8}, latent_channels=4, patch_size=(2, 2))
     text_encoder = tiny_mistral3(tokenizer)
-    _frozen(transformer, vae, text_encoder)
-    return Flux2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
+    return _assemble(Flux2Pipeline, transformer, vae, text_encoder, tokenizer)
 
 
 def tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
@@ -374,14 +370,7 @@ def tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
         latents_std=[1.0] * z_dim,
     )
     text_encoder = tiny_qwen25vl(tokenizer)
-    _frozen(transformer, vae, text_encoder)
-    return QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
+    return _assemble(QwenImagePipeline, transformer, vae, text_encoder, tokenizer)
 
 
 def tiny_zimage(seed: int = 0) -> ZImagePipeline:
@@ -408,14 +397,7 @@ def tiny_zimage(seed: int = 0) -> ZImagePipeline:
     )
     vae = AutoencoderKL(**_VAE_SHAPE, latent_channels=16, **_FLUX_VAE)
     text_encoder = tiny_qwen3(tokenizer)
-    _frozen(transformer, vae, text_encoder)
-    return ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
+    return _assemble(ZImagePipeline, transformer, vae, text_encoder, tokenizer, shift=3.0)
 
 
 def tiny_chroma(seed: int = 0) -> ChromaPipeline:
@@ -424,11 +406,7 @@ def tiny_chroma(seed: int = 0) -> ChromaPipeline:
     attention mask reaches every layer."""
     torch.manual_seed(seed)
     transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
+        **_FLUX_BLOCKS,
         num_attention_heads=4,
         joint_attention_dim=32,
         axes_dims_rope=(4, 6, 6),
@@ -436,12 +414,4 @@ def tiny_chroma(seed: int = 0) -> ChromaPipeline:
         approximator_hidden_dim=32,
         approximator_layers=2,
     )
-    vae, text_encoder = _vae(**_FLUX_VAE), _t5(32)
-    _frozen(transformer, vae, text_encoder)
-    return ChromaPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tiny_t5_tokenizer(),
-        transformer=transformer,
-    )
+    return _assemble(ChromaPipeline, transformer, _vae(**_FLUX_VAE), _t5(32), tiny_t5_tokenizer())
