@@ -28,7 +28,8 @@ class StepContext:
 
     Attributes:
         family: the denoiser's family (patch size, token order).
-        timestep: the raw timestep the denoiser received (first batch element), or None before any call.
+        timestep: the raw timestep the denoiser received (first batch element), or None before any call;
+            ``family.scheduler_timestep`` turns it into the scheduler's t on the 0-1000 scale.
         progress: position in the denoising schedule in [0, 1]: 0 at the first (noisiest) step.
         step_index: index of the current step in the scheduler's schedule, None for a bare denoiser.
         num_steps: number of distinct steps in that schedule, None for a bare denoiser.
@@ -128,12 +129,25 @@ def _first_value(value: Any) -> float | None:
     return float(value)
 
 
-def _latent_hw(sample: torch.Tensor, family: Family, img_ids: torch.Tensor | None) -> tuple[int, int]:
+def _batch_and_latent(sample: Any, family: Family, bound: dict[str, Any]) -> tuple[int, tuple[int, int]] | None:
+    """(batch rows, latent grid) of a call, or None when the sample is neither a tensor nor a list of them."""
+    if isinstance(sample, torch.Tensor):
+        return int(sample.shape[0]), _latent_hw(sample, family, bound)
+    if isinstance(sample, list) and sample and isinstance(sample[0], torch.Tensor):
+        return len(sample), (int(sample[0].shape[-2]), int(sample[0].shape[-1]))  # Z-Image: [C, F, H, W] per row
+    return None
+
+
+def _latent_hw(sample: torch.Tensor, family: Family, bound: dict[str, Any]) -> tuple[int, int]:
     if sample.dim() == 4:
         return int(sample.shape[-2]), int(sample.shape[-1])
-    if img_ids is not None:  # FLUX packs 2x2 latent patches into tokens; img_ids hold (_, row, col)
+    img_ids, img_shapes = bound.get("img_ids"), bound.get("img_shapes")
+    if img_ids is not None:  # FLUX-likes pack 2x2 latent patches into tokens; img_ids hold (_, row, col, ...)
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
         rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        return rows * family.patch_size, cols * family.patch_size
+    if img_shapes:  # Qwen-Image: per row, a list of (frames, token rows, token cols); the first is the target
+        _, rows, cols = img_shapes[0][0]
         return rows * family.patch_size, cols * family.patch_size
     raise ValueError(f"cannot infer the latent grid from a sample of shape {tuple(sample.shape)}")
 
@@ -157,21 +171,21 @@ def make_clock_hook(
     def clock_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        sample = bound.get(sample_name)
-        t = _first_value(bound.get("timestep"))
+        t = _first_value(bound.get("timestep", bound.get("t")))  # Z-Image names its timestep `t`
         context.timestep = t
         context.roles = None
-        if isinstance(sample, torch.Tensor):
-            context.batch_size = int(sample.shape[0])
-            context.latent_hw = _latent_hw(sample, context.family, bound.get("img_ids"))
+        seen = _batch_and_latent(bound.get(sample_name), context.family, bound)
+        if seen is not None:
+            context.batch_size, context.latent_hw = seen
+        # the pipelines pass t, t / 1000 (FLUX-likes, Qwen-Image) or 1 - t / 1000 (Z-Image): undo that first
+        t_1000 = None if t is None else context.family.scheduler_timestep(t)
         current = scheduler()
-        found = locate_timestep(t, getattr(current, "timesteps", None)) if t is not None else None
+        found = locate_timestep(t_1000, getattr(current, "timesteps", None)) if t_1000 is not None else None
         if found is not None:
             context.step_index, context.num_steps = found
             context.progress = found[0] / found[1]
         else:
             context.step_index = context.num_steps = None
-            scale = 1.0 if context.family.name == "flux" else 1000.0  # FLUX passes sigma in [0, 1]
-            context.progress = 0.0 if t is None else min(1.0, max(0.0, 1.0 - t / scale))
+            context.progress = 0.0 if t_1000 is None else min(1.0, max(0.0, 1.0 - t_1000 / 1000.0))
 
     return clock_hook

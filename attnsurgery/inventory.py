@@ -17,6 +17,8 @@ from .families import Family, detect_family
 
 __all__ = [
     "AttentionLayer",
+    "LayerKind",
+    "TextPlacement",
     "ModelInfo",
     "describe",
     "is_attention_module",
@@ -25,7 +27,18 @@ __all__ = [
     "find_token_grid",
 ]
 
-LayerKind = Literal["self", "cross", "joint", "single"]
+LayerKind = Literal["self", "cross", "joint", "single", "text"]
+TextPlacement = Literal["first", "last"]
+
+# DiT block lists whose layers are of one kind whatever their modules look like: FLUX-like single-stream
+# blocks and Z-Image's joint ``layers`` attend over one concatenated sequence, Z-Image's ``noise_refiner`` over
+# image tokens (and pads) only, its ``context_refiner`` over caption tokens only.
+_BLOCK_KINDS: dict[str, LayerKind] = {
+    "single_transformer_blocks": "single",
+    "layers": "single",
+    "noise_refiner": "self",
+    "context_refiner": "text",
+}
 
 #: U-Net levels a token count is looked up in: more 2x downsamplings than any supported U-Net has.
 MAX_LEVELS = 8
@@ -44,13 +57,19 @@ class AttentionLayer:
         path: exact module path inside the denoiser (``down_blocks.0.attentions.1.transformer_blocks.0.attn1``).
         module: the attention module itself.
         kind: ``self`` (image tokens attend to image tokens), ``cross`` (image to text),
-            ``joint`` (MMDiT: image and text streams attend jointly), ``single`` (FLUX single-stream block:
-            one concatenated text+image sequence).
+            ``joint`` (MMDiT: image and text streams attend jointly), ``single`` (FLUX single-stream block,
+            Z-Image main layer: one concatenated text+image sequence), ``text`` (text tokens only: Z-Image's
+            ``context_refiner``; image plugins skip these).
         heads: number of attention heads.
         head_dim: channels per head.
         level: U-Net resolution level (0 = full latent resolution, +1 per 2x downsampling); None on DiTs.
-        block_index: DiT block number (FLUX counts double-stream blocks first, then single-stream ones);
-            None on U-Nets.
+        block_index: DiT block number, counted along the block lists in the order the forward runs them
+            (FLUX: double-stream blocks, then single-stream ones; Z-Image: ``noise_refiner``,
+            ``context_refiner``, then ``layers``); None on U-Nets.
+        text_placement: where the non-image tokens (text, and pad tokens) sit in the sequence that reaches
+            this layer's scaled_dot_product_attention call: ``"first"`` (FLUX-likes, Qwen-Image: [text, image])
+            or ``"last"`` (SD3, Z-Image: [image, text, pads]; image-only DiT layers: [image, pads]). Declared
+            from the family, never guessed from shapes. None on U-Nets and on text-only layers.
     """
 
     path: str
@@ -60,11 +79,12 @@ class AttentionLayer:
     head_dim: int
     level: int | None = None
     block_index: int | None = None
+    text_placement: TextPlacement | None = None
 
     @property
     def is_self_attention(self) -> bool:
         """True where image tokens attend to themselves (self, joint and single layers)."""
-        return self.kind != "cross"
+        return self.kind in ("self", "joint", "single")
 
 
 def level_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
@@ -126,21 +146,35 @@ def _unet_level(path: str, num_levels: int) -> int | None:
 def _layer_kind(path: str, module: torch.nn.Module, family: Family) -> LayerKind:
     if family.kind == "unet":
         return "cross" if getattr(module, "is_cross_attention", False) else "self"
-    if path.startswith("single_transformer_blocks."):
-        return "single"
+    root = path.split(".", 1)[0]
+    if root in _BLOCK_KINDS and root in family.blocks:
+        return _BLOCK_KINDS[root]
     has_text_stream = getattr(module, "added_kv_proj_dim", None) is not None
     return "joint" if has_text_stream else "self"
 
 
-def _dit_block_index(path: str, denoiser: torch.nn.Module) -> int | None:
-    parts = path.split(".")
-    if len(parts) < 2 or not parts[1].isdigit():
+def _text_placement(kind: LayerKind, family: Family) -> TextPlacement | None:
+    """Joint sequences follow the family's order; an image-only DiT layer's extra tokens (Z-Image's pads)
+    come after the image tokens."""
+    if family.kind == "unet" or kind == "text":
         return None
-    if parts[0] == "transformer_blocks":
-        return int(parts[1])
-    if parts[0] == "single_transformer_blocks":
-        return len(getattr(denoiser, "transformer_blocks", ())) + int(parts[1])
-    return None
+    if kind in ("joint", "single") and family.joint_order == "text_image":
+        return "first"
+    return "last"
+
+
+def _dit_block_index(path: str, denoiser: torch.nn.Module, family: Family) -> int | None:
+    parts = path.split(".")
+    if len(parts) < 2 or not parts[1].isdigit() or parts[0] not in family.blocks:
+        return None
+    earlier = family.blocks[: family.blocks.index(parts[0])]
+    return sum(len(getattr(denoiser, name, ())) for name in earlier) + int(parts[1])
+
+
+def _head_dim(module: torch.nn.Module, heads: int) -> int:
+    """Channels per head: FLUX.2's single-stream attention fuses its projections (no ``to_q``) but records it."""
+    head_dim = getattr(module, "head_dim", None)
+    return int(head_dim) if head_dim else module.to_q.out_features // heads
 
 
 @dataclass(frozen=True)
@@ -189,7 +223,7 @@ class ModelInfo:
         """FLOPs of the attention core (Q K^T and A V, 2 FLOPs per multiply-add) for one image."""
         h, w = self.token_grid(layer, latent_hw)
         image, text = h * w, self.family.text_tokens
-        queries = image + text if layer.kind in ("joint", "single") else image
+        queries = {"joint": image + text, "single": image + text, "text": text}.get(layer.kind, image)
         keys = text if layer.kind == "cross" else queries
         return 4 * queries * keys * layer.heads * layer.head_dim
 
@@ -198,7 +232,7 @@ def describe(denoiser: torch.nn.Module, vae_scale_factor: int | None = None) -> 
     """Family and attention inventory of a denoiser (read-only: nothing is changed).
 
     Args:
-        denoiser: a diffusers UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel.
+        denoiser: a diffusers denoiser of a supported family (``attnsurgery.families.SUPPORTED_DENOISERS``).
         vae_scale_factor: pixels per latent cell, when known from the pipeline.
     """
     family = detect_family(denoiser, vae_scale_factor)
@@ -208,17 +242,18 @@ def describe(denoiser: torch.nn.Module, vae_scale_factor: int | None = None) -> 
         if not path or not is_attention_module(module):
             continue
         heads = int(module.heads)
-        head_dim = module.to_q.out_features // heads
         unet = family.kind == "unet"
+        kind = _layer_kind(path, module, family)
         layers.append(
             AttentionLayer(
                 path=path,
                 module=module,
-                kind=_layer_kind(path, module, family),
+                kind=kind,
                 heads=heads,
-                head_dim=head_dim,
+                head_dim=_head_dim(module, heads),
                 level=_unet_level(path, num_levels) if unet else None,
-                block_index=None if unet else _dit_block_index(path, denoiser),
+                block_index=None if unet else _dit_block_index(path, denoiser, family),
+                text_placement=_text_placement(kind, family),
             )
         )
     return ModelInfo(family, tuple(layers), num_levels)

@@ -7,11 +7,13 @@ A layer selector is one of, or a list of:
 - a glob, where ``*`` matches inside one path segment, ``**`` across segments and ``?`` one character:
   ``"up_blocks.*.attentions.*"``;
 - a named group: ``"top"`` (the highest-resolution attention level of a U-Net), ``"mid"``, ``"down"``,
-  ``"up"``, ``"all"``; on DiTs ``"all"``, ``"joint"`` and (FLUX) ``"single"``.
+  ``"up"``, ``"all"``; on DiTs ``"all"``, and ``"joint"`` (two-stream layers) and ``"single"`` (one
+  concatenated sequence: FLUX-like single-stream blocks, Z-Image's main layers) where the model has them.
 
 A head spec adds heads to that: ``"path:head"`` or ``"path:h1,h2"`` (the path as above, the heads integer
-indices) or ``(block_index, head)`` for DiTs (FLUX counts its double-stream blocks first, then the
-single-stream ones). Anything that matches nothing raises a ``ValueError`` that lists the layers that exist.
+indices) or ``(block_index, head)`` for DiTs (blocks counted in the order the forward runs them: FLUX's
+double-stream blocks, then the single-stream ones; Z-Image's noise refiners, context refiners, then layers).
+Anything that matches nothing raises a ``ValueError`` that lists the layers that exist.
 Where a spec arrives as one string (a ComfyUI input, a CLI flag), :func:`split_items` cuts it into items.
 
 Example (``info = describe(pipe.transformer)`` for an SD3 pipeline):
@@ -74,8 +76,8 @@ def groups_of(info: ModelInfo) -> tuple[str, ...]:
     """Named groups that exist for this model."""
     if info.family.kind == "unet":
         return UNET_GROUPS
-    has_single = any(layer.kind == "single" for layer in info.layers)
-    return DIT_GROUPS if has_single else DIT_GROUPS[:2]
+    kinds = {layer.kind for layer in info.layers}
+    return tuple(group for group in DIT_GROUPS if group == "all" or group in kinds)
 
 
 def _group_members(info: ModelInfo, name: str) -> list[AttentionLayer]:

@@ -23,12 +23,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def render_table(info: ModelInfo, height: int, width: int) -> str:
-    """The inspect table: one row per attention layer, then the total."""
+    """The inspect table: one row per attention layer, then the total. ``tokens`` is the image-token grid (the
+    typical text-token count on text-only layers), ``text`` where the layer's non-image tokens sit."""
     factor = info.family.vae_scale_factor
     latent = (max(1, height // factor), max(1, width // factor))
     flops = [info.attention_flops(layer, latent) for layer in info.layers]
     total = sum(flops) or 1
-    rows = [("layer", "kind", "heads", "head_dim", "tokens", "FLOPs %")]
+    rows = [("layer", "kind", "heads", "head_dim", "tokens", "FLOPs %", "text")]
     for layer, layer_flops in zip(info.layers, flops):
         h, w = info.token_grid(layer, latent)
         rows.append(
@@ -37,8 +38,9 @@ def render_table(info: ModelInfo, height: int, width: int) -> str:
                 layer.kind,
                 str(layer.heads),
                 str(layer.head_dim),
-                f"{h}x{w}",
+                f"text:{info.family.text_tokens}" if layer.kind == "text" else f"{h}x{w}",
                 f"{100 * layer_flops / total:.2f}",
+                layer.text_placement or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -47,7 +49,8 @@ def render_table(info: ModelInfo, height: int, width: int) -> str:
         f"image {height}x{width}, latent {latent[0]}x{latent[1]}",
     ]
     for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(row[2:-1], widths[2:-1])] + [row[-1].ljust(widths[-1])]
         lines.append("  ".join(cells))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))

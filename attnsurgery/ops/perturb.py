@@ -63,6 +63,7 @@ def perturb_heads(
     scale: float | None = None,
     temperature: float | None = None,
     image_tokens: slice | None = None,
+    attn_mask: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
     """Blend the attention output of the selected (row, head) pairs toward their perturbed output.
@@ -82,6 +83,9 @@ def perturb_heads(
         temperature: tau > 0 for kind="temperature" (tau > 1 flattens the map).
         image_tokens: for kind="identity" on a joint image+text sequence, the image query/key range; the
             identity is then put on the image-image block only (diffusers' SD3 PAG variant).
+        attn_mask: the original SDPA call's mask (boolean, or added to the logits), broadcastable to
+            [batch, heads, queries, keys]: the image-only identity keeps the text keys it masks out (Chroma's
+            T5 padding, Z-Image's batch padding) masked. The other kinds do not take a mask.
         inplace: write into `out` (saves a copy of it; only where autograd does not need `out`).
 
     Example:
@@ -100,7 +104,8 @@ def perturb_heads(
     op = out[index]  # [P, queries, dim]
     u = weights.to(out.dtype).view(-1, 1, 1)
     if image_tokens is not None:
-        target = _image_only_identity(q[index], k[index], v[index], image_tokens, scale)
+        mask = None if attn_mask is None else attn_mask.expand(*q.shape[:-1], k.shape[-2])[index]
+        target = _image_only_identity(q[index], k[index], v[index], image_tokens, scale, mask)
         blended = op.clone()
         blended[:, image_tokens] = torch.lerp(op[:, image_tokens], target, u)
     else:
@@ -127,7 +132,9 @@ def _perturbed_output(
     return F.scaled_dot_product_attention(q[index], k[index], v[index], scale=scale / temperature)
 
 
-def _image_only_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: slice, scale: float) -> torch.Tensor:
+def _image_only_identity(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: slice, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Image queries attending to the text keys and to their own image key only; [P, image tokens, dim].
 
     Each image query i needs softmax over {text keys} + {k_i}. The extra key k_i differs per query, so we
@@ -148,7 +155,10 @@ def _image_only_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, imag
     text_pad = q.new_zeros(n_pairs, text.numel(), _EXTRA_CHANNELS)
     k_aug = torch.cat([torch.cat([k[:, text], text_pad], dim=-1), extra_key], dim=1)
     v_aug = torch.cat([torch.cat([v[:, text], text_pad], dim=-1), extra_key], dim=1)
-    o_aug = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=scale)
+    if mask is not None:
+        keep = torch.ones_like(mask[:, :1, :1]) if mask.dtype == torch.bool else torch.zeros_like(mask[:, :1, :1])
+        mask = torch.cat([mask[:, image][:, :, text], keep.expand(-1, q_img.shape[1], 1)], dim=-1)
+    o_aug = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, scale=scale)
     return o_aug[..., :dim] + o_aug[..., dim : dim + 1] * v_img
 
 

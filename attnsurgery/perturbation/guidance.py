@@ -10,28 +10,41 @@ at that step, conditional and unconditional alike. Any guidance combination whos
 (1 - w) eps_u + w eps_c; FLUX true CFG, a separate unconditional call; SD3 skip-layer guidance, whose extra
 term is a difference) then gains exactly s_t d, so the wrapper needs neither w nor the combination itself.
 (The alternative, eps_c + (s_t / w) d on the conditional rows only, needs w, which FluxPipeline keeps
-in a local variable.) What the wrapper must know is which rows are conditional: it reads the pipeline's
-`do_classifier_free_guidance` property at call time (SD, SDXL, SD3 pipelines batch [uncond, cond] when it
-is true); a pipeline without that property (FLUX) or a bare denoiser is taken to run conditional rows only.
+in a local variable.) What the wrapper must know is which rows are conditional, from the family's `cfg_layout`:
+- "uncond_cond" (SD, SDXL, SD3): one batch [uncond, cond] while the pipeline's `do_classifier_free_guidance`
+  property (read at call time) is true, else conditional rows only;
+- "cond_uncond" (Z-Image): one batch [cond, uncond] (a list of per-row latents) while CFG runs;
+- "separate" (FLUX true CFG, FLUX.2 Klein, Qwen-Image, Chroma): every call that starts a step is conditional;
+  the pipeline's unconditional pass is a further call at that step (below), whatever text length or attention
+  mask it brings.
+A bare denoiser is taken to run conditional rows only.
 With `guidance_rescale` > 0 the pipeline's rescale sees eps_c + s_t d as the text prediction (diffusers' PAG
-pipelines pass eps_c); without it the results agree.
-A further call at the same step (same timestep and the same noisy-input tensor object: FLUX's unconditional
-pass, SD3's skip-layer pass) gets the stored shift without new perturbed rows.
+pipelines pass eps_c); without it the results agree. Qwen-Image's true CFG rescales the combination to the norm
+of the conditional prediction, here eps_c + s_t d: the term is folded in before that rescale, as CFG's is.
+A further call at the same step (same timestep and the same noisy-input tensor object: the unconditional pass
+of a "separate" layout, SD3's skip-layer pass) gets the stored shift without new perturbed rows.
+Batched inputs are tensors with the batch first, and the per-row lists named in `_PER_ROW_LISTS`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
 
+from ..families import CfgLayout
 from .processor import PerturbationState
 
-# Denoiser kwargs that are not batched even though they are tensors (FLUX's 2-D position ids).
+# Denoiser arguments that are not batched even though they are tensors (the FLUX-likes' position ids).
 _UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})
-_SAMPLE_KWARGS = ("sample", "hidden_states")
+# Denoiser arguments that are Python lists with one entry per batch row: Z-Image's latents and captions (its
+# batch is a list), Qwen-Image's image shapes.
+_PER_ROW_LISTS = frozenset({"x", "cap_feats", "img_shapes"})
+_TIMESTEP_NAMES = ("timestep", "t")  # Z-Image names its timestep `t`
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,8 @@ class PerturbationGuidance:
         schedule: s_t.
         sequential: one extra denoiser pass for the perturbed rows instead of a bigger batch.
         clock: returns (progress in [0, 1], timestep on the 0-1000 scale) of the current call.
-        cfg_active: returns whether the pipeline batches [uncond, cond] right now.
+        cfg_active: returns whether the pipeline runs classifier-free guidance at the current call.
+        cfg_layout: how CFG sits in the calls (see the module docstring).
         image_tokens: returns the number of image tokens of the call (for joint="image_only"), or None.
     """
 
@@ -90,6 +104,7 @@ class PerturbationGuidance:
         clock: Callable[[], tuple[float, float]],
         cfg_active: Callable[[], bool],
         image_tokens: Callable[[], int | None],
+        cfg_layout: CfgLayout = "uncond_cond",
     ) -> None:
         self.state = state
         self.head_weights = head_weights
@@ -97,6 +112,7 @@ class PerturbationGuidance:
         self.sequential = sequential
         self.clock = clock
         self.cfg_active = cfg_active
+        self.cfg_layout = cfg_layout
         self.image_tokens = image_tokens
         self._nested = False
         self._call: dict[str, Any] | None = None
@@ -109,23 +125,23 @@ class PerturbationGuidance:
             return None
         self._call = None
         self.state.deactivate()  # in case the previous call raised before its forward hook ran
-        sample = _sample_of(args, kwargs)
-        batch = sample.shape[0]
+        names = _parameter_names(type(module))
+        sample = _sample_of(args, kwargs, names)
+        batch = _batch_of(sample)
         progress, timestep = self.clock()
         scale = self.schedule.at(progress, timestep)
         if scale == 0.0:
             return None
-        if self._repeats_last_step(args, kwargs, sample):
+        if self._repeats_last_step(args, kwargs, names, sample):
             self._call = {"repeat": True}
             return None
-        cond = _cond_rows(batch, self.cfg_active())
+        cond = _cond_rows(batch, self.cfg_layout != "separate" and self.cfg_active(), self.cfg_layout)
         self._call = {"repeat": False, "scale": scale, "batch": batch, "cond": cond, "args": args, "kwargs": kwargs}
         if self.sequential:
             return None
         perturbed = cond.stop - cond.start
         self.state.activate(range(batch, batch + perturbed), self.head_weights(), self.image_tokens())
-        new_args = _with_rows(args, batch, cond, append=True)
-        return new_args, _with_rows(kwargs, batch, cond, append=True, top=True)
+        return _call_with_rows(args, kwargs, names, batch, cond, append=True)
 
     def post_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """Split off the perturbed rows and add s_t (eps_c - eps_p) to every row of the prompt."""
@@ -142,15 +158,15 @@ class PerturbationGuidance:
         else:
             eps, eps_p = eps[:batch], eps[batch:]
         shift = call["scale"] * (eps[cond] - eps_p)
-        args, kwargs = call["args"], call["kwargs"]
-        self._memo = _StepMemo(_timestep_of(args, kwargs), _sample_of(args, kwargs), shift)
+        args, kwargs, names = call["args"], call["kwargs"], _parameter_names(type(module))
+        self._memo = _StepMemo(_timestep_of(args, kwargs, names), _sample_of(args, kwargs, names), shift)
         return _replace_sample(output, eps + _tile(shift, batch))
 
     # ------------------------------------------------------------------------------------- helpers
     def _perturbed_pass(self, module: torch.nn.Module, call: dict[str, Any]) -> torch.Tensor:
         """The conditional rows once more, all of them perturbed (peak memory: the smaller batch)."""
-        args = _with_rows(call["args"], call["batch"], call["cond"], append=False)
-        kwargs = _with_rows(call["kwargs"], call["batch"], call["cond"], append=False, top=True)
+        names = _parameter_names(type(module))
+        args, kwargs = _call_with_rows(call["args"], call["kwargs"], names, call["batch"], call["cond"], append=False)
         self.state.activate(range(call["cond"].stop - call["cond"].start), self.head_weights(), self.image_tokens())
         self._nested = True
         try:
@@ -159,14 +175,14 @@ class PerturbationGuidance:
             self._nested = False
             self.state.deactivate()
 
-    def _repeats_last_step(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> bool:
+    def _repeats_last_step(self, args: tuple, kwargs: dict, names: tuple[str, ...], sample: Any) -> bool:
         """Whether this call predicts again at the step just guided: the pipeline hands over the very same
         noisy-input tensor (FLUX's unconditional pass, SD3's skip-layer pass) at the same timestep. Object
         identity, not equal values: a new run with the same seed starts from a new tensor."""
         memo = self._memo
-        if memo is None or sample is not memo.sample or sample.shape[0] % memo.shift.shape[0]:
+        if memo is None or sample is not memo.sample or _batch_of(sample) % memo.shift.shape[0]:
             return False
-        timestep = _timestep_of(args, kwargs)
+        timestep = _timestep_of(args, kwargs, names)
         return timestep.flatten()[:1].tolist() == memo.timestep.flatten()[:1].tolist()
 
 
@@ -175,66 +191,103 @@ def _tile(shift: torch.Tensor, batch: int) -> torch.Tensor:
     return shift.repeat(batch // shift.shape[0], *[1] * (shift.ndim - 1))
 
 
-def _cond_rows(batch: int, cfg: bool) -> slice:
-    """The conditional rows: the second half of a [uncond, cond] CFG batch, else all of them."""
-    if cfg:
-        if batch % 2:
-            raise RuntimeError(
-                f"the pipeline reports classifier-free guidance but the denoiser got an odd batch of "
-                f"{batch}; "
-                "perturbation guidance expects [uncond, cond] halves"
-            )
-        return slice(batch // 2, batch)
-    return slice(0, batch)
+def _cond_rows(batch: int, cfg: bool, layout: CfgLayout) -> slice:
+    """The conditional rows: one half of a CFG batch ([uncond, cond] or [cond, uncond]), else all of them."""
+    if not cfg:
+        return slice(0, batch)
+    if batch % 2:
+        halves = "[cond, uncond]" if layout == "cond_uncond" else "[uncond, cond]"
+        raise RuntimeError(
+            f"the pipeline reports classifier-free guidance but the denoiser got an odd batch of {batch}; "
+            f"perturbation guidance expects {halves} halves"
+        )
+    return slice(0, batch // 2) if layout == "cond_uncond" else slice(batch // 2, batch)
 
 
-def _with_rows(value: Any, batch: int, rows: slice, append: bool, top: bool = False) -> Any:
+@lru_cache(maxsize=32)
+def _parameter_names(denoiser_class: type) -> tuple[str, ...]:
+    """The denoiser's forward parameters in order, to name positional arguments."""
+    return tuple(p for p in inspect.signature(denoiser_class.forward).parameters if p != "self")
+
+
+def _call_with_rows(
+    args: tuple, kwargs: dict, names: tuple[str, ...], batch: int, rows: slice, append: bool
+) -> tuple[tuple, dict]:
+    """A denoiser call's arguments with the batch rows `rows` appended (or only those rows kept)."""
+
+    def one(name: str, value: Any) -> Any:
+        if name in _UNBATCHED_KWARGS:
+            return value
+        if name in _PER_ROW_LISTS and isinstance(value, list) and len(value) == batch:
+            return value + value[rows] if append else value[rows]
+        return _with_rows(value, batch, rows, append)
+
+    new_args = tuple(one(name, value) for name, value in zip(names, args))
+    return new_args, {key: one(key, value) for key, value in kwargs.items()}
+
+
+def _with_rows(value: Any, batch: int, rows: slice, append: bool) -> Any:
     """Every batched tensor in `value` (nested tuples, lists, dicts) with rows appended or selected."""
     if isinstance(value, torch.Tensor):
         if value.ndim == 0 or value.shape[0] != batch:
             return value
         return torch.cat([value, value[rows]]) if append else value[rows]
     if isinstance(value, dict):
-        return {
-            key: item if top and key in _UNBATCHED_KWARGS else _with_rows(item, batch, rows, append)
-            for key, item in value.items()
-        }
+        return {key: _with_rows(item, batch, rows, append) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         items = [_with_rows(item, batch, rows, append) for item in value]
         return type(value)(items) if isinstance(value, list) or type(value) is tuple else type(value)(*items)
     return value
 
 
-def _sample_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The noisy input: the first positional argument or `sample` / `hidden_states`."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    for name in _SAMPLE_KWARGS:
-        if isinstance(kwargs.get(name), torch.Tensor):
-            return kwargs[name]
-    raise RuntimeError("perturbation guidance found no noisy input (`sample` or `hidden_states`) in the denoiser call")
+def _argument(args: tuple, kwargs: dict, names: tuple[str, ...], name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    index = names.index(name) if name in names else len(args)
+    return args[index] if index < len(args) else None
 
 
-def _timestep_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The timestep argument as a tensor (second positional argument or `timestep`)."""
-    value = kwargs["timestep"] if "timestep" in kwargs else args[1]
-    return torch.as_tensor(value)
+def _sample_of(args: tuple, kwargs: dict, names: tuple[str, ...]) -> torch.Tensor | list[torch.Tensor]:
+    """The noisy input, the denoiser's first parameter: a tensor, or (Z-Image) a list of per-row tensors."""
+    sample = _argument(args, kwargs, names, names[0])
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(sample, list) and sample and all(isinstance(row, torch.Tensor) for row in sample):
+        return sample
+    raise NotImplementedError(
+        f"perturbation guidance cannot read the batch of this denoiser call: its `{names[0]}` is "
+        f"{type(sample).__name__}{' of lists' if isinstance(sample, list) else ''}, not a tensor or a list of "
+        "tensors (Z-Image's omni/edit mode is not supported); use a text-to-image pipeline"
+    )
+
+
+def _batch_of(sample: torch.Tensor | list[torch.Tensor]) -> int:
+    return len(sample) if isinstance(sample, list) else int(sample.shape[0])
+
+
+def _timestep_of(args: tuple, kwargs: dict, names: tuple[str, ...]) -> torch.Tensor:
+    """The timestep argument as a tensor."""
+    name = next((n for n in _TIMESTEP_NAMES if n in names or n in kwargs), _TIMESTEP_NAMES[0])
+    return torch.as_tensor(_argument(args, kwargs, names, name))
 
 
 def _sample_out(output: Any) -> torch.Tensor:
-    """The prediction inside a denoiser output (tuple, ModelOutput or tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output
+    """The prediction inside a denoiser output (tuple, ModelOutput or tensor); Z-Image's per-row list of
+    predictions (one image size per call) is stacked."""
     if isinstance(output, tuple):
-        return output[0]
-    return output.sample
+        output = output[0]
+    elif not isinstance(output, (torch.Tensor, list)):
+        output = output.sample
+    return torch.stack(output) if isinstance(output, list) else output
 
 
 def _replace_sample(output: Any, sample: torch.Tensor) -> Any:
-    """The same kind of output holding `sample`."""
+    """The same kind of output holding `sample` (a list of rows again where the denoiser returned a list)."""
+    if isinstance(output, tuple):
+        return (_replace_sample(output[0], sample), *output[1:])
+    if isinstance(output, list):
+        return list(sample.unbind(0))
     if isinstance(output, torch.Tensor):
         return sample
-    if isinstance(output, tuple):
-        return (sample, *output[1:])
-    output.sample = sample
+    output.sample = _replace_sample(output.sample, sample)
     return output

@@ -41,13 +41,11 @@ class PerturbationState:
         kind: the perturbation ("identity", "uniform", "mean_query", "temperature").
         temperature: tau for kind="temperature".
         image_only: put the identity on the image-image block of a joint sequence only.
-        text_first: joint token order (FLUX: text then image; SD3: image then text).
     """
 
     kind: str = "identity"
     temperature: float | None = None
     image_only: bool = False
-    text_first: bool = False
     plans: dict[str, LayerPlan] = field(default_factory=dict)
     num_image_tokens: int | None = None
 
@@ -77,24 +75,32 @@ class PerturbationState:
         self.plans = {}
         self.num_image_tokens = None
 
-    def image_tokens(self, num_tokens: int) -> slice | None:
-        """The image range in a joint sequence of `num_tokens` tokens, when image_only applies."""
+    def image_tokens(self, num_tokens: int, text_first: bool) -> slice | None:
+        """The image range in a sequence of `num_tokens` tokens whose other tokens come first or last (the
+        layer's declared text placement), when image_only applies."""
         if not self.image_only or self.num_image_tokens is None:
             return None
         n_image = min(self.num_image_tokens, num_tokens)
-        return slice(num_tokens - n_image, num_tokens) if self.text_first else slice(0, n_image)
+        return slice(num_tokens - n_image, num_tokens) if text_first else slice(0, n_image)
 
 
 class HeadPerturbationProcessor(WrappingProcessor):
     """Runs the layer's own processor and blends the selected heads of the perturbed rows.
 
     Inactive (no plan for this layer), it is a plain pass-through, so outputs are bit-identical.
+
+    Args:
+        inner: the layer's own processor.
+        path: the layer's path (its key in the state's plans).
+        state: the state shared with the guidance wrapper.
+        text_first: the layer's non-image tokens come before its image tokens (``text_placement == "first"``).
     """
 
-    def __init__(self, inner: Any, path: str, state: PerturbationState) -> None:
+    def __init__(self, inner: Any, path: str, state: PerturbationState, text_first: bool = False) -> None:
         super().__init__(inner)
         self.path = path
         self.state = state
+        self.text_first = text_first
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = self.state.plans.get(self.path)
@@ -138,6 +144,7 @@ class HeadPerturbationProcessor(WrappingProcessor):
             self.state.kind,
             scale=call["scale"],
             temperature=self.state.temperature,
-            image_tokens=self.state.image_tokens(q.shape[-2]),
+            image_tokens=self.state.image_tokens(q.shape[-2], self.text_first),
+            attn_mask=call["attn_mask"],
             inplace=not torch.is_grad_enabled(),
         )

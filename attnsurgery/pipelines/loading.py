@@ -30,7 +30,15 @@ __all__ = [
     "default_guidance_scale",
 ]
 
-DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+DENOISER_CLASSES = (
+    "UNet2DConditionModel",
+    "SD3Transformer2DModel",
+    "FluxTransformer2DModel",
+    "Flux2Transformer2DModel",
+    "QwenImageTransformer2DModel",
+    "ZImageTransformer2DModel",
+    "ChromaTransformer2DModel",
+)
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 

@@ -211,8 +211,9 @@ def _folder_shape(folder: Path) -> ModelShape:
     family = detect_family(meta_module(spec.class_name, spec.config), spec.vae_scale_factor)
     if family.name not in FAMILY_SHAPES:
         raise NotImplementedError(
-            f"{folder}: random weights are built for text-to-image models; "
-            f"{family.name} is not one ({', '.join(FAMILY_SHAPES)} are)"
+            f"{folder}: random-weight pipelines are built for the families {', '.join(FAMILY_SHAPES)}, not "
+            f"{family.name} (inpainting models and the newer DiTs, whose text encoders are LLMs, have no shape "
+            "here yet); benchmark it from a folder with its weights instead"
         )
     base = SHAPES[FAMILY_SHAPES[family.name]]
     root = folder if (folder / "model_index.json").is_file() else folder.parent

@@ -38,12 +38,14 @@ def default_layers(model: ModelInfo) -> str:
     - U-Nets: the mid block's self-attention (the PAG authors' choice for SD1.5, diffusers' "mid").
     - SD3 / SD3.5: block 1 exactly (``transformer_blocks.1``; diffusers' regex "blocks.1" also hits
       blocks 10-19). On SD3.5 with dual attention in block 1 this includes its image-only ``attn2``.
-    - FLUX: the second double-stream block, ``transformer_blocks.1``: no published whole-layer preset
-      exists (diffusers' PAG guider raises on FLUX), so we follow SD3's default, an early joint block.
+    - FLUX, FLUX.2, Chroma, Qwen-Image: the second double-stream block, ``transformer_blocks.1``: no
+      published whole-layer preset exists (diffusers' PAG guider raises on FLUX), so we follow SD3's default,
+      an early joint block.
+    - Z-Image: for the same reason its second joint layer, ``layers.1`` (its refiners see one stream only).
     """
     if model.family.kind == "unet":
         return "mid"
-    return "transformer_blocks.1"
+    return "layers.1" if model.family.name == "zimage" else "transformer_blocks.1"
 
 
 @dataclass(frozen=True)
@@ -178,16 +180,12 @@ def install_perturbation(
         schedule: s_t over the run.
         kind, temperature, joint, sequential: as in `PerturbedAttention`.
     """
-    family = surgery.model.family
-    state = PerturbationState(
-        kind=kind,
-        temperature=temperature,
-        image_only=joint == "image_only",
-        text_first=family.joint_order == "text_image",
-    )
+    state = PerturbationState(kind=kind, temperature=temperature, image_only=joint == "image_only")
     for path in paths:
         layer = surgery.model.layer(path)
-        surgery.set_processor(layer, HeadPerturbationProcessor(layer.module.processor, path, state), role="heads")
+        text_first = layer.text_placement == "first"
+        processor = HeadPerturbationProcessor(layer.module.processor, path, state, text_first=text_first)
+        surgery.set_processor(layer, processor, role="heads")
     surgery.claim("<denoiser>", "guidance")
     guidance = PerturbationGuidance(
         state=state,
@@ -195,8 +193,9 @@ def install_perturbation(
         schedule=schedule,
         sequential=sequential,
         clock=lambda: _clock(surgery),
-        cfg_active=lambda: _pipeline_runs_cfg(surgery.pipeline),
+        cfg_active=lambda: _pipeline_runs_cfg(surgery.pipeline, _clock(surgery)[1]),
         image_tokens=lambda: _image_tokens(surgery),
+        cfg_layout=surgery.model.family.cfg_layout,
     )
     surgery.add_hook(surgery.denoiser, guidance.pre_hook, pre=True, with_kwargs=True)
     surgery.add_hook(surgery.denoiser, guidance.post_hook, pre=False, with_kwargs=True)
@@ -204,18 +203,23 @@ def install_perturbation(
 
 
 def _clock(surgery: Surgery) -> tuple[float, float]:
-    """(progress, timestep on the 0-1000 scale) of the current call; FLUX passes t / 1000."""
+    """(progress, timestep on the 0-1000 scale) of the current call, whatever the pipeline passes as timestep."""
     context = surgery.context
-    t = context.timestep if context.timestep is not None else 1000.0 * (1.0 - context.progress)
-    return context.progress, t * 1000.0 if surgery.model.family.name == "flux" else t
+    if context.timestep is None:
+        return context.progress, 1000.0 * (1.0 - context.progress)
+    return context.progress, surgery.model.family.scheduler_timestep(context.timestep)
 
 
-def _pipeline_runs_cfg(pipeline: Any) -> bool:
-    """Whether the pipeline batches [uncond, cond] now: its own property, read at call time."""
+def _pipeline_runs_cfg(pipeline: Any, timestep: float) -> bool:
+    """Whether the pipeline batches CFG rows now: its own property, read at call time. ZImagePipeline keeps the
+    property true but drops CFG at the steps where (1000 - t) / 1000 exceeds its `cfg_truncation`; that rule is
+    its own (pipeline_z_image.py), read from the same attribute it reads."""
     try:
-        return bool(getattr(pipeline, "do_classifier_free_guidance", False))
+        cfg = bool(getattr(pipeline, "do_classifier_free_guidance", False))
     except AttributeError:  # a property reading state that this pipeline never set
         return False
+    cut = getattr(pipeline, "_cfg_truncation", None)
+    return cfg and not (cut is not None and float(cut) <= 1 and (1000.0 - timestep) / 1000.0 > float(cut))
 
 
 def _image_tokens(surgery: Surgery) -> int | None:

@@ -9,7 +9,19 @@ Example:
 """
 
 from .restore import PipelineState, assert_restored, snapshot
-from .tiny import byte_clip_tokenizer, tiny_flux, tiny_sd3, tiny_sd15, tiny_sd35, tiny_sdxl, tiny_t5_tokenizer
+from .tiny import (
+    byte_clip_tokenizer,
+    tiny_chroma,
+    tiny_flux,
+    tiny_flux2,
+    tiny_qwenimage,
+    tiny_sd3,
+    tiny_sd15,
+    tiny_sd35,
+    tiny_sdxl,
+    tiny_t5_tokenizer,
+    tiny_zimage,
+)
 
 __all__ = [
     "tiny_sd15",
@@ -17,6 +29,10 @@ __all__ = [
     "tiny_sd3",
     "tiny_sd35",
     "tiny_flux",
+    "tiny_flux2",
+    "tiny_qwenimage",
+    "tiny_zimage",
+    "tiny_chroma",
     "byte_clip_tokenizer",
     "tiny_t5_tokenizer",
     "PipelineState",

@@ -1,9 +1,14 @@
 """Tiny random-weight pipelines of the real architectures, built offline in well under a second.
 
 They keep the real module trees (SD1.5's four U-Net levels with attention in the top three, SDXL's
-``transformer_layers_per_block`` (1, 2, 10), SD3/SD3.5 MMDiT blocks, FLUX double and single blocks), so
-presets, selectors and peers that key on module paths behave as on the full-size models. Tokenizers are
-byte-level CLIP BPE (no merges) and a small Unigram T5, so no file is downloaded.
+``transformer_layers_per_block`` (1, 2, 10), SD3/SD3.5 MMDiT blocks, FLUX, FLUX.2 and Chroma double and single
+blocks, Qwen-Image's dual-stream blocks, Z-Image's refiners and joint layers), so presets, selectors and peers
+that key on module paths behave as on the full-size models. Tokenizers are byte-level CLIP BPE (no merges), a
+small Unigram T5 and the in-process BPEs of `tiny_text`, so no file is downloaded.
+
+Calling conventions of the newer pipelines: Flux2Pipeline's first positional argument is ``image`` (pass
+``prompt=``); Qwen-Image runs CFG only with ``negative_prompt`` and ``true_cfg_scale > 1``; Chroma with
+``guidance_scale > 1``; Z-Image with ``guidance_scale > 0``.
 
 Example:
     >>> pipe = tiny_sd15()
@@ -18,16 +23,26 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -40,8 +55,21 @@ from transformers import (
 )
 
 from ..reference.model import bytes_to_unicode
+from .tiny_text import tiny_mistral3, tiny_mistral_tokenizer, tiny_qwen3, tiny_qwen25vl, tiny_qwen_tokenizer
 
-__all__ = ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_sd35", "tiny_flux", "byte_clip_tokenizer", "tiny_t5_tokenizer"]
+__all__ = [
+    "tiny_sd15",
+    "tiny_sdxl",
+    "tiny_sd3",
+    "tiny_sd35",
+    "tiny_flux",
+    "tiny_flux2",
+    "tiny_qwenimage",
+    "tiny_zimage",
+    "tiny_chroma",
+    "byte_clip_tokenizer",
+    "tiny_t5_tokenizer",
+]
 
 CLIP_VOCAB = 514  # 256 bytes, 256 word-final bytes, <|startoftext|>, <|endoftext|>
 CLIP_BOS, CLIP_EOS = 512, 513
@@ -107,18 +135,23 @@ def _t5(d_model: int) -> T5EncoderModel:
 
 def _vae(**kwargs: Any) -> AutoencoderKL:
     """Four levels, so ``vae_scale_factor`` is 8 as in the real models."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        **kwargs,
-    )
+    return AutoencoderKL(**_VAE_SHAPE, latent_channels=4, **kwargs)
+
+
+_VAE_SHAPE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+# FLUX-like transformers: 2 double + 2 single blocks of 16-dim heads over 2x2-packed 4-channel latents.
+_FLUX_BLOCKS = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16)
+# The FLUX.1 VAE's latent statistics (also Chroma's and Z-Image's VAE).
+_FLUX_VAE = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
 
 
 def _frozen(*modules: torch.nn.Module) -> None:
@@ -256,18 +289,14 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
     """FLUX's layout: 2 double-stream + 2 single-stream blocks, 2 heads x 16 dims, RoPE axes (4, 4, 8)."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
+        **_FLUX_BLOCKS,
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=(4, 4, 8),
         guidance_embeds=guidance_embeds,
     )
-    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    vae = _vae(**_FLUX_VAE)
     te1, te2 = _clip(), _t5(32)
     _frozen(transformer, vae, te1, te2)
     return FluxPipeline(
@@ -279,3 +308,110 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
         tokenizer_2=tiny_t5_tokenizer(),
         transformer=transformer,
     )
+
+
+def _assemble(pipeline_class: type, transformer, vae, text_encoder, tokenizer, shift: float = 1.0) -> Any:
+    """The newer pipelines' common shape: one text encoder with its tokenizer, a VAE, a flow-matching scheduler."""
+    _frozen(transformer, vae, text_encoder)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    return pipeline_class(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def tiny_flux2(seed: int = 0) -> Flux2Pipeline:
+    """FLUX.2's layout: 2 double-stream blocks (Flux2Attention) + 2 single-stream blocks (Flux2ParallelSelfAttention,
+    fused QKV+MLP projection), 4 heads x 16 dims, 4-axis RoPE over (T, H, W, L) ids, guidance embedding; a
+    30-layer Mistral3 encoder whose hidden states 10, 20, 30 are stacked (3 x 32 = joint_attention_dim). The
+    AutoencoderKLFlux2 has four levels (factor 8) and its 2x2 patchified latents give 4 x 4 = 16 channels.
+    The text is padded to ``max_sequence_length`` and not masked, as in the real pipeline: keep it short."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_mistral_tokenizer()
+    transformer = Flux2Transformer2DModel(
+        **_FLUX_BLOCKS,
+        num_attention_heads=4,
+        joint_attention_dim=3 * 32,
+        timestep_guidance_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True,
+    )
+    vae = AutoencoderKLFlux2(**{**_VAE_SHAPE, "norm_num_groups": 8}, latent_channels=4, patch_size=(2, 2))
+    text_encoder = tiny_mistral3(tokenizer)
+    return _assemble(Flux2Pipeline, transformer, vae, text_encoder, tokenizer)
+
+
+def tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image's layout: 2 dual-stream blocks (QwenDoubleStreamAttnProcessor2_0, [text, image]), 4 heads x 16
+    dims, RoPE axes (4, 6, 6), qk RMSNorm; a Qwen2.5-VL encoder (its last hidden state, template prefix dropped,
+    not padded: cond and uncond prompts reach the transformer with different lengths) and the causal-3D
+    AutoencoderKLQwenImage with three spatial downsamplings (factor 8)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, False, False],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    )
+    text_encoder = tiny_qwen25vl(tokenizer)
+    return _assemble(QwenImagePipeline, transformer, vae, text_encoder, tokenizer)
+
+
+def tiny_zimage(seed: int = 0) -> ZImagePipeline:
+    """Z-Image's layout: 2 ``noise_refiner`` blocks (image tokens only), 2 ``context_refiner`` blocks (caption
+    tokens only), 2 main ``layers`` over [image, caption]; each stream padded to a multiple of 32 tokens with a
+    learned, unmasked pad token; 4 heads x 16 dims, qk RMSNorm. A Qwen3 encoder (hidden 32 = cap_feat_dim) and a
+    FLUX-style 16-channel VAE (factor 8)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=64,
+        n_layers=2,
+        n_refiner_layers=2,
+        n_heads=4,
+        n_kv_heads=4,
+        qk_norm=True,
+        cap_feat_dim=32,
+        rope_theta=256.0,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 512, 512],
+    )
+    vae = AutoencoderKL(**_VAE_SHAPE, latent_channels=16, **_FLUX_VAE)
+    text_encoder = tiny_qwen3(tokenizer)
+    return _assemble(ZImagePipeline, transformer, vae, text_encoder, tokenizer, shift=3.0)
+
+
+def tiny_chroma(seed: int = 0) -> ChromaPipeline:
+    """Chroma's layout: FLUX-like 2 double + 2 single blocks, 4 heads x 16 dims, RoPE axes (4, 6, 6), modulation
+    from the ``distilled_guidance_layer`` approximator; T5 only, its padding masked (one pad token kept), so an
+    attention mask reaches every layer."""
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        **_FLUX_BLOCKS,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=64,
+        approximator_hidden_dim=32,
+        approximator_layers=2,
+    )
+    return _assemble(ChromaPipeline, transformer, _vae(**_FLUX_VAE), _t5(32), tiny_t5_tokenizer())

@@ -12,7 +12,7 @@ def saved_sd15(tmp_path_factory):
 
 
 def table_rows(text):
-    prefixes = ("down_", "mid_", "up_", "transformer_", "single_")
+    prefixes = ("down_", "mid_", "up_", "transformer_", "single_", "noise_refiner", "context_refiner", "layers.")
     return [line.split() for line in text.splitlines() if line.startswith(prefixes)]
 
 
@@ -37,6 +37,31 @@ def test_inspect_a_bare_denoiser_folder(tmp_path, capsys):
     rows = table_rows(capsys.readouterr().out)
     assert [r[1] for r in rows] == ["joint", "joint", "single", "single"]
     assert rows[0][4] == "16x16"
+    assert {r[6] for r in rows} == {"first"}
+
+
+@pytest.mark.parametrize(
+    "builder, native, kinds, placements",
+    [
+        (tiny.tiny_flux2, 1024, ["joint"] * 2 + ["single"] * 2, ["first"] * 4),
+        (tiny.tiny_qwenimage, 1328, ["joint"] * 2, ["first"] * 2),
+        (tiny.tiny_zimage, 1024, ["self"] * 2 + ["text"] * 2 + ["single"] * 2, ["last"] * 2 + ["-"] * 2 + ["last"] * 2),
+        (tiny.tiny_chroma, 1024, ["joint"] * 2 + ["single"] * 2, ["first"] * 4),
+    ],
+)
+def test_inspect_the_newer_dits(builder, native, kinds, placements, tmp_path, capsys):
+    """A saved pipeline folder at its native size: kinds, text placement, image grid (2x2 latent cells per
+    token, 16 px per token) and the text count on Z-Image's text-only layers."""
+    builder().save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.split(" (")[0] in ("flux2", "qwenimage", "zimage", "chroma") and f"native {native}px" in out
+    rows = table_rows(out)
+    assert [r[1] for r in rows] == kinds and [r[6] for r in rows] == placements
+    side = native // 16
+    assert {r[4] for r in rows if r[1] != "text"} == {f"{side}x{side}"}
+    assert {r[4] for r in rows if r[1] == "text"} <= {"text:128"}
+    assert abs(sum(float(r[5]) for r in rows) - 100) < 0.1
 
 
 @pytest.mark.parametrize(

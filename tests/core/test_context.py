@@ -40,14 +40,20 @@ def test_sdxl_euler(sdxl):
     assert indices(recorder.log) == [(i, 3) for i in range(3)]
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "flux2", "qwenimage", "zimage", "chroma"])
 def test_flow_matching(name, request):
+    """The pipelines pass t, t / 1000 or (Z-Image) 1 - t / 1000; the latent grid comes from the packed img_ids
+    (FLUX-likes), img_shapes (Qwen-Image) or the per-row latent list (Z-Image). Chroma's CFG is a second call
+    per step, SD3's and Z-Image's a batch of two."""
     pipe = request.getfixturevalue(name)
     recorder = Recorder()
     with surg.patched(pipe, recorder):
         run_pipe(pipe, steps=3, size=(64, 96))
-    assert indices(recorder.log) == [(i, 3) for i in range(3)]
-    assert recorder.log[0]["latent_hw"] == (8, 12)  # FLUX: recovered from the packed img_ids
+    calls = 2 if name == "chroma" else 1
+    assert indices(recorder.log) == [(i, 3) for i in range(3) for _ in range(calls)]
+    assert [e["progress"] for e in recorder.log[::calls]] == [0.0, 1 / 3, 2 / 3]
+    batch = 2 if name in ("sd3", "zimage") else 1
+    assert all(e["latent_hw"] == (8, 12) and e["batch_size"] == batch for e in recorder.log)
 
 
 def test_img2img_with_strength_starts_midway(sd15):

@@ -1,7 +1,7 @@
 import pytest
 
 from attnsurgery.inventory import describe
-from attnsurgery.selectors import split_items
+from attnsurgery.selectors import groups_of, split_items
 from attnsurgery.testing import tiny
 
 
@@ -145,3 +145,39 @@ def test_sd35_dual_attention_is_image_only_self_attention():
     info = describe(tiny.tiny_sd35().transformer)
     assert info.layer("transformer_blocks.0.attn2").kind == "self"
     assert info.layer("transformer_blocks.0.attn").kind == "joint"
+
+
+@pytest.mark.parametrize(
+    "builder, joint, single",
+    [
+        (tiny.tiny_flux2, 2, 2),
+        (tiny.tiny_qwenimage, 2, 0),
+        (tiny.tiny_zimage, 0, 2),
+        (tiny.tiny_chroma, 2, 2),
+    ],
+)
+def test_groups_and_block_heads_on_the_newer_dits(builder, joint, single):
+    """`joint` and `single` groups exist where such layers do; (block, head) counts blocks in forward order, so
+    on Z-Image block 4 is the first joint layer (after 2 noise and 2 context refiners)."""
+    info = describe(builder().transformer)
+    for group, count in (("joint", joint), ("single", single)):
+        if count:
+            assert len(info.select(group)) == count
+        else:
+            assert group not in groups_of(info)
+            with pytest.raises(ValueError, match=f"group '{group}' does not exist"):
+                info.select(group)
+    last = info.layers[-1]
+    assert info.select_heads([(last.block_index, 3)]) == {last.path: frozenset({3})}
+    assert len(info.select("all")) == len(info.layers)
+
+
+def test_zimage_text_only_layers_are_listed_by_kind():
+    info = describe(tiny.tiny_zimage().transformer)
+    assert paths(info.select("context_refiner", kinds=("text",))) == [
+        "context_refiner.0.attention",
+        "context_refiner.1.attention",
+    ]
+    assert info.select_heads([(4, 1)]) == {"layers.0.attention": frozenset({1})}
+    with pytest.raises(ValueError, match=r"context_refiner.0.attention  \(text, 4 heads\)"):
+        info.select("context_refiner.7")

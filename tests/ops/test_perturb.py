@@ -24,12 +24,14 @@ def _weights() -> torch.Tensor:
     return torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.25, 0.0], [0.0, 0.5, 0.0, 1.0]])
 
 
-def _reference(q, k, v, weights, kind, temperature=None, image=None):
-    """o = ((1 - u) A + u P) V with explicit float64 maps [B, H, N, N]."""
+def _reference(q, k, v, weights, kind, temperature=None, image=None, keys=None):
+    """o = ((1 - u) A + u P) V with explicit float64 maps [B, H, N, N]; `keys` [B, N] masks keys out."""
     q, k, v = q.double(), k.double(), v.double()
     scale = 1.0 / math.sqrt(q.shape[-1])
     n = q.shape[-2]
     logits = q @ k.transpose(-1, -2) * scale
+    if keys is not None:
+        logits = logits.masked_fill(~keys[:, None, None, :], float("-inf"))
     a = logits.softmax(-1)
     if image is not None:
         mask = torch.zeros(n, n, dtype=torch.float64)
@@ -76,6 +78,25 @@ def test_image_only_identity_matches_masked_map(image):
     torch.testing.assert_close(new.double(), ref, atol=2e-5, rtol=1e-5)
     text = [i for i in range(N) if not image.start <= i < image.stop]
     assert torch.equal(new[:, :, text], out[:, :, text])
+
+
+@pytest.mark.parametrize("image", [slice(0, 16), slice(8, 24)])
+def test_image_only_identity_keeps_masked_text_keys_out(image):
+    """Chroma masks T5 padding, Z-Image the batch padding: those text keys stay out of the perturbed map."""
+    q, k, v, _ = _inputs(4)
+    keys = torch.ones(B, N, dtype=torch.bool)
+    text = [i for i in range(N) if not image.start <= i < image.stop]
+    keys[1, text[-3:]] = False
+    keys[2, text[:2]] = False
+    mask = keys[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    w = _weights()
+    new = perturb_heads(q, k, v, out, *head_pairs(w), image_tokens=image, attn_mask=mask)
+    ref = _reference(q, k, v, w, "identity", image=image, keys=keys)
+    assert (ref - _reference(q, k, v, w, "identity", image=image)).abs().max() > 1e-2  # the mask matters
+    torch.testing.assert_close(new.double(), ref, atol=2e-5, rtol=1e-5)
+    additive = torch.zeros(B, 1, 1, N).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(perturb_heads(q, k, v, out, *head_pairs(w), image_tokens=image, attn_mask=additive), new)
 
 
 def test_image_only_identity_is_stable_for_large_logits():

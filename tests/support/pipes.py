@@ -9,11 +9,17 @@ DIT_KWARGS = {"max_sequence_length": 16}
 
 def run_pipe(pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64, seed: int = 0, **kwargs):
     """Run a pipeline deterministically and return its output as a float tensor (numpy output type)."""
-    if type(pipe).__name__.startswith(("StableDiffusion3", "Flux")):
+    if type(pipe).__name__.startswith(("StableDiffusion3", "Flux", "QwenImage", "ZImage", "Chroma")):
         kwargs = {**DIT_KWARGS, **kwargs}
     generator = torch.Generator("cpu").manual_seed(seed)
     height, width = (size, size) if isinstance(size, int) else size
-    out = pipe(
-        prompt, num_inference_steps=steps, height=height, width=width, generator=generator, output_type="np", **kwargs
+    out = pipe(  # prompt by keyword: Flux2Pipeline's first positional argument is `image`
+        prompt=prompt,
+        num_inference_steps=steps,
+        height=height,
+        width=width,
+        generator=generator,
+        output_type="np",
+        **kwargs,
     )
     return torch.from_numpy(out.images)
