@@ -39,6 +39,12 @@ CUDA_TILE = (8, 16)
 EVAL_ELEMENTS = 1 << 24
 """Mask entries evaluated at once while building a BlockMask (a 2K grid has 2.9e8)."""
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants of ``flex_attention`` allowed while this backend calls it. Each new shape, dtype or
+score function compiles a variant (``dynamic=True`` fails to build the CPU kernel in torch 2.13), and torch's
+default of 8 would send the ninth (a second resolution, the bf16 pass) to the unfused path, which
+materialises every score."""
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """What FlexAttention's CPU and Triton kernels take (float64 is refused on CPU)."""
 
@@ -228,12 +234,13 @@ def run(
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.where(keep[b, kv_idx], score, -float("inf"))
 
-    out = _compiled()(
-        reorder(q, plan),
-        reorder(k, plan),
-        reorder(v, plan),
-        score_mod=score_mod,
-        block_mask=plan.block_mask,
-        scale=scale,
-    )
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        out = _compiled()(
+            reorder(q, plan),
+            reorder(k, plan),
+            reorder(v, plan),
+            score_mod=score_mod,
+            block_mask=plan.block_mask,
+            scale=scale,
+        )
     return restore(out, plan)

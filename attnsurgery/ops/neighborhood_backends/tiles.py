@@ -105,12 +105,18 @@ def _gather_keys(flat: torch.Tensor, text: torch.Tensor, index: torch.Tensor) ->
 
 
 def _tile_mask(
-    geometric: torch.Tensor | None, halo_keys: int, batch: int, text_keep: torch.Tensor | None, num_text: int
+    geometric: torch.Tensor | None,
+    count: int,
+    halo_keys: int,
+    batch: int,
+    text_keep: torch.Tensor | None,
+    num_text: int,
 ) -> torch.Tensor | None:
     """``[B * tiles, 1, queries or 1, h + T]`` bool for a chunk of tiles, or None when nothing is masked.
 
     Args:
         geometric: ``[tiles, queries, h]`` the chunk's halo mask, or None (every query sees its halo).
+        count: tiles in the chunk.
         halo_keys: ``h``.
         batch: ``B``.
         text_keep: ``[B, T]`` text keys to keep, or None.
@@ -122,7 +128,7 @@ def _tile_mask(
         image = torch.ones(1, 1, 1, halo_keys, dtype=torch.bool, device=text_keep.device)
     else:
         image = geometric[None]
-    count, queries = image.shape[1], image.shape[2]
+    queries = image.shape[2]
     image = image.expand(batch, count, queries, halo_keys)
     text = torch.ones(1, num_text, dtype=torch.bool, device=image.device) if text_keep is None else text_keep
     text = text[:, None, None, :].expand(batch, count, queries, num_text)
@@ -162,7 +168,7 @@ def _attend_subgrid(
         part = index[first : first + chunk]
         count = part.shape[0]
         chunk_mask = None if geometric is None else geometric[first : first + count]
-        mask = _tile_mask(chunk_mask, part.shape[1], batch, text_keep, text_k.shape[2])
+        mask = _tile_mask(chunk_mask, count, part.shape[1], batch, text_keep, text_k.shape[2])
         query = q_tiles[:, first : first + count].reshape(batch * count, heads, -1, dim)
         keys, values = _gather_keys(k_flat, text_k, part), _gather_keys(v_flat, text_v, part)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
