@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +286,28 @@ def test_bad_calls_raise_one_line_errors_naming_the_value_and_the_fix():
         with pytest.raises(kind, match=message) as error:
             neighborhood_attention(*args, **kwargs)
         assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_every_row_with_tiny_shapes():
+    """``benchmarks/bench_neighborhood.py --smoke``: dense SDPA and every backend that can run, in seconds."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_neighborhood.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| 24x24")]
+    assert rows[0][2] == "dense SDPA"
+    timed = {(row[1], row[2]) for row in rows if row[3].strip()}
+    settings = {f"window {w} stride {s}" for w in (8, 12) for s in (1, 4)}
+    assert timed >= {(setting, backend) for setting in settings for backend in ("flex", "tiles", "reference")}
+    flex_rows = [row for row in rows if row[2] == "flex"]
+    assert all("block density" in row[-1] and row[-2].endswith("x") for row in flex_rows)

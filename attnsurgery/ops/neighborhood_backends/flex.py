@@ -216,6 +216,35 @@ def restore(x: torch.Tensor, plan: FlexPlan) -> torch.Tensor:
     return x.index_select(2, plan.inverse)
 
 
+def attend_tiled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: FlexPlan,
+    scale: float | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The compiled kernel on tile-ordered ``[B, H, N, D]`` tensors (what the benchmark times without reordering).
+
+    Args:
+        q: tile-ordered queries (:func:`reorder`).
+        k: tile-ordered keys.
+        v: tile-ordered values.
+        plan: the spec's :func:`flex_plan`.
+        scale: softmax scale; None is ``1 / sqrt(head_dim)``.
+        keep: ``[B, N]`` bool in sequence order, False for keys hidden from every query; None keeps all.
+    """
+    score_mod = None
+    if keep is not None:
+        keep = torch.nn.functional.pad(keep[:, plan.order], (0, plan.padded - keep.shape[1]))
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(keep[b, kv_idx], score, -float("inf"))
+
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _compiled()(q, k, v, score_mod=score_mod, block_mask=plan.block_mask, scale=scale)
+
+
 def run(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -226,21 +255,5 @@ def run(
 ) -> torch.Tensor:
     """Neighbourhood attention with compiled FlexAttention; shapes ``[B, H, N, D]``."""
     plan = flex_plan(spec, q.device)
-    score_mod = None
-    keep = key_keep(text_key_mask, spec)
-    if keep is not None:
-        keep = torch.nn.functional.pad(keep[:, plan.order], (0, plan.padded - spec.num_tokens))
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(keep[b, kv_idx], score, -float("inf"))
-
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        out = _compiled()(
-            reorder(q, plan),
-            reorder(k, plan),
-            reorder(v, plan),
-            score_mod=score_mod,
-            block_mask=plan.block_mask,
-            scale=scale,
-        )
-    return restore(out, plan)
+    tiled = (reorder(x, plan) for x in (q, k, v))
+    return restore(attend_tiled(*tiled, plan, scale, key_keep(text_key_mask, spec)), plan)
