@@ -38,10 +38,10 @@ AUTO_ORDER: tuple[tuple[str, str, Callable[[torch.Tensor, NeighborhoodSpec], boo
     ("reference", "any call", lambda q, spec: True),
 )
 """``auto``'s order: (backend, when it is preferred, the preference). NATTEN's fused kernels first where they
-run; then compiled FlexAttention, which skips unattended key blocks without gathering copies of K and V and
-measured 3-4x faster than ``tiles`` on CPU (docs/techniques/neighborhood-attention.md); ``tiles`` where flex
-cannot run (float64, no compiler) and for a window covering the grid, which is one dense SDPA call per token
-kind and not worth a compilation; ``reference`` last, as it holds the full score matrix."""
+run; then compiled FlexAttention, which skips unattended key blocks without gathering copies of K and V, and
+measured 1.6-2.7x faster than ``tiles`` on CPU at FLUX.1's 2K shape (docs/techniques/neighborhood-attention.md);
+``tiles`` where flex cannot run (float64, no compiler) and for a window covering the grid, which is one dense
+SDPA call per token kind and not worth a compilation; ``reference`` last, as it holds the full score matrix."""
 
 _logged: set[tuple] = set()
 

@@ -92,7 +92,8 @@ def _tile_order(spec: NeighborhoodSpec, tile: tuple[int, int]) -> torch.Tensor:
 
 
 def _mask_mod(spec: NeighborhoodSpec, image_order: torch.Tensor, padded: int, device: torch.device) -> Callable:
-    """The spec's rule on tile-ordered positions through lookup tables, so one compiled graph serves every spec.
+    """The spec's rule on tile-ordered positions through lookup tables: windows are data, not graph constants,
+    so specs of one shape share a compiled kernel.
 
     Positions ``[0, P)`` are the image tokens ``image_order``, then the text tokens, then padding up to
     ``padded`` (never attended).
