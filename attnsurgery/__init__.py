@@ -15,6 +15,7 @@ from .inventory import AttentionLayer, ModelInfo, describe
 from .plugins.agent import AgentAttention, AgentPhase
 from .plugins.base import Plugin, plugin_from_dict
 from .plugins.hidiffusion import HiDiffusion
+from .plugins.neighborhood import NeighborhoodAttention
 from .plugins.perturbation import PerturbedAttention
 from .plugins.token_merging import TokenMerging
 from .surgery import Surgery, active_surgeries, apply, patched, remove
@@ -30,6 +31,7 @@ __all__ = [
     "HeadSet",
     "HiDiffusion",
     "ModelInfo",
+    "NeighborhoodAttention",
     "PerturbedAttention",
     "Plugin",
     "Racing",

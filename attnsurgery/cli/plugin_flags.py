@@ -10,7 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ..ops.rope_scaling import ROPE_SCALINGS
 from ..plugins.base import Plugin, plugin_from_dict
+from ..plugins.neighborhood import BACKEND_CHOICES
 from ..selectors import split_items
 
 __all__ = ["add_plugin_flags", "plugins_from_args", "plugins_from_json"]
@@ -19,6 +21,19 @@ __all__ = ["add_plugin_flags", "plugins_from_args", "plugins_from_json"]
 def _items(text: str | None) -> tuple[str, ...] | None:
     """Selector items of a flag, split as the library splits a spec given as one string ('a:0,3,b')."""
     return None if text is None else tuple(split_items(text))
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    """``"8"`` -> 8, ``"8x16"`` -> (8, 16): a size flag in tokens (rows x cols)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"give N or RxC in tokens (e.g. 64 or 64x96), got {text!r}")
+    values = tuple(int(p) for p in parts)
+    return values[0] if len(values) == 1 else values
+
+
+def _size_or_native(text: str) -> str | int | tuple[int, int]:
+    return "native" if text == "native" else _size(text)
 
 
 def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +52,19 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     hd.add_argument("--hd-no-raunet", action="store_true", help="windows only, no feature resizing")
     hd.add_argument("--hd-no-window-attn", action="store_true", help="RAU-Net only, global attention")
     hd.add_argument("--hd-force", action="store_true", help="act at or below native size too")
+
+    na = parser.add_argument_group("Neighborhood attention (DiTs above native size)")
+    na.add_argument("--na", action="store_true", help="enable neighborhood attention")
+    na.add_argument("--na-window", type=_size_or_native, default="native", help="'native', N or RxC tokens")
+    na.add_argument("--na-stride", type=_size, default=1, help="N or RxC: queries per shared window (GNA)")
+    na.add_argument("--na-dilation", type=_size, default=1, help="N or RxC: attend every N-th token")
+    na.add_argument("--na-layers", default=None, help="comma-separated layer selectors (default: all)")
+    na.add_argument("--na-start", type=float, default=0.0, help="progress where local attention begins")
+    na.add_argument("--na-stop", type=float, default=1.0, help="progress where it ends")
+    na.add_argument("--na-backend", default="auto", choices=BACKEND_CHOICES, help="the op's backend")
+    na.add_argument("--na-proportional", action="store_true", help="entropy-keeping scale on global calls")
+    na.add_argument("--na-rope", default=None, choices=ROPE_SCALINGS, help="stretch FLUX-family RoPE")
+    na.add_argument("--na-force", action="store_true", help="act at or below native size too")
 
     agent = parser.add_argument_group("Agent attention (AgentSD) and token merging")
     agent.add_argument("--agent", action="store_true", help="enable agent attention on the top level")
@@ -78,6 +106,7 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
     from ..convfusion import ConvFusion
     from ..plugins.agent import AgentAttention
     from ..plugins.hidiffusion import HiDiffusion
+    from ..plugins.neighborhood import NeighborhoodAttention
     from ..plugins.perturbation import PerturbedAttention
     from ..plugins.token_merging import TokenMerging
 
@@ -92,6 +121,21 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
                 t1=args.hd_t1,
                 t2=args.hd_t2,
                 force=args.hd_force,
+            )
+        )
+    if args.na:
+        plugins.append(
+            NeighborhoodAttention(
+                window=args.na_window,
+                stride=args.na_stride,
+                dilation=args.na_dilation,
+                layers=_items(args.na_layers) or "all",
+                start=args.na_start,
+                stop=args.na_stop,
+                backend=args.na_backend,
+                force=args.na_force,
+                proportional=args.na_proportional,
+                rope=args.na_rope,
             )
         )
     if args.agent:

@@ -1,7 +1,7 @@
 """Which keys each query sees in 2-D neighbourhood attention over a joint text + image sequence.
 
 Pure geometry, no attention: the backends in ``ops/neighborhood_backends/`` and the tests build on it, so the
-rule of ``specs/dit-local-attention.md`` lives in one place (:func:`window_start`).
+rule (docs/techniques/neighborhood-attention.md) lives in one place (:func:`window_start`).
 
 Per axis of length ``L``, with window ``k``, stride ``s`` and dilation ``d``:
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +15,12 @@ from attnsurgery.pipelines.comparison import compare_setups, markdown_table
 from attnsurgery.reference.eval import heldout_pairs
 from attnsurgery.reference.shapes import make_scene, render
 from attnsurgery.testing.tiny import tiny_sd15
+
+_CARDS_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_cards.py"
+_spec = importlib.util.spec_from_file_location("reference_cards", _CARDS_SCRIPT)
+_cards = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cards)
+CARDS = _cards.CARDS
 
 
 def test_rows_compare_each_setup_with_plain_at_its_size():
@@ -37,3 +47,16 @@ def test_rows_compare_each_setup_with_plain_at_its_size():
     assert not surg.active_surgeries(pipe)
     table = markdown_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| plain | 64 | 1.000 |")
+
+
+def test_the_card_script_writes_a_table_per_reference_model(tmp_path):
+    """``benchmarks/reference_cards.py`` at one pair, native size and 2 steps: the real code path, in seconds."""
+    out = tmp_path / "cards.md"
+    command = [sys.executable, str(_CARDS_SCRIPT), "--out", str(out)]
+    subprocess.run([*command, "--pairs", "1", "--sizes", "1", "--steps", "2"], check=True, capture_output=True)
+    text = out.read_text()
+    for model in CARDS:
+        assert f"## `{model}`" in text
+    for setups in CARDS.values():
+        for label, _ in setups:
+            assert f"| {label} | 64 |" in text

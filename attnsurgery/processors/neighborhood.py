@@ -1,0 +1,206 @@
+"""Neighborhood attention as a wrapper: the layer's own processor runs, only its dense attention call changes.
+
+Projections, qk_norm, RoPE, SD3.5's dual attention, IP-Adapter and LoRA stay in the inner processor; the
+first SDPA call it makes is computed by :func:`attnsurgery.ops.neighborhood.neighborhood_attention` instead
+(image queries see their image neighbourhood and every text key; text queries see everything). Where the
+text tokens sit is the layer's declared ``text_placement``, never guessed from shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..context import StepContext
+from ..ops.neighborhood import neighborhood_attention
+from .base import WrappingProcessor
+from .sdpa_intercept import ReplacedAttentionCall
+
+__all__ = ["NeighborhoodSchedule", "NeighborhoodProcessor", "proportional_factor"]
+
+Pair = tuple[int, int]
+
+
+def proportional_factor(num_keys: int, native_keys: int) -> float:
+    """Jin et al.'s logit scale ``sqrt(log N / log N_native)``: keeps a global layer's attention entropy near
+    its trained value when a larger image gives it more keys."""
+    return math.sqrt(math.log(num_keys) / math.log(native_keys))
+
+
+@dataclass
+class NeighborhoodSchedule:
+    """When and how the layers of one plugin application attend locally (shared by their processors).
+
+    Attributes:
+        context: the surgery's step clock (latent grid, schedule position).
+        native_grid: the family's native image-token grid (rows, cols).
+        window, stride, dilation: the neighbourhood, per axis (rows, cols).
+        start, stop: local attention for steps in ``[start, stop)`` of the schedule; global outside.
+        force: act at or below the native grid too.
+        proportional: scale the logits of calls that stay global above native size.
+        backend: the op's backend name.
+    """
+
+    context: StepContext
+    native_grid: Pair
+    window: Pair
+    stride: Pair
+    dilation: Pair
+    start: float
+    stop: float
+    force: bool
+    proportional: bool
+    backend: str
+
+    def grid(self) -> Pair:
+        """The image-token grid of the current denoiser call."""
+        return self.context.token_grids()[0]
+
+    def above_native(self, grid: Pair) -> bool:
+        """True when either side of ``grid`` exceeds the native grid (where the plugin acts by default)."""
+        return grid[0] > self.native_grid[0] or grid[1] > self.native_grid[1]
+
+    def local_now(self) -> bool:
+        """True while the current step lies in ``[start, stop)`` of the schedule (HiDiffusion's step rule)."""
+        return self.context.in_first(self.stop) and not self.context.in_first(self.start)
+
+
+class NeighborhoodProcessor(WrappingProcessor):
+    """Computes a layer's attention over the image-token neighbourhoods a schedule chooses per call.
+
+    Idle (at or below native size, or a global step without proportional scaling) it is a plain
+    pass-through, so outputs are bit-identical to the unwrapped layer.
+
+    Args:
+        inner: the layer's current processor.
+        path: the layer's path (for error messages).
+        text_first: the layer's non-image tokens come before the image tokens (else after them).
+        schedule: the shared schedule.
+        local: this layer attends locally in local steps; False keeps it global (only proportional scaling).
+    """
+
+    def __init__(
+        self, inner: Any, *, path: str, text_first: bool, schedule: NeighborhoodSchedule, local: bool = True
+    ) -> None:
+        super().__init__(inner)
+        self.path = path
+        self.text_first = text_first
+        self.schedule = schedule
+        self.local = local
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        schedule = self.schedule
+        grid = schedule.grid()
+        if not (schedule.force or schedule.above_native(grid)):
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        local = self.local and schedule.local_now()
+        if not local and not (schedule.proportional and schedule.above_native(grid)):
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        compute = self._local if local else self._proportional
+        with ReplacedAttentionCall(lambda q, k, v, call: compute(grid, q, k, v, call)) as mode:
+            result = self.inner(attn, hidden_states, *args, **kwargs)
+        if mode.calls == 0:
+            raise RuntimeError(
+                f"neighborhood attention could not reach the attention of layer {self.path!r}: its processor "
+                f"{type(self.inner).__name__} made no torch scaled_dot_product_attention call. Use diffusers' "
+                "native attention backend for the layers NeighborhoodAttention changes."
+            )
+        return result
+
+    def _num_text(self, grid: Pair, q: torch.Tensor) -> int:
+        num_text = q.shape[2] - grid[0] * grid[1]
+        if num_text < 0:
+            raise RuntimeError(
+                f"layer {self.path!r} attends over {q.shape[2]} tokens, fewer than the {grid[0]}x{grid[1]} image "
+                "grid of this call; it does not see the whole image. Leave it out of NeighborhoodAttention(layers=...)."
+            )
+        return num_text
+
+    def _check_call(self, q: torch.Tensor, k: torch.Tensor, call: dict[str, Any]) -> None:
+        if call["dropout_p"] or call["is_causal"] or q.shape[1] != k.shape[1]:
+            raise NotImplementedError(
+                f"layer {self.path!r} calls attention with dropout, a causal mask or grouped KV heads; "
+                "NeighborhoodAttention supports plain bidirectional attention only"
+            )
+
+    def _local(
+        self, grid: Pair, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
+    ) -> torch.Tensor:
+        self._check_call(q, k, call)
+        num_text = self._num_text(grid, q)
+        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
+        mask, text_key_mask, value_dim = call["attn_mask"], None, v.shape[-1]
+        if mask is not None and mask.dtype == torch.bool:
+            text_key_mask = self._text_key_mask(mask, grid, num_text)
+        elif mask is not None:
+            q, k, v = self._fold_product_bias(mask, q, k, v, scale)
+        schedule = self.schedule
+        out = neighborhood_attention(
+            q,
+            k,
+            v,
+            grid,
+            schedule.window,
+            schedule.stride,
+            schedule.dilation,
+            num_text=num_text,
+            text_first=self.text_first,
+            scale=scale,
+            backend=schedule.backend,
+            text_key_mask=text_key_mask,
+        )
+        return out[..., :value_dim]
+
+    def _fold_product_bias(
+        self, mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fold an additive 0/1 bias ``m_i * m_j`` (Chroma's float padding mask) into the queries and keys.
+
+        Per query row the bias is ``m_i * (m_j - 1)`` plus a constant, which softmax ignores, so one extra
+        channel ``m_i`` on the queries and ``(m_j - 1) / scale`` on the keys adds exactly that to every logit:
+        the op needs no mask at all. Zero channels pad the head dim to a multiple of 8 for the kernels (on the
+        values too, so every backend sees one head dim; the caller drops them from the output).
+        """
+        m = mask[:, 0].diagonal(dim1=-2, dim2=-1) if mask.dim() == 4 and mask.shape[1] == 1 else None
+        if m is None or mask.shape[-2] != q.shape[2] or not torch.equal(mask[:, 0], m[:, :, None] * m[:, None, :]):
+            raise NotImplementedError(
+                f"layer {self.path!r} got an attention mask of shape {tuple(mask.shape)} ({mask.dtype}); "
+                "neighborhood attention takes boolean masks that hide text keys, or a 0/1 bias that is an outer "
+                "product of one padding vector (Chroma's). Drop the mask or leave this layer global."
+            )
+        extra = 8 - q.shape[-1] % 8
+        q_extra = torch.zeros(*q.shape[:-1], extra, dtype=q.dtype, device=q.device)
+        k_extra = torch.zeros_like(q_extra)
+        q_extra[..., 0] = m[:, None, :].to(q.dtype)
+        k_extra[..., 0] = ((m - 1) / scale)[:, None, :].to(k.dtype)
+        v_extra = torch.zeros(*v.shape[:-1], extra, dtype=v.dtype, device=v.device)
+        return torch.cat([q, q_extra], dim=-1), torch.cat([k, k_extra], dim=-1), torch.cat([v, v_extra], dim=-1)
+
+    def _proportional(
+        self, grid: Pair, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
+    ) -> torch.Tensor:
+        num_text = self._num_text(grid, q)
+        native = self.schedule.native_grid
+        factor = proportional_factor(k.shape[2], native[0] * native[1] + num_text)
+        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
+        return F.scaled_dot_product_attention(q, k, v, **{**call, "scale": scale * factor})
+
+    def _text_key_mask(self, mask: torch.Tensor, grid: Pair, num_text: int) -> torch.Tensor:
+        """The ``[batch, num_text]`` keep-mask of a boolean attention mask that only hides text keys (padding);
+        any other boolean mask cannot be split into neighbourhoods and is refused."""
+        image = grid[0] * grid[1]
+        image_keys = slice(num_text, num_text + image) if self.text_first else slice(0, image)
+        text_keys = slice(0, num_text) if self.text_first else slice(image, image + num_text)
+        if mask.dim() == 4 and mask.shape[1] == 1:
+            keep = mask[:, 0].any(dim=-2)  # a key some query may see
+            image_rows = mask[:, 0, image_keys if mask.shape[2] > 1 else slice(None)]
+            if keep[:, image_keys].all() and torch.equal(image_rows, keep[:, None].expand_as(image_rows)):
+                return keep[:, text_keys]
+        raise NotImplementedError(
+            f"layer {self.path!r} got an attention mask of shape {tuple(mask.shape)} ({mask.dtype}); neighborhood "
+            "attention takes only boolean masks that hide text keys. Drop the mask or leave this layer global."
+        )
