@@ -2,7 +2,8 @@
 
 Image queries attend a window of the image grid (NATTEN's neighbourhood attention, GNA's strided variant,
 blocked windows at stride == window; dilation per axis) plus every text key; text queries attend every key.
-The key sets are :class:`~attnsurgery.ops.neighborhood_spec.NeighborhoodSpec`'s (docs/techniques/neighborhood-attention.md).
+The key sets are :class:`~attnsurgery.ops.neighborhood_spec.NeighborhoodSpec`'s
+(docs/techniques/neighborhood-attention.md).
 
 Backends (``ops/neighborhood_backends/``): ``reference`` (explicit mask, any dtype), ``tiles`` (SDPA over
 stride-aligned tiles), ``flex`` (compiled FlexAttention with a cached BlockMask), ``natten`` (the optional
