@@ -111,3 +111,18 @@ def test_the_reference_model_samples_with_its_own_guidance_scale(tmp_path, capsy
     ]
     assert main(argv) == 0
     assert read_png_params(capsys.readouterr().out.split()[0]).cfg == GUIDANCE_SCALE
+
+
+def test_neighborhood_flags_act_and_replay_from_the_png(tmp_path, capsys):
+    """``--na`` on the reference DiT: the image changes, the PNG records the plugin, a replay is exact."""
+    common = ["a red circle", "--model", "reference-flux", "--steps", "2", "--seed", "3", "--no-progress"]
+    assert main(["generate", *common, "--out", str(tmp_path / "plain")]) == 0
+    (plain,) = capsys.readouterr().out.split()
+    flags = ["--na", "--na-force", "--na-window", "4", "--na-stride", "2"]
+    assert main(["generate", *common, *flags, "--out", str(tmp_path / "na")]) == 0
+    (local,) = capsys.readouterr().out.split()
+    assert not np.array_equal(pixels(plain), pixels(local))
+    (plugin,) = read_png_params(local).plugins
+    assert plugin == {**plugin, "type": "NeighborhoodAttention", "window": [4, 4], "stride": [2, 2], "force": True}
+    assert main(["generate", "--from-png", local, "--out", str(tmp_path / "replay"), "--no-progress"]) == 0
+    assert np.array_equal(pixels(capsys.readouterr().out.split()[0]), pixels(local))
