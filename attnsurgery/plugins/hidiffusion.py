@@ -148,7 +148,11 @@ class RauNetTiming:
 
 
 def preset_timing(family: Family, latent_hw: tuple[int, int], num_steps: int | None, controlnet: bool) -> RauNetTiming:
-    """The package's presets, by family and latent size (table in docs/techniques/hidiffusion.md).
+    """The package's presets, by family and latent size relative to native (table in docs/techniques/hidiffusion.md).
+
+    The peer writes the thresholds as absolute latent sides (256 for SD1.x, 512 for SDXL): 4x their native
+    latents. Measured against the native latent they mean the same for those models and the right thing for a
+    model of another native size (the 64 px reference gets its 4x timing at 256 px, not SD1.5's 2x timing).
 
     Example:
         >>> from attnsurgery.families import Family
@@ -156,12 +160,12 @@ def preset_timing(family: Family, latent_hw: tuple[int, int], num_steps: int | N
         >>> preset_timing(sd15, (256, 256), 50, controlnet=False)
         RauNetTiming(t1=0.7, t2=0.3, aggressive=False)
     """
-    side = min(latent_hw)
+    below_4x = min(latent_hw) < 4 * family.native_latent
     if family.name in ("sd15", "sd2"):
-        return RauNetTiming(0.4, 0.0, False) if side < 256 else RauNetTiming(0.7, 0.3, False)
+        return RauNetTiming(0.4, 0.0, False) if below_4x else RauNetTiming(0.7, 0.3, False)
     if num_steps is not None and num_steps <= FEW_STEPS:
         return RauNetTiming(0.5, 0.0, False)  # SDXL-Turbo
-    if side < 512:
+    if below_4x:
         return RauNetTiming(0.5 if controlnet else 0.4, 0.0, aggressive=not family.inpaint)
     return RauNetTiming(0.7, 0.3, False)
 

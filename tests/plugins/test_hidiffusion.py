@@ -92,6 +92,8 @@ def test_t1_t2_boundaries_follow_the_spec(key):
     pipe = tiny.tiny_sd15() if family_name == "sd15" else tiny.tiny_sdxl()
     family = surg.detect_family(pipe.unet)
     layout = unet_layout(pipe.unet, family)
+    # the spec's latent sides are the real models' (512 / 1024 px native); the presets read them relative to native
+    family = dataclasses.replace(family, native_resolution=512 if family_name == "sd15" else 1024, vae_scale_factor=8)
     plugin = HiDiffusion()
     for num_steps, (rad_span, pool_span) in SCHEDULES[key].items():
         context = StepContext(family, latent_hw=(latent, latent), num_steps=num_steps)
@@ -327,3 +329,20 @@ def test_works_before_and_after_model_cpu_offload(sd15):
     with surg.patched(sd15, HiDiffusion(t1=0.5)):  # applied after offloading
         assert torch.equal(run_latents(sd15, ABOVE_NATIVE, steps=3), expected)
     assert changed(expected, plain)
+
+
+def test_preset_timing_is_relative_to_the_native_latent():
+    """SD1.5 (native latent 64) switches to the 4x timing at latent 256, as the peer's absolute threshold does;
+    a 64 px model (native latent 16) switches at latent 64, its own 4x, where the absolute rule would not."""
+    from attnsurgery.families import Family
+    from attnsurgery.plugins.hidiffusion import preset_timing
+
+    sd15 = Family("sd15", "unet", native_resolution=512, vae_scale_factor=8)
+    small = Family("sd15", "unet", native_resolution=64, vae_scale_factor=4)
+    assert preset_timing(sd15, (128, 128), 20, controlnet=False).t1 == 0.4
+    assert preset_timing(sd15, (256, 256), 20, controlnet=False).t1 == 0.7
+    assert preset_timing(small, (32, 32), 20, controlnet=False).t1 == 0.4
+    assert preset_timing(small, (64, 64), 20, controlnet=False).t1 == 0.7
+    sdxl = Family("sdxl", "unet", native_resolution=1024, vae_scale_factor=8)
+    assert preset_timing(sdxl, (256, 256), 20, controlnet=False).aggressive
+    assert not preset_timing(sdxl, (512, 512), 20, controlnet=False).aggressive
