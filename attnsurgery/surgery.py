@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 #   guidance: changes the denoiser's batch and output (one guidance term at a time)
 ROLES = ("tokens", "heads", "module", "blocks", "guidance")
 _COMPATIBLE = {frozenset({"tokens", "heads"}), frozenset({"blocks", "tokens"}), frozenset({"blocks", "heads"})}
+# The fix for a conflict over one role; a guidance claim sits on the denoiser, so "other layers" cannot help there.
+_CONFLICT_FIX = {
+    "guidance": "One guidance term runs per denoiser: put every layer or head in one plugin, e.g. one "
+    "PerturbedAttention(layers=[...]) or PerturbedAttention(heads=[...]), or remove the earlier surgery first.",
+}
+_DEFAULT_FIX = "Apply these plugins to different layers (layers=...), or remove the earlier surgery first."
 
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[Surgery]] = weakref.WeakKeyDictionary()
 
@@ -176,10 +182,10 @@ class Surgery:
             for held in surgery._claims.get(site, ()):
                 if held == role or frozenset({held, role}) not in _COMPATIBLE:
                     owner = "this surgery" if surgery is self else "an earlier surgery"
+                    fix = _CONFLICT_FIX.get(role, _DEFAULT_FIX) if held == role else _DEFAULT_FIX
                     raise ValueError(
                         f"conflict at {site}: {owner} already changes it as {held!r}, and a plugin now wants "
-                        f"{role!r}. Apply these plugins to different layers (layers=...), or remove the "
-                        f"earlier surgery first."
+                        f"{role!r}. {fix}"
                     )
         self._claims.setdefault(site, set()).add(role)
 
