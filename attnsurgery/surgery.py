@@ -108,6 +108,22 @@ def _assign(obj: Any, name: str, value: Any) -> None:
     setattr(obj, name, value)
 
 
+def _set_and_undo(obj: Any, name: str, value: Any, yield_to_later: bool = False) -> Callable[[], None]:
+    """Set ``obj.name = value``; returns what puts back exactly what was there (or that nothing was).
+
+    With ``yield_to_later`` the undo leaves the attribute alone once it no longer holds ``value``: someone set
+    it after us, and theirs is the newer choice.
+    """
+    snap = _snapshot(obj, name)
+    _assign(obj, name, value)
+
+    def undo() -> None:
+        if not yield_to_later or getattr(obj, name, None) is value:
+            _restore(obj, name, snap)
+
+    return undo
+
+
 def _replaced_by(processor: Any) -> str:
     """The diffusers call that most likely installed ``processor``, for the error that names it."""
     name = type(processor).__name__
@@ -204,25 +220,11 @@ class Surgery:
                     )
         self._claims.setdefault(site, set()).add(role)
 
-    def set_attr(
-        self, obj: Any, name: str, value: Any, site: str | None = None, *, yield_to_later: bool = False
-    ) -> None:
-        """Set ``obj.name = value``, remembering exactly what was there (or that nothing was).
-
-        Args:
-            yield_to_later: at ``remove()``, leave the attribute alone if it no longer holds ``value`` (someone
-                set it after us: theirs is the newer choice), instead of putting the old value back over it.
-        """
+    def set_attr(self, obj: Any, name: str, value: Any, site: str | None = None) -> None:
+        """Set ``obj.name = value``, remembering exactly what was there (or that nothing was)."""
         self._check_live()
-        snap = _snapshot(obj, name)
-        _assign(obj, name, value)
         label = site or (self._site_of(obj) if isinstance(obj, torch.nn.Module) else type(obj).__name__)
-
-        def undo() -> None:
-            if not yield_to_later or getattr(obj, name, None) is value:
-                _restore(obj, name, snap)
-
-        self._undo.append((label, f"set {name}", undo))
+        self._undo.append((label, f"set {name}", _set_and_undo(obj, name, value)))
 
     def _resolve_layer(self, layer: AttentionLayer | str | torch.nn.Module) -> tuple[str, torch.nn.Module]:
         if isinstance(layer, AttentionLayer):
@@ -246,15 +248,14 @@ class Surgery:
         previous = module.processor
         # diffusers calls made after apply (set_attn_processor, attention slicing, fuse_qkv_projections,
         # load_ip_adapter) replace processors: remove() then leaves theirs, and the next call names them
-        self.set_attr(module, "processor", processor, site=path, yield_to_later=True)
+        restore = _set_and_undo(module, "processor", processor, yield_to_later=True)
         self._installed[path] = (module, processor)
-        site, what, restore = self._undo.pop()
 
         def undo() -> None:
             restore()
             self._unsave(processor, previous)
 
-        self._undo.append((site, what, undo))
+        self._undo.append((path, "set processor", undo))
         return previous
 
     def _unsave(self, ours: Any, previous: Any) -> None:
