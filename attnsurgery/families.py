@@ -6,7 +6,7 @@ fine-tune, a merge or a renamed local folder gets the same treatment as the base
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -90,6 +90,11 @@ def _config_of(denoiser: torch.nn.Module) -> dict[str, Any]:
     if config is None:
         raise NotImplementedError(
             f"{type(denoiser).__name__} has no diffusers `config`; attnsurgery supports {SUPPORTED_DENOISERS}."
+        )
+    if not isinstance(config, Mapping):  # a transformers model (text encoder) has a config object, not a dict
+        raise NotImplementedError(
+            f"{type(denoiser).__name__} is not a diffusers denoiser (its config is a {type(config).__name__}); pass "
+            f"the pipeline or its denoiser (pipe.unet or pipe.transformer). attnsurgery supports {SUPPORTED_DENOISERS}."
         )
     return dict(config)
 

@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 #   guidance: changes the denoiser's batch and output (one guidance term at a time)
 ROLES = ("tokens", "heads", "module", "blocks", "guidance")
 _COMPATIBLE = {frozenset({"tokens", "heads"}), frozenset({"blocks", "tokens"}), frozenset({"blocks", "heads"})}
+# The fix for a conflict over one role; a guidance claim sits on the denoiser, so "other layers" cannot help there.
+_CONFLICT_FIX = {
+    "guidance": "One guidance term runs per denoiser: put every layer or head in one plugin, e.g. one "
+    "PerturbedAttention(layers=[...]) or PerturbedAttention(heads=[...]), or remove the earlier surgery first.",
+}
+_DEFAULT_FIX = "Apply these plugins to different layers (layers=...), or remove the earlier surgery first."
 
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[Surgery]] = weakref.WeakKeyDictionary()
 
@@ -102,6 +108,36 @@ def _assign(obj: Any, name: str, value: Any) -> None:
     setattr(obj, name, value)
 
 
+def _set_and_undo(obj: Any, name: str, value: Any, yield_to_later: bool = False) -> Callable[[], None]:
+    """Set ``obj.name = value``; returns what puts back exactly what was there (or that nothing was).
+
+    With ``yield_to_later`` the undo leaves the attribute alone once it no longer holds ``value``: someone set
+    it after us, and theirs is the newer choice.
+    """
+    snap = _snapshot(obj, name)
+    _assign(obj, name, value)
+
+    def undo() -> None:
+        if not yield_to_later or getattr(obj, name, None) is value:
+            _restore(obj, name, snap)
+
+    return undo
+
+
+def _replaced_by(processor: Any) -> str:
+    """The diffusers call that most likely installed ``processor``, for the error that names it."""
+    name = type(processor).__name__
+    if name.startswith("Sliced"):
+        return "enable_attention_slicing()"
+    if name.startswith("Fused"):
+        return "fuse_qkv_projections()"
+    if name.startswith("IPAdapter"):
+        return "load_ip_adapter()"
+    if "XFormers" in name:
+        return "enable_xformers_memory_efficient_attention()"
+    return "set_attn_processor(), set_default_attn_processor(), unfuse_qkv_projections() or unload_ip_adapter()"
+
+
 def _pipeline_vae_factor(pipeline: Any) -> int | None:
     factor = getattr(pipeline, "vae_scale_factor", None)
     return int(factor) if isinstance(factor, (int, float)) else None
@@ -131,6 +167,7 @@ class Surgery:
         self.seed = seed
         self._undo: list[tuple[str, str, Callable[[], None]]] = []  # (site, what changed, how to undo)
         self._claims: dict[str, set[str]] = {}
+        self._installed: dict[str, tuple[torch.nn.Module, Any]] = {}  # layer path -> (layer, our last processor)
         self._removed = False
 
     # ----------------------------------------------------------------------------------------------
@@ -176,20 +213,18 @@ class Surgery:
             for held in surgery._claims.get(site, ()):
                 if held == role or frozenset({held, role}) not in _COMPATIBLE:
                     owner = "this surgery" if surgery is self else "an earlier surgery"
+                    fix = _CONFLICT_FIX.get(role, _DEFAULT_FIX) if held == role else _DEFAULT_FIX
                     raise ValueError(
                         f"conflict at {site}: {owner} already changes it as {held!r}, and a plugin now wants "
-                        f"{role!r}. Apply these plugins to different layers (layers=...), or remove the "
-                        f"earlier surgery first."
+                        f"{role!r}. {fix}"
                     )
         self._claims.setdefault(site, set()).add(role)
 
     def set_attr(self, obj: Any, name: str, value: Any, site: str | None = None) -> None:
         """Set ``obj.name = value``, remembering exactly what was there (or that nothing was)."""
         self._check_live()
-        snap = _snapshot(obj, name)
-        _assign(obj, name, value)
         label = site or (self._site_of(obj) if isinstance(obj, torch.nn.Module) else type(obj).__name__)
-        self._undo.append((label, f"set {name}", lambda: _restore(obj, name, snap)))
+        self._undo.append((label, f"set {name}", _set_and_undo(obj, name, value)))
 
     def _resolve_layer(self, layer: AttentionLayer | str | torch.nn.Module) -> tuple[str, torch.nn.Module]:
         if isinstance(layer, AttentionLayer):
@@ -211,8 +246,26 @@ class Surgery:
         path, module = self._resolve_layer(layer)
         self.claim(path, role)
         previous = module.processor
-        self.set_attr(module, "processor", processor, site=path)
+        # diffusers calls made after apply (set_attn_processor, attention slicing, fuse_qkv_projections,
+        # load_ip_adapter) replace processors: remove() then leaves theirs, and the next call names them
+        restore = _set_and_undo(module, "processor", processor, yield_to_later=True)
+        self._installed[path] = (module, processor)
+
+        def undo() -> None:
+            restore()
+            self._unsave(processor, previous)
+
+        self._undo.append((path, "set processor", undo))
         return previous
+
+    def _unsave(self, ours: Any, previous: Any) -> None:
+        """diffusers' fuse_qkv_projections keeps the processors it replaces in `original_attn_processors` and
+        unfuse_qkv_projections puts them back: once removed, that copy must hold what we replaced, not ours."""
+        saved = getattr(self.denoiser, "original_attn_processors", None)
+        if isinstance(saved, dict):
+            for key, value in saved.items():
+                if value is ours:
+                    saved[key] = previous
 
     def swap_module(
         self, path: str, new_module: torch.nn.Module, *, role: str, root: torch.nn.Module | None = None
@@ -262,9 +315,31 @@ class Surgery:
 
     # ----------------------------------------------------------------------------------------------
     def _install_clock(self) -> None:
+        """The step clock, and before it the check that our processors are still in place."""
         pipeline = self.pipeline
         hook = make_clock_hook(self.context, self.denoiser, lambda: getattr(pipeline, "scheduler", None))
         self.add_hook(self.denoiser, hook, pre=True, with_kwargs=True, prepend=True)
+        self.add_hook(self.denoiser, self._check_processors, pre=True, with_kwargs=True, prepend=True)
+
+    def _check_processors(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Denoiser pre-hook: raise if a processor we installed was replaced since apply (one identity check
+        per layer), instead of letting the plugins silently stop acting there."""
+        stack = _ACTIVE.get(self.denoiser, [])
+        replaced = []
+        for path, (layer, _) in self._installed.items():
+            # a surgery stacked on ours wraps our processor: the newest installer's is the one to find
+            newest = next(s._installed[path][1] for s in reversed(stack) if path in s._installed)
+            if layer.processor is not newest:
+                replaced.append((path, layer.processor))
+        if replaced:
+            path, processor = replaced[0]
+            more = f" (and {len(replaced) - 1} more layers)" if len(replaced) > 1 else ""
+            names = ", ".join(type(p).__name__ for p in self.plugins)
+            raise RuntimeError(
+                f"the attention processor that attnsurgery installed at {path}{more} was replaced after apply by "
+                f"{type(processor).__name__} ({_replaced_by(processor)}), so {names} no longer act there. Call "
+                "handle.remove() (it keeps the processors set since) and apply the plugins again after that call."
+            )
 
     def remove(self) -> None:
         """Undo every recorded change in reverse order. Idempotent.
@@ -290,6 +365,7 @@ class Surgery:
                 errors.append(f"{site}: {error!r}")
         self._undo.clear()
         self._claims.clear()
+        self._installed.clear()
         self.context.reset()
         self._removed = True
         if self in stack:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from attnsurgery.ops.pyramid_conv import PyramidConvBlock
@@ -128,12 +129,62 @@ def save_blocks(folder: str | Path, blocks: Mapping[str, PyramidConvBlock], fing
     return folder
 
 
+_ENTRY_KEYS = ("path", "channels", "kernel_size", "scales", "gate")
+_DAMAGED = "the folder is damaged; save it again (ConvFusion.save or `attnsurgery distill`)."
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The JSON config, checked for the keys ``load_blocks`` reads (so no bare KeyError names no file)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {_DAMAGED}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r}.")
+    for key, kind in (("fingerprint", dict), ("blocks", list)):
+        if not isinstance(config.get(key), kind):
+            raise ValueError(f"{path} lacks {key!r} (a JSON {'object' if kind is dict else 'list'}); {_DAMAGED}")
+    for index, entry in enumerate(config["blocks"]):
+        missing = [key for key in _ENTRY_KEYS if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            label = entry.get("path", "no path") if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"{path}: block entry {index} ({label}) lacks {missing[0]!r}; {_DAMAGED}")
+    return config
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); {_DAMAGED}") from None
+
+
+def _build_block(entry: dict[str, Any], state: dict[str, torch.Tensor], weights: Path) -> PyramidConvBlock:
+    """One block from its config entry and weights; any mismatch names the file and the layer."""
+    path = entry["path"]
+    try:
+        block = PyramidConvBlock(
+            entry["channels"],
+            entry["kernel_size"],
+            scales=entry["scales"],
+            gate=entry["gate"],
+            generator=torch.Generator(),
+        )
+        block.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as error:  # bad entry values, or tensors of other shapes
+        detail = " ".join(str(error).split())  # load_state_dict's report spans lines
+        raise ValueError(f"{weights} does not fit its config for {path}: {detail}; {_DAMAGED}") from None
+    return block
+
+
 def load_blocks(folder: str | Path) -> tuple[dict[str, PyramidConvBlock], dict[str, Any]]:
     """Read what ``save_blocks`` wrote: (path -> block with its saved weights, fingerprint).
 
     Raises:
         FileNotFoundError: a file is missing.
-        ValueError: the files are not a ConvFusion save, or weights and config disagree.
+        ValueError: the files are not a ConvFusion save, are damaged (unreadable, keys missing), or weights and
+            config disagree; the message names the file.
     """
     folder = Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -142,31 +193,14 @@ def load_blocks(folder: str | Path) -> tuple[dict[str, PyramidConvBlock], dict[s
                 f"{folder} has no {name}; a ConvFusion folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
                 "(as written by ConvFusion.save or `attnsurgery distill`)."
             )
-    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}.")
-    tensors = load_file(str(folder / WEIGHTS_NAME))
+    config = _read_config(folder / CONFIG_NAME)
+    tensors = _read_weights(folder / WEIGHTS_NAME)
     blocks: dict[str, PyramidConvBlock] = {}
     for entry in config["blocks"]:
         path = entry["path"]
-        block = PyramidConvBlock(
-            entry["channels"],
-            entry["kernel_size"],
-            scales=entry["scales"],
-            gate=entry["gate"],
-            generator=torch.Generator(),
-        )
         prefix = f"{path}."
         state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        missing = sorted(set(block.state_dict()) - set(state))
-        unexpected = sorted(set(state) - set(block.state_dict()))
-        if missing or unexpected:
-            raise ValueError(
-                f"{folder / WEIGHTS_NAME} does not match its config for {path}: missing "
-                f"{missing}, unexpected {unexpected}. The folder is damaged; save it again."
-            )
-        block.load_state_dict(state)
-        blocks[path] = block
+        blocks[path] = _build_block(entry, state, folder / WEIGHTS_NAME)
     leftover = set(tensors) - {f"{p}.{n}" for p, b in blocks.items() for n in b.state_dict()}
     if leftover:
         raise ValueError(

@@ -47,6 +47,74 @@ _PER_ROW_LISTS = frozenset({"x", "cap_feats", "img_shapes"})
 _TIMESTEP_NAMES = ("timestep", "t")  # Z-Image names its timestep `t`
 
 
+#: The diffusers pipelines (or their subclasses) whose CFG layout the wrapper was checked against, by the family
+#: layout they follow. Others are refused: the SD upscaler has no `do_classifier_free_guidance` property, the
+#: instruct-pix2pix pipelines batch three parts, FLUX Kontext and Qwen-Image-Edit add reference-image tokens.
+GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
+    "uncond_cond": frozenset(
+        {
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionInpaintPipeline",
+            "StableDiffusionControlNetPipeline",
+            "StableDiffusionControlNetImg2ImgPipeline",
+            "StableDiffusionControlNetInpaintPipeline",
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLInpaintPipeline",
+            "StableDiffusionXLControlNetPipeline",
+            "StableDiffusionXLControlNetImg2ImgPipeline",
+            "StableDiffusionXLControlNetInpaintPipeline",
+            "StableDiffusion3Pipeline",
+            "StableDiffusion3Img2ImgPipeline",
+            "StableDiffusion3InpaintPipeline",
+        }
+    ),
+    "cond_uncond": frozenset({"ZImagePipeline"}),
+    "separate": frozenset(
+        {
+            "FluxPipeline",
+            "FluxImg2ImgPipeline",
+            "FluxInpaintPipeline",
+            "Flux2Pipeline",
+            "QwenImagePipeline",
+            "QwenImageImg2ImgPipeline",
+            "QwenImageInpaintPipeline",
+            "ChromaPipeline",
+            "ChromaImg2ImgPipeline",
+        }
+    ),
+}
+_CFG_FLAG = "do_classifier_free_guidance"
+
+
+def check_guided_pipeline(pipeline: Any, layout: CfgLayout) -> None:
+    """Refuse a pipeline whose guidance layout the wrapper cannot see (None, a bare denoiser, is fine: every row
+    is conditional). A stand-in that is no diffusers pipeline must declare `do_classifier_free_guidance` where
+    the layout batches CFG rows; it is read at every call.
+
+    Raises:
+        NotImplementedError: naming the pipeline and the supported ones.
+    """
+    if pipeline is None:
+        return
+    names = {cls.__name__ for cls in type(pipeline).__mro__}
+    if "DiffusionPipeline" not in names:
+        if layout == "separate" or inspect.getattr_static(pipeline, _CFG_FLAG, None) is not None:
+            return
+        problem = f"has no `{_CFG_FLAG}` attribute to say when its denoiser batches [uncond, cond] rows"
+    elif names & GUIDED_PIPELINES[layout]:
+        return
+    else:
+        problem = "lays out classifier-free guidance in a way perturbation guidance cannot see"
+    supported = ", ".join(sorted(GUIDED_PIPELINES[layout]))
+    raise NotImplementedError(
+        f"{type(pipeline).__name__} {problem}, so the perturbed rows would be the wrong ones. On this model "
+        f"guidance plugins support {supported} (and their subclasses), or a bare denoiser (every row taken as "
+        "conditional). Use one of those, or leave perturbation guidance out of this pipeline."
+    )
+
+
 @dataclass(frozen=True)
 class GuidanceSchedule:
     """s_t over the run: diffusers' adaptive scale and a progress window.

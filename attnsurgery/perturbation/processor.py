@@ -11,10 +11,62 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.models import attention_processor as diffusers_processors
 
 from ..ops.perturb import head_pairs, perturb_heads
 from ..processors.base import WrappingProcessor
 from ..processors.sdpa_intercept import FirstAttentionCall
+
+# diffusers processors that compute attention without torch's SDPA (so the perturbation has no call to edit):
+# what put them there, and how to undo that before apply.
+_SLICING = ("attention slicing", "call pipe.disable_attention_slicing()")
+_XFORMERS = ("xformers", "call pipe.disable_xformers_memory_efficient_attention()")
+_CLASSIC = (
+    "the pre-SDPA processor that set_default_attn_processor() installs on U-Nets",
+    "call denoiser.set_attn_processor(AttnProcessor2_0()) (from diffusers.models.attention_processor)",
+)
+_WITHOUT_SDPA: dict[type, tuple[str, str]] = {
+    diffusers_processors.SlicedAttnProcessor: _SLICING,
+    diffusers_processors.SlicedAttnAddedKVProcessor: _SLICING,
+    diffusers_processors.XFormersAttnProcessor: _XFORMERS,
+    diffusers_processors.XFormersAttnAddedKVProcessor: _XFORMERS,
+    diffusers_processors.XFormersJointAttnProcessor: _XFORMERS,
+    diffusers_processors.IPAdapterXFormersAttnProcessor: _XFORMERS,
+    diffusers_processors.AttnProcessor: _CLASSIC,
+    diffusers_processors.AttnAddedKVProcessor: _CLASSIC,
+}
+
+
+def _innermost(processor: Any) -> Any:
+    """The processor at the bottom of a chain of wrappers (the one that computes attention)."""
+    while isinstance(processor, WrappingProcessor):
+        processor = processor.inner
+    return processor
+
+
+def _without_sdpa(processor: Any, path: str) -> str | None:
+    """Why the processor under ``processor`` cannot be perturbed and how to fix it, for the diffusers
+    processors known to compute attention without SDPA; None for any other."""
+    inner = type(_innermost(processor))
+    if inner not in _WITHOUT_SDPA:
+        return None
+    cause, fix = _WITHOUT_SDPA[inner]
+    return (
+        f"perturbed attention cannot act on layer {path!r}: its processor {inner.__name__} ({cause}) computes "
+        f"attention without torch's scaled_dot_product_attention, the call the perturbation edits. "
+        f"{fix[0].upper()}{fix[1:]} before attnsurgery.apply."
+    )
+
+
+def check_reaches_sdpa(processor: Any, path: str) -> None:
+    """Refuse, at apply, a layer whose processor is a diffusers one known to compute attention without SDPA.
+
+    Raises:
+        NotImplementedError: naming the processor, what installed it and the call that undoes it.
+    """
+    reason = _without_sdpa(processor, path)
+    if reason is not None:
+        raise NotImplementedError(reason)
 
 
 @dataclass
@@ -110,9 +162,11 @@ class HeadPerturbationProcessor(WrappingProcessor):
             result = self.inner(attn, hidden_states, *args, **kwargs)
         if mode.calls == 0:
             raise RuntimeError(
-                f"perturbed attention could not reach the attention of layer {self.path!r}: its processor "
-                f"{type(self.inner).__name__} made no torch scaled_dot_product_attention call (an xformers, "
-                "flash-attn or sage backend?). Use diffusers' native attention backend for perturbed layers."
+                _without_sdpa(self.inner, self.path)
+                or f"perturbed attention could not reach the attention of layer {self.path!r}: its processor "
+                f"{type(_innermost(self.inner)).__name__} made no torch scaled_dot_product_attention call (a diffusers "
+                "attention backend such as flash or sage, or a processor computing attention itself?). Use "
+                "diffusers' native attention backend and an SDPA processor (AttnProcessor2_0) for perturbed layers."
             )
         return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,8 +12,8 @@ import torch
 from ..ops.agent import K_SCALE2, K_SHORTCUT
 from ..processors.agent import AgentPhase, AgentProcessor, check_agent_layer
 from ..selectors import LayerSelector
-from .base import Plugin
-from .token_merging import install_merging, normalize_layers
+from .base import Plugin, check_number, normalize_layers
+from .token_merging import install_merging
 
 if TYPE_CHECKING:
     from ..surgery import Surgery
@@ -80,8 +81,10 @@ class AgentAttention(Plugin):
             raise ValueError(f"AgentAttention.agent_source={self.agent_source!r} must be 'tome' or 'pool'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"AgentAttention.precision={self.precision!r} must be None or 'fp32'")
-        if self.k_scale2 <= 0:
-            raise ValueError(f"AgentAttention.k_scale2={self.k_scale2!r} must be > 0 (AgentSD uses 0.3)")
+        check_number("AgentAttention", "k_scale2", self.k_scale2, 0.0, math.inf, "an exponent > 0 (AgentSD: 0.3)")
+        if self.k_scale2 == 0:
+            raise ValueError("AgentAttention k_scale2=0 is invalid; use an exponent > 0 (AgentSD: 0.3)")
+        check_number("AgentAttention", "k_shortcut", self.k_shortcut, -math.inf, math.inf, "a weight (AgentSD: 0.075)")
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

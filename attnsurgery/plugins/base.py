@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from ..surgery import Surgery
 
-__all__ = ["Plugin", "plugin_from_dict"]
+__all__ = ["Plugin", "plugin_from_dict", "check_number", "normalize_layers"]
 
 P = TypeVar("P", bound="Plugin")
 
@@ -58,3 +60,34 @@ def plugin_from_dict(data: dict[str, Any]) -> Plugin:
     if kind not in _REGISTRY:
         raise ValueError(f"unknown plugin type {kind!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[kind].from_dict(data)
+
+
+def check_number(owner: str, name: str, value: Any, low: float, high: float, hint: str) -> None:
+    """Refuse anything but a finite real number in [low, high], naming the field and the fix.
+
+    Bools and strings are refused before any comparison (``"0.5" <= 1`` is a TypeError, ``True`` passes
+    as 1), and so are nan (it fails every comparison, so range checks alone let it through) and inf.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise ValueError(f"{owner} {name}={value!r} is invalid; use {hint}")
+
+
+def normalize_layers(plugin: Plugin, layers: Any) -> None:
+    """Check a layer selector's type and store a list of them as a tuple, so the frozen config stays hashable.
+
+    Selectors are only resolved against a model at ``apply``; a wrong type would fail there with a bare
+    TypeError, so it is refused here.
+    """
+    items = [layers] if isinstance(layers, str) else layers
+    if not isinstance(items, Sequence) or not items or not all(isinstance(item, str) for item in items):
+        raise ValueError(
+            f"{type(plugin).__name__} layers={layers!r} is invalid; use a layer selector string (a path, glob or "
+            "group such as 'top') or a list of them"
+        )
+    if not isinstance(layers, str):
+        object.__setattr__(plugin, "layers", tuple(layers))

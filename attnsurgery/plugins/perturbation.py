@@ -12,15 +12,16 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..ops.perturb import KINDS
-from ..perturbation.guidance import GuidanceSchedule, PerturbationGuidance
+from ..perturbation.guidance import GuidanceSchedule, PerturbationGuidance, check_guided_pipeline
 from ..perturbation.headset import SELF_KINDS, HeadSet
-from ..perturbation.processor import HeadPerturbationProcessor, PerturbationState
-from .base import Plugin
+from ..perturbation.processor import HeadPerturbationProcessor, PerturbationState, check_reaches_sdpa
+from .base import Plugin, check_number, normalize_layers
 
 if TYPE_CHECKING:
     from ..inventory import ModelInfo
@@ -30,6 +31,9 @@ __all__ = ["PerturbedAttention", "default_layers", "install_perturbation"]
 
 MODES = ("batched", "sequential")
 JOINT = ("full", "image_only")
+TEXT_KINDS = ("joint", "single")  # layers whose sequence holds text tokens besides the image's
+
+_check_number = partial(check_number, "PerturbedAttention")
 
 
 def default_layers(model: ModelInfo) -> str:
@@ -94,11 +98,12 @@ class PerturbedAttention(Plugin):
     joint: str = "full"
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.layers is not None:
+            normalize_layers(self, self.layers)
         if isinstance(self.heads, list):  # from_dict gives lists; (block, head) pairs become tuples again
             heads = tuple(tuple(h) if isinstance(h, list) else h for h in self.heads)
             object.__setattr__(self, "heads", heads)
+        _check_heads(self.heads)
         _check_number("scale", self.scale, 0.0, math.inf, "a guidance scale >= 0 such as 3.0")
         _check_number("soft", self.soft, 0.0, 1.0, "a blend weight in [0, 1] (1 = full PAG)")
         _check_number("adaptive_scale", self.adaptive_scale, 0.0, math.inf, "0 (off) or a rate like 0.01")
@@ -144,6 +149,12 @@ class PerturbedAttention(Plugin):
     def attach(self, surgery: Surgery) -> None:
         """Wrap the selected layers' processors and put the guidance hooks on the denoiser."""
         weights = self.head_weights(surgery.model)
+        if self.joint == "image_only" and not any(surgery.model.layer(p).kind in TEXT_KINDS for p in weights):
+            raise ValueError(
+                "PerturbedAttention(joint='image_only') keeps the text keys of joint attention, but no selected "
+                f"layer sees text tokens (the {surgery.model.family.name} layers chosen are image-only "
+                "self-attention): drop joint='image_only', it would change nothing there"
+            )
         if self.scale == 0.0 or self.soft == 0.0:
             return  # nothing to add: the pipeline stays bit-identical
         install_perturbation(
@@ -180,9 +191,11 @@ def install_perturbation(
         schedule: s_t over the run.
         kind, temperature, joint, sequential: as in `PerturbedAttention`.
     """
+    check_guided_pipeline(surgery.pipeline, surgery.model.family.cfg_layout)
     state = PerturbationState(kind=kind, temperature=temperature, image_only=joint == "image_only")
     for path in paths:
         layer = surgery.model.layer(path)
+        check_reaches_sdpa(layer.module.processor, path)
         text_first = layer.text_placement == "first"
         processor = HeadPerturbationProcessor(layer.module.processor, path, state, text_first=text_first)
         surgery.set_processor(layer, processor, role="heads")
@@ -230,9 +243,28 @@ def _image_tokens(surgery: Surgery) -> int | None:
     return rows * cols
 
 
-def _check_number(name: str, value: Any, low: float, high: float, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"PerturbedAttention {name}={value!r} is invalid; use {hint}")
+def _is_block_head(item: Any) -> bool:
+    """A (block_index, head) pair of plain ints (True would pass as block 1)."""
+    return isinstance(item, tuple) and len(item) == 2 and all(type(v) is int for v in item)
+
+
+def _check_heads(heads: Any) -> None:
+    """Refuse head specs that would only fail (or silently mean something else) at apply."""
+    if heads is None or isinstance(heads, os.PathLike):
+        return
+    if isinstance(heads, str):
+        if heads.endswith(".json"):  # as a string it is read as a layer path and matches nothing
+            raise ValueError(
+                f"PerturbedAttention heads={heads!r} names a file: pass it as a Path, heads=Path({heads!r}) "
+                "(from pathlib), to load a head set written by `attnsurgery hunt`"
+            )
+        return
+    hint = "'path:head' strings, (block_index, head) pairs of ints, a list of them, or the Path of a head-set file"
+    if not isinstance(heads, tuple) or not heads:
+        raise ValueError(f"PerturbedAttention heads={heads!r} is invalid; use {hint}")
+    for item in [heads] if _is_block_head(heads) else heads:
+        if not (isinstance(item, str) or _is_block_head(item)):
+            raise ValueError(f"PerturbedAttention heads item {item!r} is invalid; use {hint}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

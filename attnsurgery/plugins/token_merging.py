@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,21 +11,15 @@ import torch
 
 from ..processors.token_merge import BlockInput, TokenMergeProcessor, check_cells, check_fraction
 from ..selectors import LayerSelector
-from .base import Plugin
+from .base import Plugin, normalize_layers
 
 if TYPE_CHECKING:
     from ..inventory import AttentionLayer
     from ..surgery import Surgery
 
-__all__ = ["TokenMerging", "install_merging", "check_cells", "check_fraction", "normalize_layers"]
+__all__ = ["TokenMerging", "install_merging", "check_cells", "check_fraction"]
 
 ProcessorFactory = Callable[..., Any]
-
-
-def normalize_layers(plugin: Plugin, layers: LayerSelector) -> None:
-    """Store a list selector as a tuple, so the frozen config stays hashable."""
-    if not isinstance(layers, str):
-        object.__setattr__(plugin, "layers", tuple(layers))
 
 
 def _block_of(surgery: Surgery, layer: AttentionLayer) -> torch.nn.Module | None:
@@ -91,7 +86,9 @@ class TokenMerging(Plugin):
     Args:
         ratio: fraction of tokens merged away (``r = floor(N * ratio)``, capped at the src count).
         sx: dst cell width in tokens.
-        sy: dst cell height in tokens.
+        sy: dst cell height in tokens. A layer whose token grid holds no full ``sy x sx`` cell runs
+            unmerged; when that is every selected layer at a call's size, a ``UserWarning`` says so at that
+            call (not at apply: the grid depends on the image size, and the same cell fits at larger ones).
         layers: layer selector; self-attention layers only. Default: the highest-resolution level.
         use_rand: random dst position per cell (position 0 for odd batches); False always position 0.
         seed: seed of the private generator (else the surgery's seed).
@@ -119,3 +116,29 @@ class TokenMerging(Plugin):
             return TokenMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, **machinery)
 
         install_merging(surgery, self, self.layers, self.seed, self.use_rand, make_processor)
+        if self.ratio > 0:
+            layers = surgery.model.select(self.layers, kinds=("self",))
+            surgery.add_hook(surgery.denoiser, _no_merge_warning(self, surgery, layers), pre=True, with_kwargs=True)
+
+
+def _no_merge_warning(plugin: TokenMerging, surgery: Surgery, layers: list[AttentionLayer]) -> Callable[..., None]:
+    """A denoiser pre-hook (after the step clock) that warns when no selected layer's grid fits one cell:
+    the plugin would silently do nothing at this image size."""
+    context = surgery.context
+
+    def warn_if_nothing_merges(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if context.latent_hw is None:
+            return
+        grids = [surgery.model.token_grid(layer, context.latent_hw) for layer in layers]
+        if any(h >= plugin.sy and w >= plugin.sx for h, w in grids):
+            return
+        rows, cols = max(grids, key=lambda grid: grid[0] * grid[1])
+        height, width = context.image_hw
+        warnings.warn(
+            f"TokenMerging merges nothing at {height}x{width} px: its {plugin.sx}x{plugin.sy} (sx x sy) cell does "
+            f"not fit any selected layer's token grid (the largest is {rows}x{cols}); use smaller sx/sy (ToMe's "
+            "default is 2x2), layers with larger grids, or a larger image",
+            stacklevel=2,
+        )
+
+    return warn_if_nothing_merges

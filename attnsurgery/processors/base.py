@@ -33,6 +33,15 @@ class WrappingProcessor:
         True
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> WrappingProcessor:
+        if not args and not kwargs:  # diffusers' class-only rebuild: say what to do instead of "missing 'inner'"
+            raise TypeError(
+                f"{cls.__name__} wraps a layer's own processor and cannot be built without one: diffusers' "
+                "load_ip_adapter() and unload_ip_adapter() rebuild every processor from its class. Call remove() on "
+                "the attnsurgery handle before that call, and apply the plugins again after it."
+            )
+        return super().__new__(cls)
+
     def __init__(self, inner: Any) -> None:
         if not callable(inner):
             raise TypeError(f"inner processor must be callable, got {type(inner).__name__}")

@@ -31,9 +31,9 @@ GeneratorFactory = Callable[[], torch.Generator]
 
 
 def check_fraction(owner: str, name: str, value: float) -> None:
-    """Merge ratios are fractions of the tokens in [0, 1)."""
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}.{name}={value!r} must lie in [0, 1): the fraction of tokens merged away")
+    """Merge ratios are fractions of the tokens in [0, 1); a string or bool is refused before comparing it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.{name}={value!r} must be a number in [0, 1): the fraction of tokens merged away")
 
 
 def check_cells(owner: str, sx: int, sy: int) -> None:

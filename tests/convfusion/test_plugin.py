@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import attnsurgery as surg
 from attnsurgery import ConvFusion
 from attnsurgery.convfusion import ConvFusionAttention
+from attnsurgery.convfusion.format import FORMAT
 from attnsurgery.testing.tiny import tiny_flux, tiny_sd15, tiny_sdxl
 
 
@@ -131,3 +134,40 @@ def test_bad_config() -> None:
         ConvFusion(gate="relu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="saved"):
         ConvFusion().save("unused")
+
+
+def _saved(tmp_path: Path) -> Path:
+    pipe = tiny_sd15()
+    with surg.patched(pipe, ConvFusion()):
+        return ConvFusion.extract(pipe).save(tmp_path / "cf")
+
+
+def _drop_key(folder: Path, key: str) -> None:
+    config = json.loads((folder / "convfusion.json").read_text())
+    del config["blocks"][0][key]
+    (folder / "convfusion.json").write_text(json.dumps(config))
+
+
+def _resize_a_tensor(folder: Path) -> None:
+    tensors = load_file(str(folder / "convfusion.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = torch.zeros(3)
+    save_file(tensors, str(folder / "convfusion.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "convfusion.json").write_text("{not json"), r"convfusion.json is not valid JSON"),
+        (lambda f: (f / "convfusion.safetensors").write_bytes(b"\x00" * 16), "convfusion.safetensors is not a"),
+        (lambda f: _drop_key(f, "kernel_size"), r"convfusion.json: block entry 0 .* lacks 'kernel_size'"),
+        (lambda f: (f / "convfusion.json").write_text(json.dumps({"format": FORMAT, "fingerprint": {}})), "'blocks'"),
+        (_resize_a_tensor, r"convfusion.safetensors does not fit its config for .*: size mismatch"),
+    ],
+    ids=["json", "safetensors", "entry-key", "top-key", "shape"],
+)
+def test_a_damaged_folder_names_the_file_and_the_damage(tmp_path: Path, damage, message) -> None:
+    folder = _saved(tmp_path)
+    damage(folder)
+    with pytest.raises(ValueError, match=message):
+        ConvFusion.from_pretrained(folder)

@@ -166,3 +166,10 @@ def test_plugin_configs_round_trip():
         surg.plugin_from_dict({"type": "Nope"})
     with pytest.raises(dataclasses.FrozenInstanceError):
         plugin.layers = "top"
+
+
+def test_a_text_encoder_is_refused_by_name(sd15):
+    """A transformers model has a `config` too, but not a diffusers one: say what to pass instead."""
+    with pytest.raises(NotImplementedError, match="CLIPTextModel is not a diffusers denoiser.*pipe.unet"):
+        surg.apply(sd15.text_encoder, surg.PerturbedAttention())
+    assert not surg.active_surgeries(sd15)

@@ -206,3 +206,17 @@ def test_agent_and_head_perturbation_on_one_layer_conflict_in_either_order(sd15)
     # on different layers they stack (the defaults: agents on the top level, PAG on the mid block)
     with surg.patched(sd15, surg.AgentAttention(), surg.PerturbedAttention(scale=2.0)) as handle:
         assert "mid_block.attentions.0.transformer_blocks.0.attn1" in handle.sites
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(k_shortcut=math.nan), "k_shortcut=nan is invalid"),
+        (dict(k_shortcut=math.inf), "k_shortcut=inf is invalid"),
+        (dict(k_scale2=math.nan), "k_scale2=nan is invalid"),
+        (dict(layers=5), "AgentAttention layers=5 is invalid"),
+    ],
+)
+def test_non_finite_or_mistyped_fields_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        surg.AgentAttention(**kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import (
@@ -104,12 +106,19 @@ def test_unperturbed_rows_and_unselected_heads_are_untouched(sd15):
     assert not torch.equal(perturbed[2, :, 1], plain[2, :, 1]) and not torch.equal(perturbed[2, :, 3], plain[2, :, 3])
 
 
+class _OwnAttention(AttnProcessor):
+    """A processor of the user's that computes attention itself (no SDPA call), unknown to attnsurgery."""
+
+
 def test_a_processor_without_sdpa_fails_loudly(sd15):
     attn = sd15.unet.get_submodule(MID)
     state = PerturbationState()
     state.activate(range(1), {MID: torch.ones(1, attn.heads)}, None)
-    with pytest.raises(RuntimeError, match="native attention backend"):
-        HeadPerturbationProcessor(AttnProcessor(), MID, state)(attn, torch.randn(1, 16, attn.to_q.in_features))
+    x = torch.randn(1, 16, attn.to_q.in_features)
+    with pytest.raises(RuntimeError, match=r"AttnProcessor \(the pre-SDPA processor.*set_attn_processor"):
+        HeadPerturbationProcessor(AttnProcessor(), MID, state)(attn, x)
+    with pytest.raises(RuntimeError, match="_OwnAttention made no torch scaled_dot_product_attention call"):
+        HeadPerturbationProcessor(_OwnAttention(), MID, state)(attn, x)
 
 
 # --------------------------------------------------------------------------------------------- modes
@@ -269,3 +278,46 @@ def test_bad_selection_names_the_problem(sd15, kwargs, message):
     with pytest.raises(ValueError, match=message):
         surg.apply(sd15, PerturbedAttention(**kwargs))
     assert not surg.active_surgeries(sd15)
+
+
+# --------------------------------------------------------------------------------------------- unclear input (issue 17)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(layers=123), r"layers=123 is invalid; use a layer selector string .* or a list of them"),
+        (dict(layers=["mid", 4]), r"layers=\['mid', 4\] is invalid"),
+        (dict(scale=math.inf), "scale=inf is invalid"),
+        (dict(heads=[(True, 1)]), r"heads item \(True, 1\) is invalid"),
+        (dict(heads=7), "heads=7 is invalid"),
+        (dict(heads="heads.json"), r"heads='heads.json' names a file: pass it as a Path, heads=Path\('heads.json'\)"),
+    ],
+    ids=["layers-int", "layers-list-int", "scale-inf", "heads-bool", "heads-int", "heads-json-str"],
+)
+def test_unclear_config_is_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PerturbedAttention(**kwargs)
+
+
+def test_two_perturbation_plugins_are_told_to_use_one(sd15):
+    """They chose different layers: the fix is one plugin over both, not "different layers"."""
+    with pytest.raises(ValueError, match=r"one PerturbedAttention\(layers=\[...\]\)"):
+        surg.apply(sd15, PerturbedAttention(layers="mid"), PerturbedAttention(layers="top"))
+    assert not surg.active_surgeries(sd15)
+
+
+def test_image_only_on_a_unet_is_refused(sd15):
+    with pytest.raises(ValueError, match="joint='image_only'.*no selected layer sees text tokens"):
+        surg.apply(sd15, PerturbedAttention(joint="image_only"))
+    assert not surg.active_surgeries(sd15)
+
+
+def test_attention_slicing_is_named_at_apply():
+    """SlicedAttnProcessor computes attention with baddbmm: no SDPA call to perturb. Say so at apply."""
+    pipe = _pipe(tiny_sd15)
+    pipe.enable_attention_slicing()
+    message = r"SlicedAttnProcessor \(attention slicing\).*disable_attention_slicing"
+    with pytest.raises(NotImplementedError, match=message):
+        surg.apply(pipe, PerturbedAttention())
+    assert not surg.active_surgeries(pipe)
+    pipe.disable_attention_slicing()
+    surg.apply(pipe, PerturbedAttention()).remove()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -104,3 +106,27 @@ def test_bad_configs_are_rejected(sd15):
     assert surg.TokenMerging.from_dict(surg.TokenMerging(layers=["top"]).to_dict()) == surg.TokenMerging(
         layers=("top",)
     )
+
+
+def test_a_ratio_of_the_wrong_type_is_named():
+    with pytest.raises(ValueError, match="TokenMerging.ratio='0.5' must be a number in \\[0, 1\\)"):
+        surg.TokenMerging(ratio="0.5")
+    with pytest.raises(ValueError, match="TokenMerging.ratio=nan"):
+        surg.TokenMerging(ratio=float("nan"))
+
+
+def test_layers_of_the_wrong_type_are_named():
+    with pytest.raises(ValueError, match="TokenMerging layers=123 is invalid"):
+        surg.TokenMerging(layers=123)
+
+
+def test_a_cell_larger_than_every_grid_warns_at_the_call(sd15):
+    """At 64 px SD1.5's top level is 8x8 tokens: a 64x64 cell holds no dst, nothing would merge."""
+    base = run_pipe(sd15)
+    with surg.patched(sd15, surg.TokenMerging(sx=64, sy=64)):
+        with pytest.warns(UserWarning, match=r"TokenMerging merges nothing at 64x64 px: its 64x64 \(sx x sy\) cell"):
+            assert torch.equal(run_pipe(sd15), base)
+    with surg.patched(sd15, surg.TokenMerging(layers="all", sx=4, sy=4)):  # the top level still merges: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run_pipe(sd15)

@@ -1,0 +1,72 @@
+"""Guidance plugins refuse pipelines whose classifier-free-guidance layout the wrapper cannot see (issue 17,
+point 6): guiding them would perturb the wrong rows without a word."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import diffusers
+import pytest
+from diffusers import (
+    DDPMScheduler,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionUpscalePipeline,
+    StableDiffusionXLInstructPix2PixPipeline,
+)
+
+import attnsurgery as surg
+from attnsurgery import PerturbedAttention
+from attnsurgery.perturbation.guidance import GUIDED_PIPELINES
+from attnsurgery.testing import assert_restored, snapshot
+from attnsurgery.testing.tiny import tiny_sd15, tiny_sdxl
+
+
+def _upscale() -> StableDiffusionUpscalePipeline:
+    """No do_classifier_free_guidance property: the wrapper took every row as conditional."""
+    sd15 = tiny_sd15(in_channels=7)  # 4 latent + 3 low-resolution image channels
+    parts = {name: sd15.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    return StableDiffusionUpscalePipeline(**parts, low_res_scheduler=DDPMScheduler())
+
+
+def _sdxl_pix2pix() -> StableDiffusionXLInstructPix2PixPipeline:
+    """Its CFG flag is a local variable of __call__, and it batches three parts (prompt, image, neither)."""
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    sdxl = tiny_sdxl()
+    return StableDiffusionXLInstructPix2PixPipeline(**{name: sdxl.components[name] for name in names})
+
+
+def _sd_pix2pix() -> StableDiffusionInstructPix2PixPipeline:
+    """It has the property, but batches [cond, image-only, uncond]: even batches would pass unnoticed."""
+    return StableDiffusionInstructPix2PixPipeline(**tiny_sd15(in_channels=8).components)
+
+
+@pytest.mark.parametrize("build", [_upscale, _sdxl_pix2pix, _sd_pix2pix], ids=["upscale", "sdxl-pix2pix", "pix2pix"])
+def test_pipelines_whose_guidance_we_cannot_see_are_refused(build):
+    pipe = build()
+    before = snapshot(pipe)
+    name = type(pipe).__name__
+    with pytest.raises(NotImplementedError, match=rf"{name}.*guidance plugins support .*StableDiffusionXLPipeline"):
+        surg.apply(pipe, PerturbedAttention())
+    assert not surg.active_surgeries(pipe)
+    assert_restored(pipe, before)
+    surg.apply(pipe, surg.TokenMerging()).remove()  # plugins that leave the guidance alone still apply
+
+
+def test_a_stand_in_pipeline_must_declare_its_cfg_flag():
+    """Objects that are not diffusers pipelines (a benchmark's stand-in) say whether CFG runs by the property."""
+    unet = tiny_sd15().unet
+    with pytest.raises(NotImplementedError, match="do_classifier_free_guidance"):
+        surg.apply(types.SimpleNamespace(unet=unet), PerturbedAttention())
+    surg.apply(types.SimpleNamespace(unet=unet, do_classifier_free_guidance=True), PerturbedAttention()).remove()
+    surg.apply(unet, PerturbedAttention()).remove()  # a bare denoiser: every row is conditional, as documented
+
+
+@pytest.mark.parametrize("name", sorted(GUIDED_PIPELINES["uncond_cond"]))
+def test_listed_batched_pipelines_still_batch_uncond_then_cond(name):
+    """Guards the list against diffusers changes: each pipeline reads its CFG flag from the property the
+    wrapper reads, and doubles its latents for one [uncond, cond] batch."""
+    pipeline = getattr(diffusers, name)
+    assert isinstance(inspect.getattr_static(pipeline, "do_classifier_free_guidance"), property)
+    source = inspect.getsource(pipeline.__call__)
+    assert "[latents] * 2" in source and "[latents] * 3" not in source
