@@ -10,8 +10,7 @@ from ..ops.neighborhood import BACKENDS
 from ..ops.rope_scaling import ROPE_SCALINGS, ScaledRope
 from ..processors.neighborhood import NeighborhoodProcessor, NeighborhoodSchedule
 from ..selectors import LayerSelector
-from .base import Plugin
-from .token_merging import normalize_layers
+from .base import Plugin, check_number, normalize_layers
 
 if TYPE_CHECKING:
     from ..inventory import AttentionLayer
@@ -91,9 +90,7 @@ class NeighborhoodAttention(Plugin):
         if isinstance(self.window, tuple):
             self._check_stride(self.window)
         for name in ("start", "stop"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"NeighborhoodAttention {name} must be a number in [0, 1], got {value!r}")
+            check_number("NeighborhoodAttention", name, getattr(self, name), 0.0, 1.0, "progress in [0, 1]")
         if self.start >= self.stop:
             raise ValueError(
                 f"NeighborhoodAttention start ({self.start}) must be below stop ({self.stop}): local attention runs "
