@@ -99,15 +99,33 @@ def _unique_in_order(values: torch.Tensor) -> torch.Tensor:
     return values[keep]
 
 
-def locate_timestep(t: float, schedule: torch.Tensor | None) -> tuple[int, int] | None:
+def _hinted(t: float, schedule: torch.Tensor, hint: int | None, tolerance: float) -> tuple[int, int] | None:
+    """``(index, num_steps)`` of the scheduler's own step index when ``t`` agrees with its entry, else None."""
+    raw = schedule.detach().double().cpu().flatten()
+    if hint is None or not 0 <= hint < len(raw) or abs(float(raw[hint]) - t) > tolerance:
+        return None
+    keep = torch.ones(len(raw), dtype=torch.bool)
+    keep[1:] = raw[1:] != raw[:-1]
+    return int(keep[: hint + 1].sum()) - 1, int(keep.sum())
+
+
+def locate_timestep(
+    t: float, schedule: torch.Tensor | None, hint: int | None = None, tolerance: float = 0.0
+) -> tuple[int, int] | None:
     """Find ``t`` in a scheduler's timesteps: ``(step_index, num_steps)`` or None when it is not there.
 
-    FLUX pipelines hand the transformer ``t / 1000`` (the sigma), so both scales are tried. The nearest
-    schedule entry is accepted when it is closer than half the smallest gap between entries (which
-    tolerates half-precision rounding); of the two scales the closer match wins.
+    ``hint`` is the scheduler's own step index when it keeps one (diffusers' flow and multistep schedulers,
+    after the first step); it wins when ``t`` lies within ``tolerance`` of its entry. That is what places
+    half-precision timesteps of a shifted schedule (FLUX-dev at 2048 px: many entries within one bf16 step
+    of each other near t = 1000), where the nearest entry is often the wrong one. Otherwise the nearest entry
+    is accepted when it is closer than half the smallest gap between entries; FLUX-scale values (``t / 1000``)
+    are tried too, and of the two scales the closer match wins.
     """
     if schedule is None or len(schedule) == 0:
         return None
+    hinted = _hinted(t, schedule, hint, tolerance)
+    if hinted is not None:
+        return hinted
     values = _unique_in_order(schedule.detach().double().cpu().flatten())
     n = len(values)
     min_gap = float((values[1:] - values[:-1]).abs().min()) if n > 1 else 1.0
@@ -152,6 +170,13 @@ def _latent_hw(sample: torch.Tensor, family: Family, bound: dict[str, Any]) -> t
     raise ValueError(f"cannot infer the latent grid from a sample of shape {tuple(sample.shape)}")
 
 
+def _rounding(received: Any) -> float:
+    """How far a timestep received in this dtype may be from its schedule entry, on the 0-1000 scale
+    (two units in the last place of values up to 1000, or of sigmas up to 1 times 1000)."""
+    dtype = received.dtype if isinstance(received, torch.Tensor) and received.is_floating_point() else torch.float32
+    return 2 * 1000 * torch.finfo(dtype).eps
+
+
 def make_clock_hook(
     context: StepContext,
     denoiser: torch.nn.Module,
@@ -171,7 +196,8 @@ def make_clock_hook(
     def clock_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        t = _first_value(bound.get("timestep", bound.get("t")))  # Z-Image names its timestep `t`
+        received = bound.get("timestep", bound.get("t"))  # Z-Image names its timestep `t`
+        t = _first_value(received)
         context.timestep = t
         context.roles = None
         seen = _batch_and_latent(bound.get(sample_name), context.family, bound)
@@ -180,7 +206,10 @@ def make_clock_hook(
         # the pipelines pass t, t / 1000 (FLUX-likes, Qwen-Image) or 1 - t / 1000 (Z-Image): undo that first
         t_1000 = None if t is None else context.family.scheduler_timestep(t)
         current = scheduler()
-        found = locate_timestep(t_1000, getattr(current, "timesteps", None)) if t_1000 is not None else None
+        found = None
+        if t_1000 is not None:
+            hint = getattr(current, "step_index", None)
+            found = locate_timestep(t_1000, getattr(current, "timesteps", None), hint, _rounding(received))
         if found is not None:
             context.step_index, context.num_steps = found
             context.progress = found[0] / found[1]

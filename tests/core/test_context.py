@@ -3,7 +3,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
 import attnsurgery as surg
-from attnsurgery.context import StepContext, locate_timestep
+from attnsurgery.context import StepContext, locate_timestep, make_clock_hook
 from attnsurgery.families import detect_family
 from attnsurgery.testing import tiny
 from tests.support.pipes import run_pipe
@@ -123,3 +123,36 @@ def test_grids_and_first_fraction_rule():
     assert context.in_first(0.32) is True  # floor(25 * 0.32) = 8
     bare = StepContext(family, progress=0.35)
     assert bare.in_first(0.4) and not bare.in_first(0.3)
+
+
+def _flux_dev_schedule(steps: int = 50, side_px: int = 2048):
+    """FLUX.1-dev's shifted flow schedule at ``side_px`` (FluxPipeline's mu for that many image tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    mu = calculate_shift((side_px // 16) ** 2, 256, 4096, 0.5, 1.15)
+    scheduler.set_timesteps(steps, mu=mu)
+    return scheduler
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_clock_places_every_half_precision_step_of_a_shifted_schedule(dtype):
+    """Issue case: FLUX-dev at 2048 px in bf16 puts many steps within one bf16 ulp of each other. The
+    pipeline's scheduler knows its step index (after the first step), and the clock takes it when the
+    received timestep agrees with it; so every step lands on its index, each CFG call of a step too."""
+    pipe = tiny.tiny_flux()
+    pipe.scheduler = _flux_dev_schedule()
+    handle = surg.apply(pipe.transformer, seed=0)
+    hook = make_clock_hook(handle.context, pipe.transformer, lambda: pipe.scheduler)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
+    call = {"hidden_states": torch.zeros(1, 64, 4), "img_ids": ids.reshape(-1, 3)}
+    placed = []
+    for index, t in enumerate(pipe.scheduler.timesteps):
+        pipe.scheduler._step_index = index if index else None  # what step() leaves for the next call
+        received = (t.expand(1).to(dtype) / 1000).to(dtype)
+        for _ in range(2):  # true CFG: the conditional and the unconditional call of one step
+            hook(pipe.transformer, (), {**call, "timestep": received})
+            placed.append(handle.context.step_index)
+    handle.remove()
+    assert placed == [i for i in range(50) for _ in range(2)]
