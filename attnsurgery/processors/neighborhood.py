@@ -17,12 +17,10 @@ import torch.nn.functional as F
 
 from ..context import StepContext
 from ..ops.neighborhood import neighborhood_attention
-from .base import WrappingProcessor
-from .sdpa_intercept import ReplacedAttentionCall
+from .joint_masks import fold_product_bias
+from .joint_replace import JointCallProcessor, JointCompute, Pair
 
 __all__ = ["NeighborhoodSchedule", "NeighborhoodProcessor", "proportional_factor"]
-
-Pair = tuple[int, int]
 
 
 def proportional_factor(num_keys: int, native_keys: int) -> float:
@@ -69,7 +67,7 @@ class NeighborhoodSchedule:
         return self.context.in_first(self.stop) and not self.context.in_first(self.start)
 
 
-class NeighborhoodProcessor(WrappingProcessor):
+class NeighborhoodProcessor(JointCallProcessor):
     """Computes a layer's attention over the image-token neighbourhoods a schedule chooses per call.
 
     Idle (at or below native size, or a global step without proportional scaling) it is a plain
@@ -86,58 +84,32 @@ class NeighborhoodProcessor(WrappingProcessor):
     def __init__(
         self, inner: Any, *, path: str, text_first: bool, schedule: NeighborhoodSchedule, local: bool = True
     ) -> None:
-        super().__init__(inner)
-        self.path = path
-        self.text_first = text_first
+        super().__init__(inner, path=path, text_first=text_first, technique="NeighborhoodAttention")
         self.schedule = schedule
         self.local = local
 
-    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def plan(self) -> JointCompute | None:
         schedule = self.schedule
         grid = schedule.grid()
         if not (schedule.force or schedule.above_native(grid)):
-            return self.inner(attn, hidden_states, *args, **kwargs)
-        local = self.local and schedule.local_now()
-        if not local and not (schedule.proportional and schedule.above_native(grid)):
-            return self.inner(attn, hidden_states, *args, **kwargs)
-        compute = self._local if local else self._proportional
-        with ReplacedAttentionCall(lambda q, k, v, call: compute(grid, q, k, v, call)) as mode:
-            result = self.inner(attn, hidden_states, *args, **kwargs)
-        if mode.calls == 0:
-            raise RuntimeError(
-                f"neighborhood attention could not reach the attention of layer {self.path!r}: its processor "
-                f"{type(self.inner).__name__} made no torch scaled_dot_product_attention call. Use diffusers' "
-                "native attention backend for the layers NeighborhoodAttention changes."
-            )
-        return result
-
-    def _num_text(self, grid: Pair, q: torch.Tensor) -> int:
-        num_text = q.shape[2] - grid[0] * grid[1]
-        if num_text < 0:
-            raise RuntimeError(
-                f"layer {self.path!r} attends over {q.shape[2]} tokens, fewer than the {grid[0]}x{grid[1]} image "
-                "grid of this call; it does not see the whole image. Leave it out of NeighborhoodAttention(layers=...)."
-            )
-        return num_text
-
-    def _check_call(self, q: torch.Tensor, k: torch.Tensor, call: dict[str, Any]) -> None:
-        if call["dropout_p"] or call["is_causal"] or q.shape[1] != k.shape[1]:
-            raise NotImplementedError(
-                f"layer {self.path!r} calls attention with dropout, a causal mask or grouped KV heads; "
-                "NeighborhoodAttention supports plain bidirectional attention only"
-            )
+            return None
+        if self.local and schedule.local_now():
+            return lambda q, k, v, call: self._local(grid, q, k, v, call)
+        if schedule.proportional and schedule.above_native(grid):
+            return lambda q, k, v, call: self._proportional(grid, q, k, v, call)
+        return None
 
     def _local(
         self, grid: Pair, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
     ) -> torch.Tensor:
-        self._check_call(q, k, call)
-        num_text = self._num_text(grid, q)
+        self.check_call(q, k, call)
+        num_text = self.num_text(grid, q)
         scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
         mask, text_key_mask, value_dim = call["attn_mask"], None, v.shape[-1]
         if mask is not None and mask.dtype == torch.bool:
             text_key_mask = self._text_key_mask(mask, grid, num_text)
         elif mask is not None:
-            q, k, v = self._fold_product_bias(mask, q, k, v, scale)
+            q, k, v = fold_product_bias(mask, q, k, v, scale, self.path)
         schedule = self.schedule
         out = neighborhood_attention(
             q,
@@ -155,35 +127,10 @@ class NeighborhoodProcessor(WrappingProcessor):
         )
         return out[..., :value_dim]
 
-    def _fold_product_bias(
-        self, mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fold an additive 0/1 bias ``m_i * m_j`` (Chroma's float padding mask) into the queries and keys.
-
-        Per query row the bias is ``m_i * (m_j - 1)`` plus a constant, which softmax ignores, so one extra
-        channel ``m_i`` on the queries and ``(m_j - 1) / scale`` on the keys adds exactly that to every logit:
-        the op needs no mask at all. Zero channels pad the head dim to a multiple of 8 for the kernels (on the
-        values too, so every backend sees one head dim; the caller drops them from the output).
-        """
-        m = mask[:, 0].diagonal(dim1=-2, dim2=-1) if mask.dim() == 4 and mask.shape[1] == 1 else None
-        if m is None or mask.shape[-2] != q.shape[2] or not torch.equal(mask[:, 0], m[:, :, None] * m[:, None, :]):
-            raise NotImplementedError(
-                f"layer {self.path!r} got an attention mask of shape {tuple(mask.shape)} ({mask.dtype}); "
-                "neighborhood attention takes boolean masks that hide text keys, or a 0/1 bias that is an outer "
-                "product of one padding vector (Chroma's). Drop the mask or leave this layer global."
-            )
-        extra = 8 - q.shape[-1] % 8
-        q_extra = torch.zeros(*q.shape[:-1], extra, dtype=q.dtype, device=q.device)
-        k_extra = torch.zeros_like(q_extra)
-        q_extra[..., 0] = m[:, None, :].to(q.dtype)
-        k_extra[..., 0] = ((m - 1) / scale)[:, None, :].to(k.dtype)
-        v_extra = torch.zeros(*v.shape[:-1], extra, dtype=v.dtype, device=v.device)
-        return torch.cat([q, q_extra], dim=-1), torch.cat([k, k_extra], dim=-1), torch.cat([v, v_extra], dim=-1)
-
     def _proportional(
         self, grid: Pair, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
     ) -> torch.Tensor:
-        num_text = self._num_text(grid, q)
+        num_text = self.num_text(grid, q)
         native = self.schedule.native_grid
         factor = proportional_factor(k.shape[2], native[0] * native[1] + num_text)
         scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
