@@ -71,6 +71,7 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--agent-source", choices=("tome", "pool"), default="tome", help="how agents are made")
     agent.add_argument("--agent-layers", default=None, help="layer selector (default: top)")
     agent.add_argument("--tome", type=float, default=None, metavar="RATIO", help="token merging at this ratio")
+    agent.add_argument("--tome-mode", default="qkv", choices=("qkv", "kv"), help="qkv: ToMe; kv: DiT keys/values only")
 
     pag = parser.add_argument_group("Perturbed-attention guidance (layers or single heads)")
     pag.add_argument("--pag", type=float, default=None, metavar="SCALE", help="guidance scale (e.g. 3.0)")
@@ -141,7 +142,7 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
     if args.agent:
         plugins.append(AgentAttention(layers=args.agent_layers or "top", agent_source=args.agent_source))
     if args.tome is not None:
-        plugins.append(TokenMerging(ratio=args.tome))
+        plugins.append(TokenMerging(ratio=args.tome, mode=args.tome_mode))
     if args.pag is not None:
         heads = args.pag_heads
         heads = Path(heads) if heads and heads.endswith(".json") else _items(heads)

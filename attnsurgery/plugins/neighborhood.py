@@ -11,9 +11,9 @@ from ..ops.rope_scaling import ROPE_SCALINGS, ScaledRope
 from ..processors.neighborhood import NeighborhoodProcessor, NeighborhoodSchedule
 from ..selectors import LayerSelector
 from .base import Plugin, check_number, normalize_layers
+from .dit_layers import IMAGE_KINDS, image_layers
 
 if TYPE_CHECKING:
-    from ..inventory import AttentionLayer
     from ..surgery import Surgery
 
 __all__ = ["NeighborhoodAttention", "BACKEND_CHOICES"]
@@ -21,8 +21,6 @@ __all__ = ["NeighborhoodAttention", "BACKEND_CHOICES"]
 Size = int | tuple[int, int]
 #: What ``backend=`` takes: the op's backends, or "auto" to let it choose per call.
 BACKEND_CHOICES = ("auto", *BACKENDS)
-#: Layer kinds that attend over the image tokens (text-only refiner layers are left alone).
-IMAGE_KINDS = ("self", "joint", "single")
 #: Families whose position embedding ``ScaledRope`` understands: the id axes that hold rows and cols.
 ROPE_SPATIAL_AXES = {"flux": (1, 2), "chroma": (1, 2), "flux2": (1, 2)}
 
@@ -120,9 +118,7 @@ class NeighborhoodAttention(Plugin):
         native = (side, side)
         window = native if self.window == "native" else self.window
         self._check_stride(window)
-        selected = surgery.model.select(self.layers, kinds=IMAGE_KINDS)
-        for layer in selected:
-            _check_placement(layer, family.name)
+        selected = image_layers(surgery, self.layers)
         schedule = NeighborhoodSchedule(
             surgery.context,
             native,
@@ -169,11 +165,3 @@ class NeighborhoodAttention(Plugin):
 
         spatial = {axes[0]: native[0], axes[1]: native[1]}
         surgery.swap_module("pos_embed", ScaledRope(embedding, self.rope, spatial, alphas), role="module")
-
-
-def _check_placement(layer: AttentionLayer, family: str) -> None:
-    if layer.text_placement is None:
-        raise ValueError(
-            f"layer {layer.path!r} of {family} has no declared text placement, so its image tokens cannot be "
-            "found; leave it out with layers=... (or report the family: its placement must be declared)"
-        )

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..processors.joint_merge import MERGE_MODES, JointMergeProcessor
 from ..processors.token_merge import BlockInput, TokenMergeProcessor, check_cells, check_fraction
 from ..selectors import LayerSelector
 from .base import Plugin, normalize_layers
+from .dit_layers import image_layers
 
 if TYPE_CHECKING:
     from ..inventory import AttentionLayer
@@ -79,9 +81,14 @@ def install_merging(
 class TokenMerging(Plugin):
     """ToMe for SD: merge similar tokens before self-attention and copy the results back after it.
 
-    Around each selected layer, ``x = unmerge(attn(merge(norm(x)))) + x``, with the matching computed on
-    the block input. Equals the ``tomesd`` package given the same dst choice, but wraps the model's own
-    attention processor and works on SDXL, whose ``top`` group is its 64x64 level (at 1024 px).
+    On U-Nets, around each selected layer, ``x = unmerge(attn(merge(norm(x)))) + x``, with the matching
+    computed on the block input. Equals the ``tomesd`` package given the same dst choice, but wraps the
+    model's own attention processor and works on SDXL, whose ``top`` group is its 64x64 level (at 1024 px).
+
+    On DiTs (SD3/3.5, FLUX.1/.2, Qwen-Image, Z-Image, Chroma) the merge happens inside each layer's joint
+    attention call, after RoPE, on the image tokens only (``processors.joint_merge``): text tokens are never
+    merged and every query keeps every text key. ``mode="qkv"`` merges the image queries too and copies their
+    outputs back (ToMe); ``mode="kv"`` merges only keys and values (cheaper, no unmerge).
 
     Args:
         ratio: fraction of tokens merged away (``r = floor(N * ratio)``, capped at the src count).
@@ -89,9 +96,11 @@ class TokenMerging(Plugin):
         sy: dst cell height in tokens. A layer whose token grid holds no full ``sy x sx`` cell runs
             unmerged; when that is every selected layer at a call's size, a ``UserWarning`` says so at that
             call (not at apply: the grid depends on the image size, and the same cell fits at larger ones).
-        layers: layer selector; self-attention layers only. Default: the highest-resolution level.
+        layers: layer selector; self-attention layers only. Default (None): the highest-resolution level on
+            U-Nets, every image-attending layer on DiTs.
         use_rand: random dst position per cell (position 0 for odd batches); False always position 0.
         seed: seed of the private generator (else the surgery's seed).
+        mode: "qkv" (ToMe: merge, attend, unmerge) or "kv" (DiTs only: merge the image keys and values).
 
     Example (the 1024 px image is not generated when the examples run as tests: minutes on a CPU):
         >>> handle = attnsurgery.apply(pipe, attnsurgery.TokenMerging(ratio=0.5))
@@ -102,23 +111,60 @@ class TokenMerging(Plugin):
     ratio: float = 0.5
     sx: int = 2
     sy: int = 2
-    layers: LayerSelector = "top"
+    layers: LayerSelector | None = None
     use_rand: bool = True
     seed: int | None = None
+    mode: str = "qkv"
 
     def __post_init__(self) -> None:
         check_fraction("TokenMerging", "ratio", self.ratio)
         check_cells("TokenMerging", self.sx, self.sy)
-        normalize_layers(self, self.layers)
+        if self.layers is not None:
+            normalize_layers(self, self.layers)
+        if self.mode not in MERGE_MODES:
+            raise ValueError(f"TokenMerging mode={self.mode!r} is invalid; use one of {MERGE_MODES}")
 
     def attach(self, surgery: Surgery) -> None:
-        def make_processor(inner: Any, **machinery: Any) -> TokenMergeProcessor:
-            return TokenMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, **machinery)
+        if surgery.model.family.kind != "unet":
+            layers = self._attach_dit(surgery)
+        elif self.mode == "kv":
+            raise ValueError(
+                "TokenMerging mode='kv' merges keys inside a DiT's joint attention; on a U-Net use mode='qkv' "
+                "(ToMe for SD)"
+            )
+        else:
 
-        install_merging(surgery, self, self.layers, self.seed, self.use_rand, make_processor)
+            def make_processor(inner: Any, **machinery: Any) -> TokenMergeProcessor:
+                return TokenMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, **machinery)
+
+            selector = "top" if self.layers is None else self.layers
+            install_merging(surgery, self, selector, self.seed, self.use_rand, make_processor)
+            layers = surgery.model.select(selector, kinds=("self",))
         if self.ratio > 0:
-            layers = surgery.model.select(self.layers, kinds=("self",))
             surgery.add_hook(surgery.denoiser, _no_merge_warning(self, surgery, layers), pre=True, with_kwargs=True)
+
+    def _attach_dit(self, surgery: Surgery) -> list[AttentionLayer]:
+        layers = image_layers(surgery, "all" if self.layers is None else self.layers)
+        context = surgery.context
+        for layer in layers:
+
+            def generator(path: str = layer.path) -> torch.Generator:
+                key = (type(self).__name__, path, context.step_index, context.timestep)
+                return surgery.generator(*key, seed=self.seed)
+
+            processor = JointMergeProcessor(
+                layer.module.processor,
+                path=layer.path,
+                text_first=layer.text_placement == "first",
+                context=context,
+                ratio=self.ratio,
+                sx=self.sx,
+                sy=self.sy,
+                mode=self.mode,
+                generator=generator if self.use_rand else None,
+            )
+            surgery.set_processor(layer, processor, role="tokens")
+        return layers
 
 
 def _no_merge_warning(plugin: TokenMerging, surgery: Surgery, layers: list[AttentionLayer]) -> Callable[..., None]:

@@ -16,7 +16,7 @@ import torch
 from .base import WrappingProcessor
 from .sdpa_intercept import ReplacedAttentionCall
 
-__all__ = ["JointCallProcessor", "Pair", "JointCompute"]
+__all__ = ["JointCallProcessor", "Pair", "JointCompute", "split_tokens", "join_tokens"]
 
 Pair = tuple[int, int]
 #: (q, k, v, call) -> out: a replacement for the call, ``[batch, heads, tokens, dim]`` in and out.
@@ -77,13 +77,15 @@ class JointCallProcessor(WrappingProcessor):
                 f"{self.technique} supports plain bidirectional attention only"
             )
 
-    def split(self, x: torch.Tensor, num_text: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, H, N, D]`` -> (text part, image part) along the tokens, by the declared placement."""
-        if self.text_first:
-            return x[:, :, :num_text], x[:, :, num_text:]
-        image = x.shape[2] - num_text
-        return x[:, :, image:], x[:, :, :image]
 
-    def join(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`split`."""
-        return torch.cat((text, image) if self.text_first else (image, text), dim=2)
+def split_tokens(x: torch.Tensor, num_text: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, N, D]`` -> (text part, image part) along the tokens, by the declared placement."""
+    if text_first:
+        return x[:, :, :num_text], x[:, :, num_text:]
+    image = x.shape[2] - num_text
+    return x[:, :, image:], x[:, :, :image]
+
+
+def join_tokens(text: torch.Tensor, image: torch.Tensor, text_first: bool) -> torch.Tensor:
+    """The inverse of :func:`split_tokens`."""
+    return torch.cat((text, image) if text_first else (image, text), dim=2)

@@ -15,66 +15,19 @@ from attnsurgery import NeighborhoodAttention, PerturbedAttention
 from attnsurgery.ops.neighborhood_spec import NeighborhoodSpec
 from attnsurgery.processors.sdpa_intercept import FirstAttentionCall
 from attnsurgery.testing import restore
-from attnsurgery.testing.tiny import (
-    tiny_chroma,
-    tiny_flux,
-    tiny_flux2,
-    tiny_qwenimage,
-    tiny_sd3,
-    tiny_sd15,
-    tiny_sd35,
-    tiny_zimage,
-)
-
-NATIVE_PX = 64  # the tiny models are told they were trained at 64 px, so 128 px is 2x native
-#: family -> (builder, pipeline kwargs): with CFG where the pipeline has it (separate calls, masks, list batches)
-FAMILIES = {
-    "sd3": (lambda: tiny_sd3(num_layers=2), dict(guidance_scale=4.0)),
-    "sd35": (tiny_sd35, dict(guidance_scale=4.0)),
-    "flux": (tiny_flux, dict(true_cfg_scale=4.0, negative_prompt="blurry")),
-    "flux2": (tiny_flux2, dict(guidance_scale=4.0)),
-    "qwenimage": (tiny_qwenimage, dict(true_cfg_scale=4.0, negative_prompt="blurry")),
-    "zimage": (tiny_zimage, dict(guidance_scale=4.0)),
-    "chroma": (tiny_chroma, dict(guidance_scale=4.0, negative_prompt="blurry")),
-}
-
-
-def _denoiser(pipe) -> torch.nn.Module:
-    return pipe.transformer
-
-
-def _build(name: str):
-    builder, _ = FAMILIES[name]
-    pipe = builder()
-    pipe.set_progress_bar_config(disable=True)
-    # Native size is read from the config's sample_size (latent cells); 64 px keeps every test small.
-    _denoiser(pipe).register_to_config(sample_size=NATIVE_PX // pipe.vae_scale_factor)
-    return pipe
+from attnsurgery.testing.tiny import tiny_sd3, tiny_sd15
+from tests.support.dit_families import FAMILIES, NATIVE_PX, build, denoiser
+from tests.support.dit_families import latents as _latents
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_pipe(request):
-    return request.param, _build(request.param)
+    return request.param, build(request.param)
 
 
 @pytest.fixture(scope="module")
 def flux():
-    return _build("flux")
-
-
-def _latents(pipe, name: str = "flux", size: int = 2 * NATIVE_PX, steps: int = 2, **kwargs) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    extra = {**FAMILIES[name][1], **kwargs}
-    return pipe(
-        prompt="a red cube",
-        generator=generator,
-        max_sequence_length=16,
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        output_type="latent",
-        **extra,
-    ).images
+    return build("flux")
 
 
 def _with(pipe, *plugins, name: str = "flux", **kwargs) -> torch.Tensor:
@@ -107,13 +60,13 @@ def test_each_layer_finds_its_image_tokens_where_the_family_declares_them(family
     (float64-checked elsewhere) at the layer's declared text placement; the other placement gives another
     output wherever the layer sees text tokens, so the check can fail."""
     name, pipe = family_pipe
-    denoiser = _denoiser(pipe)
+    model = denoiser(pipe)
     inputs = {}
 
     def record(module, args, kwargs):
         inputs[module] = (args, kwargs)
 
-    layers = [layer for layer in surg.describe(denoiser, pipe.vae_scale_factor).layers if layer.kind != "text"]
+    layers = [layer for layer in surg.describe(model, pipe.vae_scale_factor).layers if layer.kind != "text"]
     hooks = [layer.module.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     try:
         with surg.patched(pipe, NeighborhoodAttention(window=2)) as handle, torch.no_grad():
@@ -164,8 +117,8 @@ def _tensors(output) -> list[torch.Tensor]:
 
 def test_remove_is_exact_also_after_an_exception_mid_step(family_pipe):
     name, pipe = family_pipe
+    plain = _latents(pipe, name)  # first: diffusers and transformers add attributes lazily on a first call
     before = restore.snapshot(pipe)
-    plain = _latents(pipe, name)
 
     def fail(pipe, step, timestep, kwargs):
         raise RuntimeError("stop at step 0")

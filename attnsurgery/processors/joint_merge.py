@@ -1,0 +1,138 @@
+"""Token merging inside a DiT layer's joint attention call: image keys/values (and queries) merged, text never.
+
+At the SDPA call the keys already carry RoPE, so merging there averages rotated keys of similar tokens
+(merging *positions* would be meaningless). The matching is ToMe for SD's bipartite matching on the image
+grid (``ops.token_merge``), on the keys averaged over heads, with one dst per ``sx x sy`` cell drawn from the
+plugin's private generator. Each merged key carries ToMe's proportional-attention bias ``log(size)``, so a
+slot that stands for ``n`` equal keys gets exactly the weight those ``n`` keys had.
+
+- ``kv``: queries untouched (every token keeps its own output, no unmerge); the keys and values of the
+  image tokens are merged (ToDo-like, the cheap mode).
+- ``qkv``: the image queries are merged with the same plan and their outputs copied back (ToMe).
+Text tokens stay as they are in both, and every query sees every text key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..context import StepContext
+from ..ops.token_merge import TokenMerge, match_tokens, plan_merge
+from .joint_masks import fold_product_bias
+from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
+
+__all__ = ["MERGE_MODES", "JointMergeProcessor", "merged_joint_attention"]
+
+MERGE_MODES = ("qkv", "kv")
+
+
+def _heads_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, D]`` -> ``[B, N, H * D]`` (one merge moves every head of a token together)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _tokens_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def merged_joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: TokenMerge,
+    *,
+    num_text: int,
+    text_first: bool,
+    mode: str,
+    scale: float,
+) -> torch.Tensor:
+    """Joint attention with the image tokens merged by ``plan`` (the maths the tests check in float64).
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` with ``N = num_text + image tokens``.
+        plan: the merge of the image tokens (from :func:`attnsurgery.ops.token_merge.plan_merge`).
+        num_text: non-image tokens; text_first: where they sit.
+        mode: "kv" or "qkv".
+        scale: softmax scale.
+    """
+    heads = q.shape[1]
+    (tq, iq), (tk, ik), (tv, iv) = (split_tokens(x, num_text, text_first) for x in (q, k, v))
+    keys = join_tokens(tk, _tokens_to_heads(plan.merge(_heads_to_tokens(ik)), heads), text_first)
+    values = join_tokens(tv, _tokens_to_heads(plan.merge(_heads_to_tokens(iv)), heads), text_first)
+    size_bias = plan.counts[..., 0].to(q.dtype).log()  # [B, M]: log(tokens in each slot); text keys get 0
+    text_bias = size_bias.new_zeros(size_bias.shape[0], num_text)
+    parts = (text_bias, size_bias) if text_first else (size_bias, text_bias)
+    bias = torch.cat(parts, dim=-1)[:, None, None]  # [B, 1, 1, keys]
+    if mode == "kv":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+    queries = join_tokens(tq, _tokens_to_heads(plan.merge(_heads_to_tokens(iq)), heads), text_first)
+    text_out, image_out = split_tokens(
+        F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=scale), num_text, text_first
+    )
+    return join_tokens(text_out, _tokens_to_heads(plan.unmerge(_heads_to_tokens(image_out)), heads), text_first)
+
+
+class JointMergeProcessor(JointCallProcessor):
+    """Merges a DiT layer's image tokens inside its attention call (see the module docstring).
+
+    Args:
+        inner: the layer's current processor.
+        path, text_first: the layer and its declared text placement.
+        context: the surgery's step clock (the call's image grid).
+        ratio: fraction of image tokens merged away; 0 leaves the layer untouched.
+        sx, sy: dst cell size in tokens.
+        mode: "kv" or "qkv".
+        generator: returns a fresh private generator for this call (random dst per cell), or None (cell
+            position 0).
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        path: str,
+        text_first: bool,
+        context: StepContext,
+        ratio: float,
+        sx: int,
+        sy: int,
+        mode: str,
+        generator: Callable[[], torch.Generator] | None = None,
+    ) -> None:
+        super().__init__(inner, path=path, text_first=text_first, technique="TokenMerging")
+        if mode not in MERGE_MODES:
+            raise ValueError(f"TokenMerging mode must be one of {MERGE_MODES}, got {mode!r}")
+        self.context = context
+        self.ratio, self.sx, self.sy, self.mode = ratio, sx, sy, mode
+        self.generator = generator
+
+    def plan(self) -> JointCompute | None:
+        grid = self.context.token_grids()[0]
+        r = math.floor(grid[0] * grid[1] * self.ratio)
+        if r == 0 or grid[0] < self.sy or grid[1] < self.sx:
+            return None
+        return lambda q, k, v, call: self._merged(grid, r, q, k, v, call)
+
+    def _merged(
+        self, grid: Pair, r: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
+    ) -> torch.Tensor:
+        self.check_call(q, k, call)
+        num_text = self.num_text(grid, q)
+        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
+        mask, value_dim = call["attn_mask"], v.shape[-1]
+        if mask is not None:
+            q, k, v = fold_product_bias(mask, q, k, v, scale, self.path)
+        _, image_keys = split_tokens(k, num_text, self.text_first)
+        generator = self.generator() if self.generator is not None and q.shape[0] % 2 == 0 else None
+        match = match_tokens(image_keys.mean(dim=1), grid[0], grid[1], self.sx, self.sy, generator=generator)
+        out = merged_joint_attention(
+            q, k, v, plan_merge(match, r), num_text=num_text, text_first=self.text_first, mode=self.mode, scale=scale
+        )
+        return out[..., :value_dim]
