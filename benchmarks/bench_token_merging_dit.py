@@ -1,0 +1,89 @@
+"""Token merging inside one FLUX.1-shaped joint attention call: dense SDPA vs kv and qkv at several ratios.
+
+24 heads x 128, 512 text tokens first, a 64 x 64 (1K) or 128 x 128 (2K) image grid. Each row times the
+whole merged call (matching, merge, SDPA, unmerge) and, apart, the matching + merge plan alone, so the
+overhead that tomesd users see eat the saving at low ratios is visible. Ratios are against dense SDPA
+measured in the same run; "FLOP ratio" is dense attended pairs over merged ones (the ideal speed-up).
+
+Usage:
+    python benchmarks/bench_token_merging_dit.py               # 1K, ratios 0.25 0.5 0.75
+    python benchmarks/bench_token_merging_dit.py --grid 128    # 2K
+    python benchmarks/bench_token_merging_dit.py --smoke       # tiny shapes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from attnsurgery.ops.token_merge import match_tokens, plan_merge
+from attnsurgery.processors.joint_merge import merged_joint_attention
+
+HEADS, HEAD_DIM, TEXT = 24, 128, 512
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", type=int, default=64, help="image grid side (64: 1024 px, 128: 2048 px)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="2 heads x 16, grid 16, 16 text tokens")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    heads, dim, text, side = (2, 16, 16, 16) if args.smoke else (HEADS, HEAD_DIM, TEXT, args.grid)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, text + side * side, dim, generator=g) for _ in range(3))
+    image = side * side
+    rows = []
+    with torch.inference_mode():
+        dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+        rows.append(f"| dense SDPA | - | {dense:.3f} | - | 1.00x | 1.00x |")
+        for ratio in args.ratios:
+            r = math.floor(image * ratio)
+
+            def plan(r: int = r):
+                match = match_tokens(k[:, :, text:].mean(dim=1), side, side, 2, 2)
+                return plan_merge(match, r)
+
+            merge_plan = plan()
+            kept = merge_plan.num_out
+            planning = timed(plan, args.repeats)
+            for mode in ("kv", "qkv"):
+
+                def call(mode: str = mode, r: int = r):
+                    return merged_joint_attention(
+                        q, k, v, plan(r), num_text=text, text_first=True, mode=mode, scale=dim**-0.5
+                    )
+
+                took = timed(call, args.repeats)
+                queries = text + image if mode == "kv" else text + kept
+                flops = (text + image) ** 2 / (queries * (text + kept))
+                rows.append(
+                    f"| {mode} | {ratio:.2f} | {took:.3f} | {planning:.3f} | {dense / took:.2f}x | {flops:.2f}x |"
+                )
+                print(rows[-1], flush=True)
+    print(f"\n{heads} heads x {dim}, {text} text + {side} x {side} image tokens, fp32, {args.threads} threads")
+    print("| mode | ratio | s / call | of which matching + plan | speed-up | FLOP ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
