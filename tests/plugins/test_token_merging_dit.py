@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +94,15 @@ def test_kv_mode_on_a_unet_and_a_bad_mode_are_refused():
         surg.apply(tiny_sd15(), TokenMerging(mode="kv"))
     with pytest.raises(ValueError, match="mode='kvq' is invalid"):
         TokenMerging(mode="kvq")
+
+
+@pytest.mark.slow
+def test_the_layer_benchmark_runs_with_tiny_shapes():
+    """``benchmarks/bench_token_merging_dit.py --smoke``: dense and both modes at every ratio, in seconds."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_token_merging_dit.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("| --- |")[-1].splitlines()[1:]
+    assert [row.split(" | ")[:2] for row in table] == [["| dense SDPA", "-"]] + [
+        [f"| {mode}", f"{ratio:.2f}"] for ratio in (0.25, 0.5, 0.75) for mode in ("kv", "qkv")
+    ]
