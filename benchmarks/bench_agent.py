@@ -18,13 +18,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from timing import median_seconds
 from tqdm import tqdm
 
 import attnsurgery as surg
@@ -35,18 +34,6 @@ from attnsurgery.processors.token_merge import BlockInput, TokenMergeProcessor
 
 CHANNELS, HEADS = 320, 8
 TOME_RATIO = 0.5
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def layer_variants(size: int, batch: int) -> dict[str, Callable[[], torch.Tensor]]:
@@ -145,7 +132,7 @@ def main() -> None:
             repeats, warmup = (3, 1) if size <= 512 else (2, 1) if size <= 1024 else (1, 0)
             variants = layer_variants(size, args.batch)
             for name, fn in tqdm(variants.items(), desc=f"layer {size}px", leave=False):
-                rows.append((f"layer {size}^2 ({(size // 8) ** 2} tok)", name, timed(fn, repeats, warmup)))
+                rows.append((f"layer {size}^2 ({(size // 8) ** 2} tok)", name, median_seconds(fn, repeats, warmup)))
                 tqdm.write(f"{rows[-1][0]} | {name} | {rows[-1][2]:.3f} s")
         if not args.skip_unet:
             unet = UNet2DConditionModel(cross_attention_dim=768).eval()  # SD1.5's architecture
@@ -156,7 +143,7 @@ def main() -> None:
             for name, (attach, detach) in tqdm(unet_variants(unet).items(), desc="unet", leave=False):
                 attach()
                 try:
-                    seconds = timed(lambda: unet(sample, timestep, encoder_hidden_states=text), 1, 0)
+                    seconds = median_seconds(lambda: unet(sample, timestep, encoder_hidden_states=text), 1, 0)
                 finally:
                     detach()
                 rows.append((f"SD1.5 U-Net {args.unet_size}^2", name, seconds))

@@ -14,11 +14,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers import FluxTransformer2DModel
+from timing import median_seconds
 
 import attnsurgery as surg
 
@@ -39,16 +38,6 @@ def flux_inputs(model: FluxTransformer2DModel, side: int, text: int) -> dict[str
         txt_ids=torch.zeros(text, 3),
         return_dict=False,
     )
-
-
-def seconds(model: torch.nn.Module, inputs: dict, repeats: int) -> float:
-    model(**inputs)  # warm-up: compilation and BlockMask building are not timed
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(**inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for label, plugins in setups:
             with surg.patched(model, *plugins):
-                took = seconds(model, inputs, args.repeats)
+                took = median_seconds(lambda: model(**inputs), args.repeats)  # warm-up: compile, BlockMask
             plain = plain or took
             rows.append(f"| {label} | {took:.2f} | {plain / took:.2f}x |")
             print(rows[-1], flush=True)

@@ -15,27 +15,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 
 from attnsurgery.ops.token_merge import match_tokens, plan_merge
 from attnsurgery.processors.joint_merge import merged_joint_attention
 
 HEADS, HEAD_DIM, TEXT = 24, 128, 512
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     image = side * side
     rows = []
     with torch.inference_mode():
-        dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+        dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         rows.append(f"| dense SDPA | - | {dense:.3f} | - | 1.00x | 1.00x |")
         for ratio in args.ratios:
             r = math.floor(image * ratio)
@@ -64,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
             merge_plan = plan()
             kept = merge_plan.num_out
-            planning = timed(plan, args.repeats)
+            planning = median_seconds(plan, args.repeats)
             for mode in ("kv", "qkv"):
 
                 def call(mode: str = mode, r: int = r):
@@ -72,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                         q, k, v, plan(r), num_text=text, text_first=True, mode=mode, scale=dim**-0.5
                     )
 
-                took = timed(call, args.repeats)
+                took = median_seconds(call, args.repeats)
                 queries = text + image if mode == "kv" else text + kept
                 flops = (text + image) ** 2 / (queries * (text + kept))
                 rows.append(
