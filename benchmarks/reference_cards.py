@@ -24,7 +24,7 @@ from attnsurgery.pipelines.loading import default_guidance_scale, load_pipeline
 from attnsurgery.reference.eval import heldout_pairs, pipeline_sampler
 from attnsurgery.surgery import resolve_target
 
-#: Per reference model, the techniques that exist for its topology (DiT token merging and agents: not yet).
+#: Per reference model, every technique that exists for its topology.
 CARDS: dict[str, list[Setup]] = {
     "reference": [
         ("HiDiffusion", [surg.HiDiffusion()]),
@@ -37,6 +37,9 @@ CARDS: dict[str, list[Setup]] = {
         ("NeighborhoodAttention", [surg.NeighborhoodAttention()]),
         ("NeighborhoodAttention, stride 4", [surg.NeighborhoodAttention(stride=4)]),
         ("NeighborhoodAttention + proportional", [surg.NeighborhoodAttention(proportional=True)]),
+        ("ToMe 0.5 (qkv)", [surg.TokenMerging(ratio=0.5)]),
+        ("ToMe 0.5 (kv)", [surg.TokenMerging(ratio=0.5, mode="kv")]),
+        ("Agent attention", [surg.AgentAttention()]),
         ("PAG, family layers", [surg.PerturbedAttention(scale=2.0)]),
         ("PAG, heads (1, 0..1)", [surg.PerturbedAttention(scale=2.0, heads=[(1, 0), (1, 1)])]),
     ],

@@ -69,7 +69,7 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     agent = parser.add_argument_group("Agent attention (AgentSD) and token merging")
     agent.add_argument("--agent", action="store_true", help="enable agent attention on the top level")
     agent.add_argument("--agent-source", choices=("tome", "pool"), default="tome", help="how agents are made")
-    agent.add_argument("--agent-layers", default=None, help="layer selector (default: top)")
+    agent.add_argument("--agent-layers", default=None, help="layer selector (default: top on U-Nets, all on DiTs)")
     agent.add_argument("--tome", type=float, default=None, metavar="RATIO", help="token merging at this ratio")
     agent.add_argument("--tome-mode", default="qkv", choices=("qkv", "kv"), help="qkv: ToMe; kv: DiT keys/values only")
 
@@ -140,7 +140,7 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
             )
         )
     if args.agent:
-        plugins.append(AgentAttention(layers=args.agent_layers or "top", agent_source=args.agent_source))
+        plugins.append(AgentAttention(layers=_items(args.agent_layers), agent_source=args.agent_source))
     if args.tome is not None:
         plugins.append(TokenMerging(ratio=args.tome, mode=args.tome_mode))
     if args.pag is not None:

@@ -11,8 +11,10 @@ import torch
 
 from ..ops.agent import K_SCALE2, K_SHORTCUT
 from ..processors.agent import AgentPhase, AgentProcessor, check_agent_layer
+from ..processors.joint_agent import JointAgentProcessor
 from ..selectors import LayerSelector
 from .base import Plugin, check_number, normalize_layers
+from .dit_layers import image_layers
 from .token_merging import install_merging
 
 if TYPE_CHECKING:
@@ -40,8 +42,10 @@ class AgentAttention(Plugin):
     attention through the model's own processor.
 
     Args:
-        layers: layer selector; self-attention layers only. Default: the highest-resolution level
-            (SD1.x/2.x ``down_blocks.0``/``up_blocks.3``; SDXL its 64x64 level at 1024 px).
+        layers: layer selector; self-attention layers only. Default (None): the highest-resolution level
+            (SD1.x/2.x ``down_blocks.0``/``up_blocks.3``; SDXL its 64x64 level at 1024 px); on DiTs every
+            image-attending layer, where the agents work inside each joint attention call with text keys
+            global (``processors.joint_agent``).
         schedule: phases (:class:`AgentPhase`, or dicts of its fields) in order of ``until``. Default:
             AgentSD's published one, 4x4 cells with agents until 40%, then 2x2 cells and plain ToMe.
         agent_source: ``"tome"`` (agents are ToMe clusters, as published) or ``"pool"`` (queries
@@ -59,7 +63,7 @@ class AgentAttention(Plugin):
         >>> handle.remove()
     """
 
-    layers: LayerSelector = "top"
+    layers: LayerSelector | None = None
     schedule: tuple[AgentPhase, ...] = PUBLISHED_SCHEDULE
     agent_source: Literal["tome", "pool"] = "tome"
     k_scale2: float = K_SCALE2
@@ -69,7 +73,8 @@ class AgentAttention(Plugin):
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        normalize_layers(self, self.layers)
+        if self.layers is not None:
+            normalize_layers(self, self.layers)
         phases = tuple(AgentPhase(**p) if isinstance(p, dict) else p for p in self.schedule)
         if not phases or not all(isinstance(p, AgentPhase) for p in phases):
             raise ValueError(f"AgentAttention.schedule={self.schedule!r}: give one or more AgentPhase")
@@ -92,7 +97,11 @@ class AgentAttention(Plugin):
         return data
 
     def attach(self, surgery: Surgery) -> None:
-        for layer in surgery.model.select(self.layers, kinds=("self",)):
+        if surgery.model.family.kind != "unet":
+            self._attach_dit(surgery)
+            return
+        layers = "top" if self.layers is None else self.layers
+        for layer in surgery.model.select(layers, kinds=("self",)):
             check_agent_layer(layer.module, layer.path)
 
         def make_processor(inner: Any, **machinery: Any) -> AgentProcessor:
@@ -108,4 +117,28 @@ class AgentAttention(Plugin):
 
         # Agent steps compute attention with two SDPA calls of their own, not through the inner processor,
         # so a head perturbation on the same layer would be skipped or hit the wrong call: claim "heads" too.
-        install_merging(surgery, self, self.layers, self.seed, self.use_rand, make_processor, extra_roles=("heads",))
+        install_merging(surgery, self, layers, self.seed, self.use_rand, make_processor, extra_roles=("heads",))
+
+    def _attach_dit(self, surgery: Surgery) -> None:
+        """Agents inside each joint attention call (``processors.joint_agent``); the replaced call still
+        reaches a head perturbation wrapped around it, so only ``tokens`` is claimed."""
+        context = surgery.context
+        for layer in image_layers(surgery, "all" if self.layers is None else self.layers):
+
+            def generator(path: str = layer.path) -> torch.Generator:
+                key = (type(self).__name__, path, context.step_index, context.timestep)
+                return surgery.generator(*key, seed=self.seed)
+
+            processor = JointAgentProcessor(
+                layer.module.processor,
+                path=layer.path,
+                text_first=layer.text_placement == "first",
+                context=context,
+                schedule=self.schedule,
+                source=self.agent_source,
+                k_scale2=self.k_scale2,
+                k_shortcut=self.k_shortcut,
+                compute_dtype=PRECISIONS[self.precision],
+                generator=generator if self.use_rand else None,
+            )
+            surgery.set_processor(layer, processor, role="tokens")

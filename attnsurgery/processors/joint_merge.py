@@ -26,20 +26,37 @@ from ..ops.token_merge import TokenMerge, match_tokens, plan_merge
 from .joint_masks import fold_product_bias
 from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
 
-__all__ = ["MERGE_MODES", "JointMergeProcessor", "merged_joint_attention"]
+__all__ = [
+    "MERGE_MODES",
+    "JointMergeProcessor",
+    "merged_joint_attention",
+    "merged_tokens",
+    "unmerged_tokens",
+    "key_bias",
+]
 
 MERGE_MODES = ("qkv", "kv")
 
 
-def _heads_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N, D]`` -> ``[B, N, H * D]`` (one merge moves every head of a token together)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+def merged_tokens(x: torch.Tensor, plan: TokenMerge) -> torch.Tensor:
+    """``[B, H, P, D]`` image tokens -> ``[B, H, M, D]`` slots (one merge moves every head of a token together)."""
+    b, h, p, d = x.shape
+    merged = plan.merge(x.transpose(1, 2).reshape(b, p, h * d))
+    return merged.reshape(b, -1, h, d).transpose(1, 2)
 
 
-def _tokens_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, _ = x.shape
-    return x.reshape(b, n, heads, -1).transpose(1, 2)
+def unmerged_tokens(x: torch.Tensor, plan: TokenMerge) -> torch.Tensor:
+    """``[B, H, M, D]`` slots -> ``[B, H, P, D]``: every image token gets its slot's row."""
+    b, h, m, d = x.shape
+    return plan.unmerge(x.transpose(1, 2).reshape(b, m, h * d)).reshape(b, -1, h, d).transpose(1, 2)
+
+
+def key_bias(plan: TokenMerge, num_text: int, text_first: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, 1, keys]`` additive bias of [text keys, merged image keys] in sequence order: 0 on text keys,
+    ``log(size)`` on each slot (ToMe's proportional attention)."""
+    sizes = plan.counts[..., 0].to(dtype).log()
+    text = sizes.new_zeros(sizes.shape[0], num_text)
+    return torch.cat((text, sizes) if text_first else (sizes, text), dim=-1)[:, None, None]
 
 
 def merged_joint_attention(
@@ -62,21 +79,17 @@ def merged_joint_attention(
         mode: "kv" or "qkv".
         scale: softmax scale.
     """
-    heads = q.shape[1]
     (tq, iq), (tk, ik), (tv, iv) = (split_tokens(x, num_text, text_first) for x in (q, k, v))
-    keys = join_tokens(tk, _tokens_to_heads(plan.merge(_heads_to_tokens(ik)), heads), text_first)
-    values = join_tokens(tv, _tokens_to_heads(plan.merge(_heads_to_tokens(iv)), heads), text_first)
-    size_bias = plan.counts[..., 0].to(q.dtype).log()  # [B, M]: log(tokens in each slot); text keys get 0
-    text_bias = size_bias.new_zeros(size_bias.shape[0], num_text)
-    parts = (text_bias, size_bias) if text_first else (size_bias, text_bias)
-    bias = torch.cat(parts, dim=-1)[:, None, None]  # [B, 1, 1, keys]
+    keys = join_tokens(tk, merged_tokens(ik, plan), text_first)
+    values = join_tokens(tv, merged_tokens(iv, plan), text_first)
+    bias = key_bias(plan, num_text, text_first, q.dtype)
     if mode == "kv":
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
-    queries = join_tokens(tq, _tokens_to_heads(plan.merge(_heads_to_tokens(iq)), heads), text_first)
+    queries = join_tokens(tq, merged_tokens(iq, plan), text_first)
     text_out, image_out = split_tokens(
         F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=scale), num_text, text_first
     )
-    return join_tokens(text_out, _tokens_to_heads(plan.unmerge(_heads_to_tokens(image_out)), heads), text_first)
+    return join_tokens(text_out, unmerged_tokens(image_out, plan), text_first)
 
 
 class JointMergeProcessor(JointCallProcessor):

@@ -1,0 +1,174 @@
+"""Agent attention (AgentSD) inside a DiT layer's joint attention call: agents from the image tokens, text
+keys global in both steps.
+
+Per head, with ``s = d**-0.5``, image tokens merged by ToMe's plan (``ratio``; sizes ``n_j``), agents ``A``
+(ToMe clusters of the image queries with ``agent_ratio``, or the image queries pooled over ``sx x sy``
+cells) and the call's text keys/values ``K_t, V_t``::
+
+    V_A   = softmax([A K_t^T s, A K_m^T s + log n]) [V_t; V_m]           agents gather from every key
+    O_m   = softmax([Q_m A^T s**k_scale2, Q_m K_t^T s]) [V_A; V_t] + k_shortcut V_m
+    O_img = unmerge(O_m);  text queries: dense attention over every original key
+
+The agents are built from the queries the model attends with (after qk_norm and RoPE), where AgentSD
+projects merged block inputs; on a U-Net without qk_norm the two agree, on DiTs the SDPA call is the only
+place the layer's own processor lets us in. ``agent_source="pool"`` is our variant (not AgentSD's): no
+sorting, and the image queries, keys and values stay unmerged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..context import StepContext
+from ..ops.agent import agents_pay_off, merge_counts, pool_agents
+from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
+from .agent import AgentPhase, AgentSource
+from .joint_masks import fold_product_bias
+from .joint_merge import key_bias, merged_joint_attention, merged_tokens, unmerged_tokens
+from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
+
+__all__ = ["JointAgentProcessor", "agent_joint_attention"]
+
+
+def agent_joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: TokenMerge,
+    agents: torch.Tensor,
+    *,
+    num_text: int,
+    text_first: bool,
+    scale: float,
+    k_scale2: float,
+    k_shortcut: float,
+) -> torch.Tensor:
+    """The module docstring's maths: ``[B, H, N, D]`` q/k/v, ``plan`` over the image tokens, ``agents``
+    ``[B, H, n, D]``; returns ``[B, H, N, D]``."""
+    (tq, iq), (tk, ik), (tv, iv) = (split_tokens(x, num_text, text_first) for x in (q, k, v))
+    mq, mk, mv = (merged_tokens(x, plan) for x in (iq, ik, iv))
+    agent_values = F.scaled_dot_product_attention(
+        agents,
+        torch.cat((tk, mk), 2),
+        torch.cat((tv, mv), 2),
+        attn_mask=key_bias(plan, num_text, True, q.dtype),
+        scale=scale,
+    )
+    # one softmax over agents (temperature s**k_scale2) and text keys (s): fold the scales into the keys
+    keys = torch.cat((agents * scale**k_scale2, tk * scale), 2)
+    image_out = F.scaled_dot_product_attention(mq, keys, torch.cat((agent_values, tv), 2), scale=1.0)
+    image_out = unmerged_tokens(image_out + k_shortcut * mv, plan)
+    text_out = F.scaled_dot_product_attention(tq, k, v, scale=scale)
+    return join_tokens(text_out, image_out, text_first)
+
+
+class JointAgentProcessor(JointCallProcessor):
+    """AgentSD on one DiT layer, with AgentSD's phases on the step clock (see the module docstring).
+
+    Steps whose phase does not pay off for agents (``2 (N - agent_r) >= N - r``) run merged joint attention
+    (ToMe, ``ratio``) instead, as AgentSD runs ToMe there; a phase with ratio 0 and no agents leaves the call
+    untouched.
+
+    Args:
+        inner, path, text_first: the layer, as for every joint-call wrapper.
+        context: the step clock.
+        schedule: AgentSD phases in order of ``until``.
+        source: "tome" (agents are ToMe clusters of the image queries) or "pool" (pooled image queries).
+        k_scale2, k_shortcut: AgentSD's constants.
+        compute_dtype: dtype of the attention maths (float32 for half-precision models), None for the input's.
+        generator: a fresh private generator for this call's dst choice, or None.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        path: str,
+        text_first: bool,
+        context: StepContext,
+        schedule: tuple[AgentPhase, ...],
+        source: AgentSource,
+        k_scale2: float,
+        k_shortcut: float,
+        compute_dtype: torch.dtype | None = None,
+        generator: Callable[[], torch.Generator] | None = None,
+    ) -> None:
+        super().__init__(inner, path=path, text_first=text_first, technique="AgentAttention")
+        self.context, self.schedule, self.source = context, schedule, source
+        self.k_scale2, self.k_shortcut, self.generator = k_scale2, k_shortcut, generator
+        self.compute_dtype = compute_dtype
+
+    def phase(self) -> AgentPhase:
+        """The phase of the current step (the last one past every ``until``)."""
+        return next((p for p in self.schedule if self.context.in_first(p.until)), self.schedule[-1])
+
+    def plan(self) -> JointCompute | None:
+        phase, grid = self.phase(), self.context.token_grids()[0]
+        if grid[0] < phase.sy or grid[1] < phase.sx:
+            return None
+        image = grid[0] * grid[1]
+        r, agent_r = merge_counts(
+            image, image - (grid[0] // phase.sy) * (grid[1] // phase.sx), phase.ratio, phase.agent_ratio
+        )
+        use_agents = agents_pay_off(image, r, agent_r)
+        if not use_agents and r <= 0:
+            return None
+        return lambda q, k, v, call: self._attend(phase, grid, r, agent_r, use_agents, q, k, v, call)
+
+    def _attend(
+        self,
+        phase: AgentPhase,
+        grid: Pair,
+        r: int,
+        agent_r: int,
+        use_agents: bool,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        call: dict[str, Any],
+    ) -> torch.Tensor:
+        self.check_call(q, k, call)
+        num_text = self.num_text(grid, q)
+        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
+        value_dim, out_dtype = v.shape[-1], q.dtype
+        if self.compute_dtype is not None:
+            q, k, v = (x.to(self.compute_dtype) for x in (q, k, v))
+        if call["attn_mask"] is not None:
+            q, k, v = fold_product_bias(call["attn_mask"], q, k, v, scale, self.path)
+        (_, image_q), (_, image_k) = (
+            split_tokens(q, num_text, self.text_first),
+            split_tokens(k, num_text, self.text_first),
+        )
+        if use_agents and self.source == "pool":
+            agents = pool_agents(image_q, grid[0], grid[1], phase.sx, phase.sy)
+            plan = plan_merge(self._match(image_k, grid, phase), 0)
+        else:
+            match = self._match(image_k, grid, phase)
+            plan = plan_merge(match, r)
+            if not use_agents:
+                out = merged_joint_attention(
+                    q, k, v, plan, num_text=num_text, text_first=self.text_first, mode="qkv", scale=scale
+                )
+                return out[..., :value_dim].to(out_dtype)
+            agents = merged_tokens(image_q, plan_merge(match, agent_r))
+        out = agent_joint_attention(
+            q,
+            k,
+            v,
+            plan,
+            agents,
+            num_text=num_text,
+            text_first=self.text_first,
+            scale=scale,
+            k_scale2=self.k_scale2,
+            k_shortcut=self.k_shortcut,
+        )
+        return out[..., :value_dim].to(out_dtype)
+
+    def _match(self, image_k: torch.Tensor, grid: Pair, phase: AgentPhase) -> TokenMatch:
+        generator = self.generator() if self.generator is not None and image_k.shape[0] % 2 == 0 else None
+        return match_tokens(image_k.mean(dim=1), grid[0], grid[1], phase.sx, phase.sy, generator=generator)
