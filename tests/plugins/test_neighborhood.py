@@ -3,10 +3,6 @@ are, schedules, proportional attention, RoPE scaling, composition with head-leve
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -218,19 +214,3 @@ def test_a_unet_is_pointed_to_hidiffusion():
 def test_rope_on_a_family_without_flux_rope_is_refused():
     with pytest.raises(ValueError, match="rope='ntk' rescales FLUX-family RoPE"):
         surg.apply(tiny_sd3(num_layers=2), NeighborhoodAttention(rope="ntk"))
-
-
-@pytest.mark.slow
-def test_the_denoiser_benchmark_runs_with_tiny_shapes():
-    """``benchmarks/bench_neighborhood_denoiser.py --smoke``: plain and both plugin rows, ratios against plain."""
-    root = Path(__file__).resolve().parents[2]
-    script = root / "benchmarks" / "bench_neighborhood_denoiser.py"
-    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout.split("| setup |")[-1].splitlines()[2:]
-    assert [row.split(" | ")[0] for row in table] == [
-        "| plain",
-        "| NeighborhoodAttention (native window)",
-        "| NeighborhoodAttention, stride 4",
-    ]
-    assert table[0].endswith("| 1.00x |")

@@ -106,3 +106,21 @@ def test_the_layer_benchmark_runs_with_tiny_shapes():
     assert [row.split(" | ")[:2] for row in table] == [["| dense SDPA", "-"]] + [
         [f"| {mode}", f"{ratio:.2f}"] for ratio in (0.25, 0.5, 0.75) for mode in ("kv", "qkv")
     ]
+
+
+@pytest.mark.slow
+def test_the_denoiser_benchmark_runs_with_tiny_shapes():
+    """``benchmarks/bench_dit_denoiser.py --smoke``: plain and every DiT plugin row, ratios against plain."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dit_denoiser.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("| setup |")[-1].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in table] == [
+        "| plain",
+        "| NeighborhoodAttention (native window)",
+        "| NeighborhoodAttention, stride 4",
+        "| TokenMerging 0.5 (qkv)",
+        "| TokenMerging 0.5 (kv)",
+        "| AgentAttention (agent phase)",
+    ]
+    assert table[0].endswith("| 1.00x |")

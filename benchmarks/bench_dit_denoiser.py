@@ -1,4 +1,4 @@
-"""End to end: a FLUX-shaped transformer at 2K, plain versus NeighborhoodAttention, in one run.
+"""End to end: a FLUX-shaped transformer at 2K, plain versus each DiT attention plugin, in one run.
 
 Real FLUX.1 widths (24 heads x 128, MLP ratio 4, 512 text tokens) with only a few double- and single-stream
 blocks (random weights; a full model has 19 + 38, so attention's share here is that of the real model), on
@@ -6,9 +6,9 @@ a 128 x 128 image-token grid (2048 px). Each setup runs one warm-up forward (com
 ``--repeats`` timed forwards; the ratio is against plain in the same run.
 
 Usage:
-    python benchmarks/bench_neighborhood_denoiser.py                  # 2K, 1 double + 2 single blocks
-    python benchmarks/bench_neighborhood_denoiser.py --grid 96 --single 1
-    python benchmarks/bench_neighborhood_denoiser.py --smoke          # tiny widths, seconds
+    python benchmarks/bench_dit_denoiser.py                  # 2K, 1 double + 2 single blocks
+    python benchmarks/bench_dit_denoiser.py --grid 96 --single 1
+    python benchmarks/bench_dit_denoiser.py --smoke          # tiny widths, seconds
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         ("plain", ()),
         ("NeighborhoodAttention (native window)", (surg.NeighborhoodAttention(),)),
         (f"NeighborhoodAttention, stride {stride}", (surg.NeighborhoodAttention(stride=stride),)),
+        ("TokenMerging 0.5 (qkv)", (surg.TokenMerging(ratio=0.5),)),
+        ("TokenMerging 0.5 (kv)", (surg.TokenMerging(ratio=0.5, mode="kv"),)),
+        ("AgentAttention (agent phase)", (surg.AgentAttention(schedule=(surg.AgentPhase(1.0, 4, 4, 0.4, 0.95),)),)),
     ]
     rows, plain = [], None
     with torch.inference_mode():
