@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=int, default=2, help="multiple of the native 64 px")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", default="reference", help="'reference' or a folder of reference weights")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain rows (measured in an earlier run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     setups = [("plain", NATIVE_SIZE, ()), ("plain", size, ()), ("HiDiffusion preset", size, (surg.HiDiffusion(),))] + [
         (f"RAU-Net t1={t}", size, (surg.HiDiffusion(window_attn=False, t1=float(t)),)) for t in args.t1.split(",")
     ]
+    if args.no_plain:
+        setups = setups[2:]
     print(f"{args.pairs} held-out one-object pairs, {args.steps} steps, guidance {GUIDANCE_SCALE}, one thread")
     print("| setup | px | fidelity | duplication | extra objects | objects/image | object side p10 / p50 / p90 | s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
