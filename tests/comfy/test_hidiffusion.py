@@ -111,7 +111,7 @@ def _with_control(conditioning, with_inputs: bool):
     import comfy.controlnet
 
     class FixedControl(comfy.controlnet.ControlBase):
-        def get_control(self, x_noisy, t, cond, batched_number):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):  # 5th: newer ComfyUI
             skips, mid = _residuals(x_noisy.shape[-1], x_noisy.shape[0])
             inputs = [None] * 11 + [s.clone() for s in skips[:1]] if with_inputs else []  # T2I-like, reversed
             return {"input": inputs, "middle": [mid], "output": skips}
