@@ -55,16 +55,21 @@ TIE = 1e-5  # a step whose sigma sits on a ratio's boundary counts as past it (p
 class SigmaClock(StepContext):
     """A step context for a ComfyUI call: "the first r of the schedule" read from sigmas.
 
-    With the run's sigmas (``sample_sigmas`` on newer ComfyUI) it is the package's rule, step < floor(N * r);
-    without them (ComfyUI of March 2024), the step's denoising percent below r: sigma above
-    ``percent_to_sigma(r)``.
+    With the run's sigmas (``sample_sigmas``, which newer ComfyUI passes in every call) it is the package's rule,
+    step < floor(N * r), except that a ratio above 0 always covers the first step: short runs (1-4 steps of
+    Turbo, LCM or Lightning models) would otherwise round RAU-Net away entirely (2 steps at r = 0.4: floor 0)
+    exactly where the first step lays out the image, and the node would silently do nothing. Without them
+    (ComfyUI of March 2024) the step's denoising percent below r: sigma above ``percent_to_sigma(r)``, which
+    also always covers the first step.
     """
 
     sigma: float = 0.0
     percent_to_sigma: Callable[[float], float] | None = None
 
     def in_first(self, fraction: float) -> bool:
-        if self.step_index is not None or self.percent_to_sigma is None:
+        if self.step_index is not None and self.num_steps is not None:
+            return fraction > 0 and (self.step_index == 0 or super().in_first(fraction))
+        if self.percent_to_sigma is None:
             return super().in_first(fraction)
         return self.sigma > float(self.percent_to_sigma(fraction)) * (1 + TIE)
 
