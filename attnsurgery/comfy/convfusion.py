@@ -20,7 +20,8 @@ value=...)`` without ``transformer_options``, so the grid has to reach the modul
 Guards: token-changing nodes (token merging, windows, agents) and ConvFusion refuse to share a layer at
 patch time; a replace patch that reaches a ConvFusion layer at sampling time (PAG, SAG) is refused by the
 wrapper; a wrapper set by an earlier node is chained. Keys and values that other attn1 patches hand over
-are ignored: a conv block has none. LoRAs on attn1 do not apply to replaced layers.
+are ignored: a conv block has none. LoRAs on attn1 do not apply to replaced layers, and keep their keys for
+the other clones of the model (:class:`KeyedConvFusionAttention`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..convfusion.format import CONFIG_NAME, WEIGHTS_NAME, check_fingerprint, load_blocks
 from ..convfusion.plugin import ConvFusionAttention
@@ -109,6 +111,43 @@ def place_blocks(
                 f"{path} attends to the text in attn1 (disable_self_attn); ConvFusion replaces self-attention only."
             )
     return {by_path[path]: block for path, block in blocks.items()}
+
+
+class KeyedConvFusionAttention(ConvFusionAttention):
+    """:class:`~attnsurgery.convfusion.ConvFusionAttention` that also holds the submodules of the attn1 it
+    replaces (the very modules, no copy), so the U-Net keeps their state-dict keys while it is swapped in.
+
+    ComfyUI leaves a loaded clone's object patches in the shared U-Net between runs, and 0.20.1 accepts
+    weight patches (a LoRA) only for keys the U-Net has at that moment: without the projections here, a LoRA
+    loaded into another clone of the model meanwhile would lose its attn1 keys without an error. They are
+    never called here; a weight patch on them acts once the original attn1 is back.
+
+    Raises:
+        NotImplementedError: the replaced module has a submodule named like one of the block's.
+    """
+
+    def __init__(
+        self, block: PyramidConvBlock, grid_for: Callable[[int], tuple[int, int]], kept: dict[str, nn.Module]
+    ) -> None:
+        super().__init__(block, grid_for)
+        clash = sorted(set(kept) & set(self._modules))
+        if clash:
+            raise NotImplementedError(f"the attn1 to replace has submodules named like ConvFusion's own: {clash}")
+        for name, child in kept.items():
+            self.add_module(name, child)
+        self.kept = tuple(kept)
+
+
+def replaced_submodules(model: Any, path: str) -> dict[str, nn.Module]:
+    """The submodules of the attn1 at ``path`` (of ``model.model``) that a ConvFusion block keeps.
+
+    A clone that ComfyUI left loaded may hold its block there (its object patches stay in the shared U-Net);
+    the block then hands over the original's submodules it keeps.
+    """
+    module = model.model.get_submodule(path)
+    if isinstance(module, KeyedConvFusionAttention):
+        return {name: getattr(module, name) for name in module.kept}
+    return dict(module.named_children())
 
 
 def grid_at_level(path: str, level: int) -> Callable[[int], tuple[int, int]]:
@@ -212,7 +251,10 @@ class AttnSurgeryConvFusion(ModelPatchNode):
         claim_token_layers(patched, {site.key for site in placed}, "ConvFusion")
         for site, block in placed.items():
             block.to(dtype=dtype)  # the device follows the model when ComfyUI loads it
-            patched.add_object_patch(site.module, ConvFusionAttention(block, grid_at_level(site.path, site.level)))
+            replacement = KeyedConvFusionAttention(
+                block, grid_at_level(site.path, site.level), replaced_submodules(model, site.module)
+            )
+            patched.add_object_patch(site.module, replacement)
         previous = patched.model_options.get("model_function_wrapper")
         patched.set_model_unet_function_wrapper(scope_latent_shape(list(placed), previous))
         return (patched,)
