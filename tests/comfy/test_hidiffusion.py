@@ -72,10 +72,33 @@ def test_block_patches_decide_the_phase_when_a_caller_bypasses_the_wrapper(tiny)
     with torch.inference_mode():
         plain = tiny.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options={"sigmas": sigma})
         direct = patched.model.apply_model(x, sigma, **c)
-        wrapped = patched.model_options["model_function_wrapper"](
-            patched.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]}
-        )
+        if tiny.comfyui.modern:  # keyed wrappers travel in the call's options
+            options = {**c["transformer_options"], "wrappers": patched.wrappers}
+            wrapped = patched.model.apply_model(x, sigma, **{**c, "transformer_options": options})
+        else:
+            wrapped = patched.model_options["model_function_wrapper"](
+                patched.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]}
+            )
     assert (direct - plain).abs().max() > 0.5 and torch.equal(direct, wrapped)
+
+
+def test_a_later_single_slot_wrapper_keeps_the_resizing_where_wrappers_are_keyed(tiny):
+    """Newer ComfyUI: RAU-Net's wrapper is keyed, so a later single-slot wrapper leaves it alone; the 2024
+    snapshot has only that slot, so a wrapper that does not call on the one it replaces drops the resizing."""
+    calls = []
+
+    def overwriting(apply_model, args):
+        calls.append(tuple(args["input"].shape))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    controlled = _with_control(tiny.positive, with_inputs=False)
+    patched = _patch(tiny.model, t1=1.0, t2=1.0)
+    later = patched.clone()
+    later.set_model_unet_function_wrapper(overwriting)
+    resized = sample(patched, controlled, tiny.negative, steps=1, size=PARITY_SIZE)
+    out = sample(later, controlled, tiny.negative, steps=1, size=PARITY_SIZE)
+    assert calls
+    assert torch.equal(out, resized) == tiny.comfyui.modern
 
 
 def test_bad_input_names_the_problem(tiny):
