@@ -7,6 +7,8 @@ state of their own. ComfyUI itself is imported lazily: this module imports witho
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ __all__ = [
     "with_attn1_replace",
     "conditional_prediction",
     "wrap_unet",
+    "comfy_attention",
     "split_heads",
     "merge_heads",
 ]
@@ -304,6 +307,29 @@ def wrap_unet(patched: Any, key: str, around: Callable[[UnetCall, torch.Tensor, 
         return previous(lambda x, t, **c: inner(apply_model, x, t, **c), args)
 
     patched.set_model_unet_function_wrapper(legacy)
+
+
+@functools.cache
+def _takes_options(function: Callable) -> bool:
+    parameters = inspect.signature(function).parameters.values()  # follows functools.wraps
+    return any(p.kind is p.VAR_KEYWORD or p.name == "transformer_options" for p in parameters)
+
+
+def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """Plain attention through ComfyUI's own function: q, k, v [batch, tokens, heads * dim] -> the same shape.
+
+    That is the backend ComfyUI was started with (PyTorch SDPA, xformers, sage, flash, split, ...) and, where
+    it takes ``transformer_options`` (newer ComfyUI), an ``optimized_attention_override`` set in them, so a
+    patch that computes attention itself honours the user's choice as ComfyUI's own layers do.
+    ``extra_options`` is the attn1 patch's (``n_heads``, ``attn_precision`` and the call's options).
+    """
+    from comfy.ldm.modules import attention
+
+    function = attention.optimized_attention
+    if not _takes_options(function):  # ComfyUI of March 2024: (q, k, v, heads, mask=None)
+        return function(q, k, v, extra_options["n_heads"])
+    precision = extra_options.get("attn_precision")
+    return function(q, k, v, extra_options["n_heads"], attn_precision=precision, transformer_options=extra_options)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
