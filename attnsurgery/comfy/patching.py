@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 DIT_LIMITATION = (
-    "U-Nets only (SD1.x, SD2.x, SDXL): this ComfyUI version has no per-layer attention patch point in DiTs "
-    "(SD3, FLUX); use the attnsurgery diffusers plugin for those."
+    "U-Nets only (SD1.x, SD2.x, SDXL): these nodes do not act on DiTs (SD3, FLUX, Qwen-Image, ...) yet, "
+    "though newer ComfyUI has patch points there (patches_replace['dit'] block patches); use the "
+    "attnsurgery diffusers plugins for DiTs."
 )
 
 
