@@ -4,7 +4,8 @@ An attn1 patch leaves the tokens alone and puts the layer's normed input into th
 (the matching metric); an attn1 replace patch on each chosen layer then receives the projected q, k, v and
 runs :func:`attnsurgery.ops.agent.agent_attention` with agents that are ToMe clusters (or pooled queries),
 or ToMe attention when agents do not pay off (AgentSD's rule). Merging is an average and SD's projections
-have no bias, so merging projected tokens equals projecting merged tokens.
+have no bias, so merging projected tokens equals projecting merged tokens. Plain and ToMe attention go
+through ComfyUI's attention function (the user's backend); agent attention's two softmax stages are the op's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..ops.agent import agent_attention, agents_pay_off, merge_counts, pool_agents
 from ..ops.token_merge import match_tokens, plan_merge
@@ -23,6 +23,7 @@ from .patching import (
     DIT_LIMITATION,
     call_generator,
     claim_token_layers,
+    comfy_attention,
     current_sigma,
     merge_heads,
     model_family,
@@ -56,7 +57,7 @@ def agent_replace(config: AgentAttention, phases: list[tuple[float, AgentPhase]]
         h, w = token_grid(extra_options["original_shape"], num_tokens)
         heads = [split_heads(t, n_heads) for t in (q, k, v)]
         if h < phase.sy or w < phase.sx:  # no full cell: no dst to merge into, no agents
-            return merge_heads(F.scaled_dot_product_attention(*heads))
+            return comfy_attention(q, k, v, extra_options)
         num_src = num_tokens - (h // phase.sy) * (w // phase.sx)
         r, agent_r = merge_counts(num_tokens, num_src, phase.ratio, phase.agent_ratio)
         use_agents = agents_pay_off(num_tokens, r, agent_r)
@@ -64,14 +65,15 @@ def agent_replace(config: AgentAttention, phases: list[tuple[float, AgentPhase]]
             agents = pool_agents(heads[0], h, w, phase.sx, phase.sy)
             return merge_heads(agent_attention(*heads, agents, k_scale2=config.k_scale2, k_shortcut=config.k_shortcut))
         if r <= 0 and not use_agents:
-            return merge_heads(F.scaled_dot_product_attention(*heads))
+            return comfy_attention(q, k, v, extra_options)
         generator = call_generator(config.seed, extra_options) if config.use_rand and q.shape[0] % 2 == 0 else None
         match = match_tokens(metric, h, w, phase.sx, phase.sy, generator=generator)
         plan = plan_merge(match, r)
-        merged = [split_heads(plan.merge(t), n_heads) for t in (q, k, v)]
+        merged = [plan.merge(t) for t in (q, k, v)]
         if not use_agents:
-            return plan.unmerge(merge_heads(F.scaled_dot_product_attention(*merged)))
+            return plan.unmerge(comfy_attention(*merged, extra_options))
         agents = split_heads(plan_merge(match, agent_r).merge(q), n_heads)
+        merged = [split_heads(t, n_heads) for t in merged]
         out = agent_attention(*merged, agents, k_scale2=config.k_scale2, k_shortcut=config.k_shortcut)
         return plan.unmerge(merge_heads(out))
 

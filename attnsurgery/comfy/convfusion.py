@@ -6,10 +6,11 @@ value=...)`` without ``transformer_options``, so the grid has to reach the modul
 
 - Chosen: an object patch swaps each attn1 for the library's own
   :class:`~attnsurgery.convfusion.ConvFusionAttention` (the module the diffusers plugin swaps in, so
-  the maths is the same by construction), and a U-Net function wrapper puts the latent shape of each U-Net
-  call into a context variable for the duration of that call only, innermost in any chain of wrappers, so
-  it sees the tensor that reaches the U-Net. Each layer turns the shape into its grid by its resolution
-  level and checks it against the tokens it got. Nothing per call is kept on the node or the module.
+  the maths is the same by construction), and a U-Net wrapper (:func:`~.patching.wrap_unet`: keyed where
+  ComfyUI has keyed wrappers) puts the latent shape of each U-Net call into a context variable for the
+  duration of that call only, innermost, so it sees the tensor that reaches the U-Net. Each layer turns the
+  shape into its grid by its resolution level and checks it against the tokens it got. Nothing per call is
+  kept on the node or the module.
 - Not an attn1 replace patch: ComfyUI applies ``attn1.to_q/to_k/to_v`` before it and ``attn1.to_out``
   after it, so the block's input (the normed tokens) is lost in the projections. It works only with
   identity stand-ins for the four projections, and then another node's replace patch on the same layer
@@ -19,8 +20,9 @@ value=...)`` without ``transformer_options``, so the grid has to reach the modul
 
 Guards: token-changing nodes (token merging, windows, agents) and ConvFusion refuse to share a layer at
 patch time; a replace patch that reaches a ConvFusion layer at sampling time (PAG, SAG) is refused by the
-wrapper; a wrapper set by an earlier node is chained. Keys and values that other attn1 patches hand over
-are ignored: a conv block has none. LoRAs on attn1 do not apply to replaced layers.
+wrapper; a single-slot wrapper set by an earlier node is chained. Keys and values that other attn1 patches hand over
+are ignored: a conv block has none. LoRAs on attn1 do not apply to replaced layers, and keep their keys for
+the other clones of the model (:class:`KeyedConvFusionAttention`).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..convfusion.format import CONFIG_NAME, WEIGHTS_NAME, check_fingerprint, load_blocks
 from ..convfusion.plugin import ConvFusionAttention
 from ..inventory import level_grid
 from ..ops.pyramid_conv import PyramidConvBlock
 from .node import ModelPatchNode
-from .patching import DIT_LIMITATION, AttentionSite, claim_token_layers, unet_attention_sites
+from .patching import DIT_LIMITATION, AttentionSite, UnetCall, claim_token_layers, unet_attention_sites, wrap_unet
 
 __all__ = ["AttnSurgeryConvFusion", "blocks_folder", "comfy_fingerprint", "place_blocks"]
 
@@ -111,6 +114,43 @@ def place_blocks(
     return {by_path[path]: block for path, block in blocks.items()}
 
 
+class KeyedConvFusionAttention(ConvFusionAttention):
+    """:class:`~attnsurgery.convfusion.ConvFusionAttention` that also holds the submodules of the attn1 it
+    replaces (the very modules, no copy), so the U-Net keeps their state-dict keys while it is swapped in.
+
+    ComfyUI leaves a loaded clone's object patches in the shared U-Net between runs, and 0.20.1 accepts
+    weight patches (a LoRA) only for keys the U-Net has at that moment: without the projections here, a LoRA
+    loaded into another clone of the model meanwhile would lose its attn1 keys without an error. They are
+    never called here; a weight patch on them acts once the original attn1 is back.
+
+    Raises:
+        NotImplementedError: the replaced module has a submodule named like one of the block's.
+    """
+
+    def __init__(
+        self, block: PyramidConvBlock, grid_for: Callable[[int], tuple[int, int]], kept: dict[str, nn.Module]
+    ) -> None:
+        super().__init__(block, grid_for)
+        clash = sorted(set(kept) & set(self._modules))
+        if clash:
+            raise NotImplementedError(f"the attn1 to replace has submodules named like ConvFusion's own: {clash}")
+        for name, child in kept.items():
+            self.add_module(name, child)
+        self.kept = tuple(kept)
+
+
+def replaced_submodules(model: Any, path: str) -> dict[str, nn.Module]:
+    """The submodules of the attn1 at ``path`` (of ``model.model``) that a ConvFusion block keeps.
+
+    A clone that ComfyUI left loaded may hold its block there (its object patches stay in the shared U-Net);
+    the block then hands over the original's submodules it keeps.
+    """
+    module = model.model.get_submodule(path)
+    if isinstance(module, KeyedConvFusionAttention):
+        return {name: getattr(module, name) for name in module.kept}
+    return dict(module.named_children())
+
+
 def grid_at_level(path: str, level: int) -> Callable[[int], tuple[int, int]]:
     """A layer's ``grid_for``: its token grid in the latent of the U-Net call under way."""
 
@@ -119,7 +159,8 @@ def grid_at_level(path: str, level: int) -> Callable[[int], tuple[int, int]]:
         if shape is None:
             raise RuntimeError(
                 f"ConvFusion at {path} ran outside its U-Net wrapper: a node applied after "
-                "ConvFusion replaced the model's U-Net function wrapper. Apply ConvFusion after it."
+                "ConvFusion replaced the model's U-Net function wrapper (this ComfyUI has one slot). "
+                "Apply ConvFusion after it."
             )
         height, width = level_grid((shape[-2], shape[-1]), level)
         if height * width != num_tokens:
@@ -145,23 +186,19 @@ def refuse_replace_patches(transformer_options: dict, sites: Iterable[AttentionS
         )
 
 
-def scope_latent_shape(sites: list[AttentionSite], previous: Callable | None) -> Callable:
-    """The U-Net function wrapper: the latent shape in ``LATENT_SHAPE`` while the U-Net runs, then reset."""
+def scope_latent_shape(sites: list[AttentionSite]):
+    """Around each U-Net call (:func:`~.patching.wrap_unet`): the latent shape in ``LATENT_SHAPE`` while the
+    U-Net runs, then reset; replace patches on ConvFusion layers are refused first."""
 
-    def wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
-        def scoped(x: torch.Tensor, t: torch.Tensor, **c: Any) -> torch.Tensor:
-            refuse_replace_patches(c.get("transformer_options", {}), sites)  # as the wrappers outside left them
-            token = LATENT_SHAPE.set(tuple(x.shape))
-            try:
-                return apply_model(x, t, **c)
-            finally:
-                LATENT_SHAPE.reset(token)
+    def around(call: UnetCall, x: torch.Tensor, options: dict, control: Any) -> torch.Tensor:
+        refuse_replace_patches(options, sites)  # as the wrappers outside left them
+        token = LATENT_SHAPE.set(tuple(x.shape))
+        try:
+            return call(x, options, control)
+        finally:
+            LATENT_SHAPE.reset(token)
 
-        if previous is None:
-            return scoped(args["input"], args["timestep"], **args["c"])
-        return previous(scoped, args)
-
-    return wrapper
+    return around
 
 
 class AttnSurgeryConvFusion(ModelPatchNode):
@@ -212,7 +249,9 @@ class AttnSurgeryConvFusion(ModelPatchNode):
         claim_token_layers(patched, {site.key for site in placed}, "ConvFusion")
         for site, block in placed.items():
             block.to(dtype=dtype)  # the device follows the model when ComfyUI loads it
-            patched.add_object_patch(site.module, ConvFusionAttention(block, grid_at_level(site.path, site.level)))
-        previous = patched.model_options.get("model_function_wrapper")
-        patched.set_model_unet_function_wrapper(scope_latent_shape(list(placed), previous))
+            replacement = KeyedConvFusionAttention(
+                block, grid_at_level(site.path, site.level), replaced_submodules(model, site.module)
+            )
+            patched.add_object_patch(site.module, replacement)
+        wrap_unet(patched, "attnsurgery_convfusion", scope_latent_shape(list(placed)))
         return (patched,)

@@ -10,8 +10,9 @@ the plugin's sites, presets and timing (:class:`~attnsurgery.plugins.hidiffusion
   matching upsampler needs no patch.
 - Block pool/unpool: the input-block patch pools the first pair of the chosen block before its skip is saved;
   the output-block patch of the mirrored block's third pair resizes the features back to that skip's size.
-- ControlNet: a model-function wrapper resizes the control residuals to the feature sizes RAU-Net produces
-  in this call (ComfyUI adds them inside the U-Net and drops them with a warning when sizes differ).
+- ControlNet: a U-Net wrapper (:func:`~.patching.wrap_unet`) resizes the control residuals to the feature
+  sizes RAU-Net produces in this call (ComfyUI adds them inside the U-Net and drops them with a warning when
+  sizes differ).
 
 The wrapper also decides the call's phase once and leaves it in that call's ``transformer_options``; the
 block patches read it from there (or decide it themselves when a caller bypasses the wrapper).
@@ -33,12 +34,14 @@ from ..processors.raunet import RauNetPhase
 from .node import ModelPatchNode
 from .patching import (
     DIT_LIMITATION,
+    UnetCall,
     claim_token_layers,
     current_sigma,
     model_family,
     model_sampling,
     select_layers,
     unet_attention_sites,
+    wrap_unet,
 )
 from .window_attention import SHIFTS, window_patches
 
@@ -55,16 +58,21 @@ TIE = 1e-5  # a step whose sigma sits on a ratio's boundary counts as past it (p
 class SigmaClock(StepContext):
     """A step context for a ComfyUI call: "the first r of the schedule" read from sigmas.
 
-    With the run's sigmas (``sample_sigmas`` on newer ComfyUI) it is the package's rule, step < floor(N * r);
-    without them (ComfyUI of March 2024), the step's denoising percent below r: sigma above
-    ``percent_to_sigma(r)``.
+    With the run's sigmas (``sample_sigmas``, which newer ComfyUI passes in every call) it is the package's rule,
+    step < floor(N * r), except that a ratio above 0 always covers the first step: short runs (1-4 steps of
+    Turbo, LCM or Lightning models) would otherwise round RAU-Net away entirely (2 steps at r = 0.4: floor 0)
+    exactly where the first step lays out the image, and the node would silently do nothing. Without them
+    (ComfyUI of March 2024) the step's denoising percent below r: sigma above ``percent_to_sigma(r)``, which
+    also always covers the first step.
     """
 
     sigma: float = 0.0
     percent_to_sigma: Callable[[float], float] | None = None
 
     def in_first(self, fraction: float) -> bool:
-        if self.step_index is not None or self.percent_to_sigma is None:
+        if self.step_index is not None and self.num_steps is not None:
+            return fraction > 0 and (self.step_index == 0 or super().in_first(fraction))
+        if self.percent_to_sigma is None:
             return super().in_first(fraction)
         return self.sigma > float(self.percent_to_sigma(fraction)) * (1 + TIE)
 
@@ -225,25 +233,13 @@ class _RauNet:
         fitted["input"] = fit(list(control.get("input", [])), before_patch[::-1])  # popped from the end
         return fitted
 
-    def wrap(self, previous: Callable | None) -> Callable:
-        """A model-function wrapper: decide the phase once per call, fit control residuals, call on."""
-
-        def wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
-            c = dict(args["c"])
-            latent_hw = tuple(args["input"].shape[-2:])
-            control = c.get("control")
-            options = dict(c.get("transformer_options", {}))
-            phase = self.decide(options, latent_hw, controlnet=bool(control and control.get("middle")))
-            options[PHASE_KEY] = phase
-            c["transformer_options"] = options
-            if control is not None and (phase.rad or phase.pool):
-                c["control"] = self.fit_control(control, latent_hw, phase)
-            args = {**args, "c": c}
-            if previous is not None:
-                return previous(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **c)
-
-        return wrapper
+    def around(self, call: UnetCall, x: torch.Tensor, options: dict, control: Any) -> torch.Tensor:
+        """Around each U-Net call (:func:`~.patching.wrap_unet`): decide the phase once, fit control residuals."""
+        latent_hw = tuple(x.shape[-2:])
+        phase = self.decide(options, latent_hw, controlnet=bool(control and control.get("middle")))
+        if control is not None and (phase.rad or phase.pool):
+            control = self.fit_control(control, latent_hw, phase)
+        return call(x, {**options, PHASE_KEY: phase}, control)
 
 
 def _ratio(value: float) -> float | None:
@@ -340,7 +336,7 @@ class AttnSurgeryHiDiffusion(ModelPatchNode):
         patched.set_model_input_block_patch(raunet.input_patch)
         patched.set_model_input_block_patch_after_skip(raunet.after_skip_patch)
         patched.set_model_output_block_patch(raunet.output_patch)
-        patched.set_model_unet_function_wrapper(raunet.wrap(patched.model_options.get("model_function_wrapper")))
+        wrap_unet(patched, OWNER_KEY, raunet.around)
         if window_attention:
             down, up = blocks.layout.window_blocks
             top = f"down_blocks.{down}.attentions up_blocks.{up}.attentions"

@@ -7,7 +7,10 @@ state of their own. ComfyUI itself is imported lazily: this module imports witho
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,13 +36,16 @@ __all__ = [
     "current_sigma",
     "with_attn1_replace",
     "conditional_prediction",
+    "wrap_unet",
+    "comfy_attention",
     "split_heads",
     "merge_heads",
 ]
 
 DIT_LIMITATION = (
-    "U-Nets only (SD1.x, SD2.x, SDXL): this ComfyUI version has no per-layer attention patch point in DiTs "
-    "(SD3, FLUX); use the attnsurgery diffusers plugin for those."
+    "U-Nets only (SD1.x, SD2.x, SDXL): these nodes do not act on DiTs (SD3, FLUX, Qwen-Image, ...) yet, "
+    "though newer ComfyUI has patch points there (patches_replace['dit'] block patches); use the "
+    "attnsurgery diffusers plugins for DiTs."
 )
 
 
@@ -262,6 +268,69 @@ def conditional_prediction(model: Any, cond: Any, x: torch.Tensor, sigma: torch.
     if calc_cond_batch is not None:
         return calc_cond_batch(model, [cond], x, sigma, model_options)[0]
     return comfy.samplers.calc_cond_uncond_batch(model, cond, None, x, sigma, model_options)[0]
+
+
+UnetCall = Callable[[torch.Tensor, dict, Any], torch.Tensor]
+"""Runs the U-Net on (x, transformer_options, control) with everything else of the call unchanged."""
+
+
+def wrap_unet(patched: Any, key: str, around: Callable[[UnetCall, torch.Tensor, dict, Any], torch.Tensor]) -> None:
+    """Run ``around(call, x, transformer_options, control)`` in place of each U-Net call of the clone ``patched``.
+
+    ``around`` may change the options and the control residuals and must call ``call`` once. Where ComfyUI has
+    keyed wrappers (``add_wrapper_with_key``, newer versions) it is a diffusion-model wrapper under ``key``,
+    beside any other node's; before that, the single-slot ``model_function_wrapper``, innermost under the one
+    an earlier node set (so it sees the tensor that reaches the U-Net). A later node that sets that slot
+    without calling on drops it there: nothing can prevent that on those versions.
+    """
+    if hasattr(patched, "add_wrapper_with_key"):
+        import comfy.patcher_extension
+
+        def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+            def call(x: torch.Tensor, options: dict, control: Any) -> torch.Tensor:
+                return executor(x, timesteps, context, y, control, options, **kwargs)
+
+            return around(call, x, transformer_options, control)
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, wrapper)
+        return
+    previous = patched.model_options.get("model_function_wrapper")
+
+    def inner(apply_model: Callable, x: torch.Tensor, t: torch.Tensor, **c: Any) -> torch.Tensor:
+        def call(x: torch.Tensor, options: dict, control: Any) -> torch.Tensor:
+            return apply_model(x, t, **{**c, "transformer_options": options, "control": control})
+
+        return around(call, x, c.get("transformer_options", {}), c.get("control"))
+
+    def legacy(apply_model: Callable, args: dict) -> torch.Tensor:
+        if previous is None:
+            return inner(apply_model, args["input"], args["timestep"], **args["c"])
+        return previous(lambda x, t, **c: inner(apply_model, x, t, **c), args)
+
+    patched.set_model_unet_function_wrapper(legacy)
+
+
+@functools.cache
+def _takes_options(function: Callable) -> bool:
+    parameters = inspect.signature(function).parameters.values()  # follows functools.wraps
+    return any(p.kind is p.VAR_KEYWORD or p.name == "transformer_options" for p in parameters)
+
+
+def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """Plain attention through ComfyUI's own function: q, k, v [batch, tokens, heads * dim] -> the same shape.
+
+    That is the backend ComfyUI was started with (PyTorch SDPA, xformers, sage, flash, split, ...) and, where
+    it takes ``transformer_options`` (newer ComfyUI), an ``optimized_attention_override`` set in them, so a
+    patch that computes attention itself honours the user's choice as ComfyUI's own layers do.
+    ``extra_options`` is the attn1 patch's (``n_heads``, ``attn_precision`` and the call's options).
+    """
+    from comfy.ldm.modules import attention
+
+    function = attention.optimized_attention
+    if not _takes_options(function):  # ComfyUI of March 2024: (q, k, v, heads, mask=None)
+        return function(q, k, v, extra_options["n_heads"])
+    precision = extra_options.get("attn_precision")
+    return function(q, k, v, extra_options["n_heads"], attn_precision=precision, transformer_options=extra_options)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

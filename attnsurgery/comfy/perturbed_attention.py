@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..ops.perturb import KINDS, perturb_heads
 from ..plugins.perturbation import PerturbedAttention
 from .node import ModelPatchNode
 from .patching import (
     DIT_LIMITATION,
+    comfy_attention,
     conditional_prediction,
     current_sigma,
     merge_heads,
@@ -33,12 +33,12 @@ __all__ = ["AttnSurgeryPerturbedAttention"]
 
 
 def _head_replace(heads: list[int], soft: float, kind: str, temperature: float | None):
-    """An attn1 replace patch: SDPA, then ``perturb_heads`` on the chosen heads of every batch row."""
+    """An attn1 replace patch: ComfyUI's attention, then ``perturb_heads`` on the chosen heads of every row."""
 
     def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         n_heads = extra_options["n_heads"]
+        out = split_heads(comfy_attention(q, k, v, extra_options), n_heads)
         q, k, v = (split_heads(t, n_heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
         batch = q.shape[0]
         rows = torch.arange(batch, device=q.device).repeat_interleave(len(heads))
         head_index = torch.tensor(heads, device=q.device).repeat(batch)
@@ -169,5 +169,6 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
             perturbed = conditional_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)
             return denoised + (args["cond_denoised"] - perturbed) * config.scale
 
-        patched.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
+        # The guidance needs the conditional prediction alone: at CFG 1 ComfyUI may skip the unconditional pass.
+        patched.set_model_sampler_post_cfg_function(post_cfg)
         return (patched,)

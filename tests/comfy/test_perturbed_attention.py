@@ -81,3 +81,17 @@ def test_percent_window_limits_the_guidance(tiny):
     early = _run(tiny, _patch(tiny.model, end=0.4))
     assert (early - tiny.baseline).abs().max() > 1e-4
     assert (early - full).abs().max() > 1e-4
+
+
+def test_cfg_1_runs_no_unconditional_pass(tiny):
+    """The guidance needs the conditional prediction alone: at CFG 1, one cond pass and one perturbed pass."""
+    rows = []
+
+    def counting(apply_model, args):
+        rows.append(args["input"].shape[0])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    guided = _patch(tiny.model)
+    guided.set_model_unet_function_wrapper(counting)
+    sample(guided, tiny.positive, tiny.negative, steps=1, cfg=1.0)
+    assert sum(rows) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import sys
 
 import attnsurgery.comfy as pack
@@ -16,13 +18,17 @@ def test_custom_nodes_folder_registers_every_node(comfyui, tmp_path):
     folder = tmp_path / "attnsurgery_nodes"
     folder.mkdir()
     (folder / "__init__.py").write_text(INSTALL_INIT)
+    registry = comfyui.nodes
     try:
-        assert comfyui.load_custom_node(str(folder)) is True
+        loaded = registry.load_custom_node(str(folder))
+        assert (asyncio.run(loaded) if inspect.iscoroutine(loaded) else loaded) is True  # async on newer ComfyUI
     finally:
+        # the folder's module name: its name (2024), its path with "." spelled "_x_" (newer)
         sys.modules.pop("attnsurgery_nodes", None)
+        sys.modules.pop(str(folder).replace(".", "_x_"), None)
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
-        assert comfyui.NODE_CLASS_MAPPINGS[name] is cls
-        assert comfyui.NODE_DISPLAY_NAME_MAPPINGS[name] == pack.NODE_DISPLAY_NAME_MAPPINGS[name]
+        assert registry.NODE_CLASS_MAPPINGS[name] is cls
+        assert registry.NODE_DISPLAY_NAME_MAPPINGS[name] == pack.NODE_DISPLAY_NAME_MAPPINGS[name]
 
 
 def test_nodes_follow_comfyui_conventions(comfyui):

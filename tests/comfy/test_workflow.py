@@ -22,12 +22,13 @@ def _docs_workflow(document: str) -> dict:
 
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_documented_workflow_uses_registered_nodes_with_their_inputs(comfyui, document):
-    comfyui.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)
+    registry = comfyui.nodes.NODE_CLASS_MAPPINGS
+    registry.update(pack.NODE_CLASS_MAPPINGS)
     workflow = _docs_workflow(document)
     used = {node["class_type"] for node in workflow.values()}
     assert len(used & set(pack.NODE_CLASS_MAPPINGS)) >= 2
     for node_id, node in workflow.items():
-        required = comfyui.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]
+        required = registry[node["class_type"]].INPUT_TYPES()["required"]
         assert set(node["inputs"]) >= set(required), (node_id, set(required) - set(node["inputs"]))
         for name, value in node["inputs"].items():
             if isinstance(value, list):  # a link: [source node id, output index]

