@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="2 heads x 16, grid 24, 16 text tokens")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=["na", "na-stride", "tome-qkv", "tome-kv", "agents"],
+        help="plugin rows beside plain (na, na-stride, tome-qkv, tome-kv, agents)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,14 +71,20 @@ def main(argv: list[str] | None = None) -> None:
         model.register_to_config(sample_size=16)
     inputs = flux_inputs(model, side, text)
     stride = 4 if args.smoke else 16
-    setups = [
-        ("plain", ()),
-        ("NeighborhoodAttention (native window)", (surg.NeighborhoodAttention(),)),
-        (f"NeighborhoodAttention, stride {stride}", (surg.NeighborhoodAttention(stride=stride),)),
-        ("TokenMerging 0.5 (qkv)", (surg.TokenMerging(ratio=0.5),)),
-        ("TokenMerging 0.5 (kv)", (surg.TokenMerging(ratio=0.5, mode="kv"),)),
-        ("AgentAttention (agent phase)", (surg.AgentAttention(schedule=(surg.AgentPhase(1.0, 4, 4, 0.4, 0.95),)),)),
-    ]
+    rows_by_key = {
+        "na": ("NeighborhoodAttention (native window)", (surg.NeighborhoodAttention(),)),
+        "na-stride": (f"NeighborhoodAttention, stride {stride}", (surg.NeighborhoodAttention(stride=stride),)),
+        "tome-qkv": ("TokenMerging 0.5 (qkv)", (surg.TokenMerging(ratio=0.5),)),
+        "tome-kv": ("TokenMerging 0.5 (kv)", (surg.TokenMerging(ratio=0.5, mode="kv"),)),
+        "agents": (
+            "AgentAttention (agent phase)",
+            (surg.AgentAttention(schedule=(surg.AgentPhase(1.0, 4, 4, 0.4, 0.95),)),),
+        ),
+    }
+    unknown = set(args.rows) - set(rows_by_key)
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}; choose from {list(rows_by_key)}")
+    setups = [("plain", ()), *(rows_by_key[key] for key in args.rows)]
     rows, plain = [], None
     with torch.inference_mode():
         for label, plugins in setups:
