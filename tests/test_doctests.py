@@ -115,6 +115,7 @@ SPECIAL: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
     "attnsurgery": {"plugins": lambda ns: (attnsurgery.TokenMerging(ratio=0.5),)},
     "attnsurgery.families.detect_family": {"pipe": lambda ns: small(tiny.tiny_sdxl())},
     "attnsurgery.plugins.perturbation.PerturbedAttention": {"pipe": lambda ns: sd3_with_medium_heads()},
+    "attnsurgery.plugins.neighborhood.NeighborhoodAttention": {"pipe": lambda ns: small(tiny.tiny_flux())},
     "attnsurgery.selectors": {"info": lambda ns: attnsurgery.describe(sd3_with_medium_heads().transformer)},
     "attnsurgery.processors.base.WrappingProcessor": {
         "pipe": COMMON["pipe"],

@@ -112,7 +112,7 @@ def test_compile_adds_compiled_rows_with_their_compile_time(capsys):
     [
         (["--model", "sdxxl"], "unknown model 'sdxxl'; use a named shape (sd15, sd21, sdxl"),
         (["--model", "tiny-sd15", "--dtype", "fp16"], "fp16 on the CPU"),
-        (["--model", "tiny-flux", "--tome", "0.5"], "row 'TokenMerging': group 'top' does not exist on a flux"),
+        (["--model", "tiny-sd15", "--na"], "row 'NeighborhoodAttention': NeighborhoodAttention is for DiTs"),
         (["--model", "tiny-sd3", "--hidiffusion"], "row 'HiDiffusion': HiDiffusion supports SD1.x, SD2.x and SDXL"),
         (["--model", "tiny-sd15", "--tome", "1.5"], "ratio"),
     ],
