@@ -83,6 +83,10 @@ class StepContext:
         """Image-token grids this call can produce: every U-Net level, or the DiT patch grid."""
         return token_grids(self._seen_latent(), self.family)
 
+    def image_grid(self) -> tuple[int, int]:
+        """The image-token grid of this call on a DiT (its patch grid; a U-Net's finest level)."""
+        return self.token_grids()[0]
+
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         """Grid (rows, cols) of an attention call over ``num_tokens`` image tokens.
 

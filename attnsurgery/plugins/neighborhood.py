@@ -160,7 +160,7 @@ class NeighborhoodAttention(Plugin):
         context = surgery.context
 
         def alphas() -> dict[int, float]:
-            grid = context.token_grids()[0]
+            grid = context.image_grid()
             return {axes[0]: grid[0] / native[0], axes[1]: grid[1] / native[1]}
 
         spatial = {axes[0]: native[0], axes[1]: native[1]}

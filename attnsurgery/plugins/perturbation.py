@@ -239,7 +239,7 @@ def _image_tokens(surgery: Surgery) -> int | None:
     """Image tokens of a joint sequence in the current call (MMDiTs), None on U-Nets."""
     if surgery.model.family.kind == "unet" or surgery.context.latent_hw is None:
         return None
-    rows, cols = surgery.context.token_grids()[0]
+    rows, cols = surgery.context.image_grid()
     return rows * cols
 
 

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 
 from ..context import StepContext
 from ..ops.agent import agents_pay_off, merge_counts, pool_agents
-from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
+from ..ops.token_merge import TokenMerge, plan_merge
 from .agent import AgentPhase, AgentSource
-from .joint_masks import fold_product_bias
-from .joint_merge import key_bias, merged_joint_attention, merged_tokens, unmerged_tokens
+from .joint_merge import key_bias, match_image_keys, merged_joint_attention, merged_tokens, unmerged_tokens
 from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
 
 __all__ = ["JointAgentProcessor", "agent_joint_attention"]
@@ -38,7 +37,7 @@ def agent_joint_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    plan: TokenMerge,
+    plan: TokenMerge | None,
     agents: torch.Tensor,
     *,
     num_text: int,
@@ -47,21 +46,22 @@ def agent_joint_attention(
     k_scale2: float,
     k_shortcut: float,
 ) -> torch.Tensor:
-    """The module docstring's maths: ``[B, H, N, D]`` q/k/v, ``plan`` over the image tokens, ``agents``
-    ``[B, H, n, D]``; returns ``[B, H, N, D]``."""
+    """The module docstring's maths: ``[B, H, N, D]`` q/k/v, ``plan`` over the image tokens (None: unmerged),
+    ``agents`` ``[B, H, n, D]``; returns ``[B, H, N, D]``."""
     (tq, iq), (tk, ik), (tv, iv) = (split_tokens(x, num_text, text_first) for x in (q, k, v))
-    mq, mk, mv = (merged_tokens(x, plan) for x in (iq, ik, iv))
+    mq, mk, mv = (iq, ik, iv) if plan is None else (merged_tokens(x, plan) for x in (iq, ik, iv))
     agent_values = F.scaled_dot_product_attention(
         agents,
         torch.cat((tk, mk), 2),
         torch.cat((tv, mv), 2),
-        attn_mask=key_bias(plan, num_text, True, q.dtype),
+        attn_mask=None if plan is None else key_bias(plan, num_text, True, q.dtype),
         scale=scale,
     )
     # one softmax over agents (temperature s**k_scale2) and text keys (s): fold the scales into the keys
     keys = torch.cat((agents * scale**k_scale2, tk * scale), 2)
     image_out = F.scaled_dot_product_attention(mq, keys, torch.cat((agent_values, tv), 2), scale=1.0)
-    image_out = unmerged_tokens(image_out + k_shortcut * mv, plan)
+    image_out = image_out + k_shortcut * mv
+    image_out = image_out if plan is None else unmerged_tokens(image_out, plan)
     text_out = F.scaled_dot_product_attention(tq, k, v, scale=scale)
     return join_tokens(text_out, image_out, text_first)
 
@@ -107,7 +107,7 @@ class JointAgentProcessor(JointCallProcessor):
         return next((p for p in self.schedule if self.context.in_first(p.until)), self.schedule[-1])
 
     def plan(self) -> JointCompute | None:
-        phase, grid = self.phase(), self.context.token_grids()[0]
+        phase, grid = self.phase(), self.context.image_grid()
         if grid[0] < phase.sy or grid[1] < phase.sx:
             return None
         image = grid[0] * grid[1]
@@ -131,44 +131,33 @@ class JointAgentProcessor(JointCallProcessor):
         v: torch.Tensor,
         call: dict[str, Any],
     ) -> torch.Tensor:
-        self.check_call(q, k, call)
-        num_text = self.num_text(grid, q)
-        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
-        value_dim, out_dtype = v.shape[-1], q.dtype
+        out_dtype = q.dtype
         if self.compute_dtype is not None:
-            q, k, v = (x.to(self.compute_dtype) for x in (q, k, v))
-        if call["attn_mask"] is not None:
-            q, k, v = fold_product_bias(call["attn_mask"], q, k, v, scale, self.path)
-        (_, image_q), (_, image_k) = (
-            split_tokens(q, num_text, self.text_first),
-            split_tokens(k, num_text, self.text_first),
-        )
+            q, k, v = (t.to(self.compute_dtype) for t in (q, k, v))
+        x = self.inputs(grid, q, k, v, call)
+        (_, image_q), (_, image_k) = (split_tokens(t, x.num_text, self.text_first) for t in (x.q, x.k))
+        plan = None  # the pool source leaves the image tokens unmerged
         if use_agents and self.source == "pool":
             agents = pool_agents(image_q, grid[0], grid[1], phase.sx, phase.sy)
-            plan = plan_merge(self._match(image_k, grid, phase), 0)
         else:
-            match = self._match(image_k, grid, phase)
+            match = match_image_keys(image_k, grid, phase.sx, phase.sy, self.generator)
             plan = plan_merge(match, r)
             if not use_agents:
                 out = merged_joint_attention(
-                    q, k, v, plan, num_text=num_text, text_first=self.text_first, mode="qkv", scale=scale
+                    x.q, x.k, x.v, plan, num_text=x.num_text, text_first=self.text_first, mode="qkv", scale=x.scale
                 )
-                return out[..., :value_dim].to(out_dtype)
+                return x.output(out, out_dtype)
             agents = merged_tokens(image_q, plan_merge(match, agent_r))
         out = agent_joint_attention(
-            q,
-            k,
-            v,
+            x.q,
+            x.k,
+            x.v,
             plan,
             agents,
-            num_text=num_text,
+            num_text=x.num_text,
             text_first=self.text_first,
-            scale=scale,
+            scale=x.scale,
             k_scale2=self.k_scale2,
             k_shortcut=self.k_shortcut,
         )
-        return out[..., :value_dim].to(out_dtype)
-
-    def _match(self, image_k: torch.Tensor, grid: Pair, phase: AgentPhase) -> TokenMatch:
-        generator = self.generator() if self.generator is not None and image_k.shape[0] % 2 == 0 else None
-        return match_tokens(image_k.mean(dim=1), grid[0], grid[1], phase.sx, phase.sy, generator=generator)
+        return x.output(out, out_dtype)

@@ -1,15 +1,16 @@
 """Attention masks of joint DiT calls, turned into something a token-restructuring attention can carry.
 
 Local attention and token merging regroup the keys of a joint call, so a mask over the original
-``[tokens, tokens]`` layout no longer lines up. Chroma's padding mask is the one mask met in the supported
-pipelines; it is folded into the queries and keys here, so the restructured call needs no mask at all.
+``[tokens, tokens]`` layout no longer lines up. Chroma's float padding mask is the one mask met in the
+supported pipelines; it is folded into the queries and keys here, so the restructured call needs no mask at
+all. A boolean mask that only hides text keys becomes a per-key keep vector.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["fold_product_bias"]
+__all__ = ["fold_product_bias", "text_key_mask"]
 
 
 def fold_product_bias(
@@ -46,3 +47,19 @@ def fold_product_bias(
     k_extra[..., 0] = ((m - 1) / scale)[:, None, :].to(k.dtype)
     v_extra = torch.zeros(*v.shape[:-1], extra, dtype=v.dtype, device=v.device)
     return torch.cat([q, q_extra], dim=-1), torch.cat([k, k_extra], dim=-1), torch.cat([v, v_extra], dim=-1)
+
+
+def text_key_mask(mask: torch.Tensor, num_text: int, num_image: int, text_first: bool, path: str) -> torch.Tensor:
+    """The ``[batch, num_text]`` keep vector of a boolean ``[batch, 1, queries, keys]`` mask that only hides text
+    keys (padding) from the image queries; any other boolean mask is refused."""
+    image_keys = slice(num_text, num_text + num_image) if text_first else slice(0, num_image)
+    text_keys = slice(0, num_text) if text_first else slice(num_image, num_image + num_text)
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        keep = mask[:, 0].any(dim=-2)  # a key some query may see
+        image_rows = mask[:, 0, image_keys if mask.shape[2] > 1 else slice(None)]
+        if keep[:, image_keys].all() and torch.equal(image_rows, keep[:, None].expand_as(image_rows)):
+            return keep[:, text_keys]
+    raise NotImplementedError(
+        f"layer {path!r} got an attention mask of shape {tuple(mask.shape)} ({mask.dtype}); token-restructuring "
+        "attention takes only boolean masks that hide text keys. Drop the mask or leave this layer out."
+    )

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..context import StepContext
-from ..ops.token_merge import TokenMerge, match_tokens, plan_merge
-from .joint_masks import fold_product_bias
+from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
 from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
 
 __all__ = [
@@ -33,6 +32,7 @@ __all__ = [
     "merged_tokens",
     "unmerged_tokens",
     "key_bias",
+    "match_image_keys",
 ]
 
 MERGE_MODES = ("qkv", "kv")
@@ -57,6 +57,15 @@ def key_bias(plan: TokenMerge, num_text: int, text_first: bool, dtype: torch.dty
     sizes = plan.counts[..., 0].to(dtype).log()
     text = sizes.new_zeros(sizes.shape[0], num_text)
     return torch.cat((text, sizes) if text_first else (sizes, text), dim=-1)[:, None, None]
+
+
+def match_image_keys(
+    image_k: torch.Tensor, grid: Pair, sx: int, sy: int, generator: Callable[[], torch.Generator] | None
+) -> TokenMatch:
+    """ToMe's bipartite matching of a call's image tokens on their keys averaged over heads; the dst position
+    per cell is random (from a fresh private ``generator()``) for even batches only, as tomesd does."""
+    rand = generator() if generator is not None and image_k.shape[0] % 2 == 0 else None
+    return match_tokens(image_k.mean(dim=1), grid[0], grid[1], sx, sy, generator=rand)
 
 
 def merged_joint_attention(
@@ -127,7 +136,7 @@ class JointMergeProcessor(JointCallProcessor):
         self.generator = generator
 
     def plan(self) -> JointCompute | None:
-        grid = self.context.token_grids()[0]
+        grid = self.context.image_grid()
         r = math.floor(grid[0] * grid[1] * self.ratio)
         if r == 0 or grid[0] < self.sy or grid[1] < self.sx:
             return None
@@ -136,16 +145,17 @@ class JointMergeProcessor(JointCallProcessor):
     def _merged(
         self, grid: Pair, r: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
     ) -> torch.Tensor:
-        self.check_call(q, k, call)
-        num_text = self.num_text(grid, q)
-        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
-        mask, value_dim = call["attn_mask"], v.shape[-1]
-        if mask is not None:
-            q, k, v = fold_product_bias(mask, q, k, v, scale, self.path)
-        _, image_keys = split_tokens(k, num_text, self.text_first)
-        generator = self.generator() if self.generator is not None and q.shape[0] % 2 == 0 else None
-        match = match_tokens(image_keys.mean(dim=1), grid[0], grid[1], self.sx, self.sy, generator=generator)
+        x = self.inputs(grid, q, k, v, call)
+        _, image_keys = split_tokens(x.k, x.num_text, self.text_first)
+        match = match_image_keys(image_keys, grid, self.sx, self.sy, self.generator)
         out = merged_joint_attention(
-            q, k, v, plan_merge(match, r), num_text=num_text, text_first=self.text_first, mode=self.mode, scale=scale
+            x.q,
+            x.k,
+            x.v,
+            plan_merge(match, r),
+            num_text=x.num_text,
+            text_first=self.text_first,
+            mode=self.mode,
+            scale=x.scale,
         )
-        return out[..., :value_dim]
+        return x.output(out)

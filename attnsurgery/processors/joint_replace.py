@@ -9,18 +9,59 @@ call is the layer's declared text placement; the non-image count is the call's l
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .base import WrappingProcessor
+from .joint_masks import fold_product_bias, text_key_mask
 from .sdpa_intercept import ReplacedAttentionCall
 
-__all__ = ["JointCallProcessor", "Pair", "JointCompute", "split_tokens", "join_tokens"]
+__all__ = [
+    "JointCallProcessor",
+    "JointInputs",
+    "Pair",
+    "JointCompute",
+    "call_scale",
+    "split_tokens",
+    "join_tokens",
+]
 
 Pair = tuple[int, int]
 #: (q, k, v, call) -> out: a replacement for the call, ``[batch, heads, tokens, dim]`` in and out.
 JointCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+
+def call_scale(call: dict[str, Any], q: torch.Tensor) -> float:
+    """The call's softmax scale (SDPA's default ``1 / sqrt(head_dim)`` when it gave none)."""
+    return call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
+
+
+@dataclass(frozen=True)
+class JointInputs:
+    """One intercepted call, ready to regroup: no mask left in it except a boolean text-key keep vector.
+
+    Attributes:
+        q, k, v: the call's tensors; with a folded float mask, padded by a few channels.
+        num_text: its non-image tokens.
+        scale: its softmax scale.
+        value_dim: the value channels the output keeps (see :meth:`output`).
+        text_key_mask: ``[batch, num_text]`` bool keep vector of a boolean mask, or None.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    num_text: int
+    scale: float
+    value_dim: int
+    text_key_mask: torch.Tensor | None
+
+    def output(self, out: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``out`` without the channels the mask fold added, in ``dtype`` if given."""
+        out = out[..., : self.value_dim]
+        return out if dtype is None else out.to(dtype)
 
 
 class JointCallProcessor(WrappingProcessor):
@@ -68,6 +109,30 @@ class JointCallProcessor(WrappingProcessor):
                 f"grid of this call; it does not see the whole image. Leave it out of {self.technique}(layers=...)."
             )
         return num_text
+
+    def inputs(
+        self,
+        grid: Pair,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        call: dict[str, Any],
+        text_key_masks: bool = False,
+    ) -> JointInputs:
+        """Check the call and take its mask apart: a float product mask (Chroma) is folded into q/k; a boolean
+        one becomes a text-key keep vector where the technique takes one (``text_key_masks``), else is refused."""
+        self.check_call(q, k, call)
+        num_text, scale, mask = self.num_text(grid, q), call_scale(call, q), call["attn_mask"]
+        keep, value_dim = None, v.shape[-1]
+        if mask is not None and mask.dtype == torch.bool:
+            keep = text_key_mask(mask, num_text, grid[0] * grid[1], self.text_first, self.path)
+            if not text_key_masks:
+                raise NotImplementedError(
+                    f"layer {self.path!r} hides text keys with a boolean mask; {self.technique} does not take one"
+                )
+        elif mask is not None:
+            q, k, v = fold_product_bias(mask, q, k, v, scale, self.path)
+        return JointInputs(q, k, v, num_text, scale, value_dim, keep)
 
     def check_call(self, q: torch.Tensor, k: torch.Tensor, call: dict[str, Any]) -> None:
         """Refuse what a regrouped call cannot reproduce: dropout, causal masks, grouped KV heads."""

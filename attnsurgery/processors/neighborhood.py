@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from ..context import StepContext
 from ..ops.neighborhood import neighborhood_attention
-from .joint_masks import fold_product_bias
-from .joint_replace import JointCallProcessor, JointCompute, Pair
+from .joint_replace import JointCallProcessor, JointCompute, Pair, call_scale
 
 __all__ = ["NeighborhoodSchedule", "NeighborhoodProcessor", "proportional_factor"]
 
@@ -56,7 +55,7 @@ class NeighborhoodSchedule:
 
     def grid(self) -> Pair:
         """The image-token grid of the current denoiser call."""
-        return self.context.token_grids()[0]
+        return self.context.image_grid()
 
     def above_native(self, grid: Pair) -> bool:
         """True when either side of ``grid`` exceeds the native grid (where the plugin acts by default)."""
@@ -102,52 +101,26 @@ class NeighborhoodProcessor(JointCallProcessor):
     def _local(
         self, grid: Pair, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
     ) -> torch.Tensor:
-        self.check_call(q, k, call)
-        num_text = self.num_text(grid, q)
-        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
-        mask, text_key_mask, value_dim = call["attn_mask"], None, v.shape[-1]
-        if mask is not None and mask.dtype == torch.bool:
-            text_key_mask = self._text_key_mask(mask, grid, num_text)
-        elif mask is not None:
-            q, k, v = fold_product_bias(mask, q, k, v, scale, self.path)
-        schedule = self.schedule
+        x, schedule = self.inputs(grid, q, k, v, call, text_key_masks=True), self.schedule
         out = neighborhood_attention(
-            q,
-            k,
-            v,
+            x.q,
+            x.k,
+            x.v,
             grid,
             schedule.window,
             schedule.stride,
             schedule.dilation,
-            num_text=num_text,
+            num_text=x.num_text,
             text_first=self.text_first,
-            scale=scale,
+            scale=x.scale,
             backend=schedule.backend,
-            text_key_mask=text_key_mask,
+            text_key_mask=x.text_key_mask,
         )
-        return out[..., :value_dim]
+        return x.output(out)
 
     def _proportional(
         self, grid: Pair, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict[str, Any]
     ) -> torch.Tensor:
-        num_text = self.num_text(grid, q)
         native = self.schedule.native_grid
-        factor = proportional_factor(k.shape[2], native[0] * native[1] + num_text)
-        scale = call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5
-        return F.scaled_dot_product_attention(q, k, v, **{**call, "scale": scale * factor})
-
-    def _text_key_mask(self, mask: torch.Tensor, grid: Pair, num_text: int) -> torch.Tensor:
-        """The ``[batch, num_text]`` keep-mask of a boolean attention mask that only hides text keys (padding);
-        any other boolean mask cannot be split into neighbourhoods and is refused."""
-        image = grid[0] * grid[1]
-        image_keys = slice(num_text, num_text + image) if self.text_first else slice(0, image)
-        text_keys = slice(0, num_text) if self.text_first else slice(image, image + num_text)
-        if mask.dim() == 4 and mask.shape[1] == 1:
-            keep = mask[:, 0].any(dim=-2)  # a key some query may see
-            image_rows = mask[:, 0, image_keys if mask.shape[2] > 1 else slice(None)]
-            if keep[:, image_keys].all() and torch.equal(image_rows, keep[:, None].expand_as(image_rows)):
-                return keep[:, text_keys]
-        raise NotImplementedError(
-            f"layer {self.path!r} got an attention mask of shape {tuple(mask.shape)} ({mask.dtype}); neighborhood "
-            "attention takes only boolean masks that hide text keys. Drop the mask or leave this layer global."
-        )
+        factor = proportional_factor(k.shape[2], native[0] * native[1] + self.num_text(grid, q))
+        return F.scaled_dot_product_attention(q, k, v, **{**call, "scale": call_scale(call, q) * factor})

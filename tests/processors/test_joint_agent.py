@@ -48,8 +48,18 @@ def test_agent_attention_matches_the_written_out_maths(text_first, source):
     image_out = unmerged_tokens(read @ torch.cat((agent_values, tv), 2) + K_SHORTCUT * mv, plan)
     text_out = _softmax_rows(tq @ k.mT * s) @ v
     expected = join_tokens(text_out, image_out, text_first)
+    unmerged = None if source == "pool" else plan  # the pool source runs without a plan; r = 0 above is the same maths
     got = agent_joint_attention(
-        q, k, v, plan, agents, num_text=TEXT, text_first=text_first, scale=s, k_scale2=K_SCALE2, k_shortcut=K_SHORTCUT
+        q,
+        k,
+        v,
+        unmerged,
+        agents,
+        num_text=TEXT,
+        text_first=text_first,
+        scale=s,
+        k_scale2=K_SCALE2,
+        k_shortcut=K_SHORTCUT,
     )
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     dense = _softmax_rows(q @ k.mT * s) @ v
