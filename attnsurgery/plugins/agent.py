@@ -14,7 +14,7 @@ from ..processors.agent import AgentPhase, AgentProcessor, check_agent_layer
 from ..processors.joint_agent import JointAgentProcessor
 from ..selectors import LayerSelector
 from .base import Plugin, check_number, normalize_layers
-from .dit_layers import image_layers
+from .dit_layers import install_joint_processors
 from .token_merging import install_merging
 
 if TYPE_CHECKING:
@@ -122,23 +122,17 @@ class AgentAttention(Plugin):
     def _attach_dit(self, surgery: Surgery) -> None:
         """Agents inside each joint attention call (``processors.joint_agent``); the replaced call still
         reaches a head perturbation wrapped around it, so only ``tokens`` is claimed."""
-        context = surgery.context
-        for layer in image_layers(surgery, "all" if self.layers is None else self.layers):
 
-            def generator(path: str = layer.path) -> torch.Generator:
-                key = (type(self).__name__, path, context.step_index, context.timestep)
-                return surgery.generator(*key, seed=self.seed)
-
-            processor = JointAgentProcessor(
-                layer.module.processor,
-                path=layer.path,
-                text_first=layer.text_placement == "first",
-                context=context,
+        def make_processor(inner: Any, **machinery: Any) -> JointAgentProcessor:
+            return JointAgentProcessor(
+                inner,
                 schedule=self.schedule,
                 source=self.agent_source,
                 k_scale2=self.k_scale2,
                 k_shortcut=self.k_shortcut,
                 compute_dtype=PRECISIONS[self.precision],
-                generator=generator if self.use_rand else None,
+                **machinery,
             )
-            surgery.set_processor(layer, processor, role="tokens")
+
+        selector = "all" if self.layers is None else self.layers
+        install_joint_processors(surgery, self, selector, self.seed, self.use_rand, make_processor)

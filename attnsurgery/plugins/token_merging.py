@@ -13,7 +13,7 @@ from ..processors.joint_merge import MERGE_MODES, JointMergeProcessor
 from ..processors.token_merge import BlockInput, TokenMergeProcessor, check_cells, check_fraction
 from ..selectors import LayerSelector
 from .base import Plugin, normalize_layers
-from .dit_layers import image_layers
+from .dit_layers import install_joint_processors, layer_generator
 
 if TYPE_CHECKING:
     from ..inventory import AttentionLayer
@@ -62,15 +62,11 @@ def install_merging(
         if block is not None:
             surgery.add_hook(block, block_input.hook, pre=True, with_kwargs=True)
 
-        def generator(path: str = layer.path) -> torch.Generator:
-            key = (type(plugin).__name__, path, context.step_index, context.timestep)
-            return surgery.generator(*key, seed=seed)
-
         processor = make_processor(
             layer.module.processor,
             context=context,
             block_input=block_input,
-            generator=generator if use_rand else None,
+            generator=layer_generator(surgery, plugin, layer.path, seed) if use_rand else None,
         )
         surgery.set_processor(layer, processor, role="tokens")
         for role in extra_roles:
@@ -144,27 +140,11 @@ class TokenMerging(Plugin):
             surgery.add_hook(surgery.denoiser, _no_merge_warning(self, surgery, layers), pre=True, with_kwargs=True)
 
     def _attach_dit(self, surgery: Surgery) -> list[AttentionLayer]:
-        layers = image_layers(surgery, "all" if self.layers is None else self.layers)
-        context = surgery.context
-        for layer in layers:
+        def make_processor(inner: Any, **machinery: Any) -> JointMergeProcessor:
+            return JointMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, mode=self.mode, **machinery)
 
-            def generator(path: str = layer.path) -> torch.Generator:
-                key = (type(self).__name__, path, context.step_index, context.timestep)
-                return surgery.generator(*key, seed=self.seed)
-
-            processor = JointMergeProcessor(
-                layer.module.processor,
-                path=layer.path,
-                text_first=layer.text_placement == "first",
-                context=context,
-                ratio=self.ratio,
-                sx=self.sx,
-                sy=self.sy,
-                mode=self.mode,
-                generator=generator if self.use_rand else None,
-            )
-            surgery.set_processor(layer, processor, role="tokens")
-        return layers
+        selector = "all" if self.layers is None else self.layers
+        return install_joint_processors(surgery, self, selector, self.seed, self.use_rand, make_processor)
 
 
 def _no_merge_warning(plugin: TokenMerging, surgery: Surgery, layers: list[AttentionLayer]) -> Callable[..., None]:
