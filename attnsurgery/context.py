@@ -96,11 +96,16 @@ class StepContext:
         return find_token_grid(self._seen_latent(), num_tokens, self.family)
 
 
-def _unique_in_order(values: torch.Tensor) -> torch.Tensor:
-    """Distinct schedule values in order of first appearance (Heun-style schedulers repeat each one)."""
+def _first_of_runs(values: torch.Tensor) -> torch.Tensor:
+    """True where a schedule value starts a run (Heun-style schedulers repeat each one)."""
     keep = torch.ones(len(values), dtype=torch.bool)
     keep[1:] = values[1:] != values[:-1]
-    return values[keep]
+    return keep
+
+
+def _unique_in_order(values: torch.Tensor) -> torch.Tensor:
+    """Distinct schedule values in order of first appearance."""
+    return values[_first_of_runs(values)]
 
 
 def _hinted(t: float, schedule: torch.Tensor, hint: int | None, tolerance: float) -> tuple[int, int] | None:
@@ -108,8 +113,7 @@ def _hinted(t: float, schedule: torch.Tensor, hint: int | None, tolerance: float
     raw = schedule.detach().double().cpu().flatten()
     if hint is None or not 0 <= hint < len(raw) or abs(float(raw[hint]) - t) > tolerance:
         return None
-    keep = torch.ones(len(raw), dtype=torch.bool)
-    keep[1:] = raw[1:] != raw[:-1]
+    keep = _first_of_runs(raw)
     return int(keep[: hint + 1].sum()) - 1, int(keep.sum())
 
 

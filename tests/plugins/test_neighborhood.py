@@ -8,7 +8,9 @@ import torch
 
 import attnsurgery as surg
 from attnsurgery import NeighborhoodAttention, PerturbedAttention
+from attnsurgery.ops.neighborhood import neighborhood_attention
 from attnsurgery.ops.neighborhood_spec import NeighborhoodSpec
+from attnsurgery.processors import neighborhood as neighborhood_processor
 from attnsurgery.processors.sdpa_intercept import FirstAttentionCall
 from attnsurgery.testing import restore
 from attnsurgery.testing.tiny import tiny_sd3, tiny_sd15
@@ -44,10 +46,20 @@ def test_idle_at_native_size_and_local_above_it(family_pipe):
     assert (local - plain).abs().max() > 1e-3 * plain.abs().max()
 
 
-def test_a_window_over_the_whole_grid_is_dense_attention(family_pipe):
+def test_a_window_over_the_whole_grid_is_dense_attention(family_pipe, monkeypatch):
+    """Equal to plain although every layer's attention went through the op (counted: an idle plugin would
+    pass the comparison too)."""
     name, pipe = family_pipe
     plain = _latents(pipe, name)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[3])  # the grid
+        return neighborhood_attention(*args, **kwargs)
+
+    monkeypatch.setattr(neighborhood_processor, "neighborhood_attention", counted)
     whole = _with(pipe, NeighborhoodAttention(window=64), name=name)
+    assert calls and set(calls) == {(8, 8)}  # 128 px: 8 x 8 image tokens on every family
     torch.testing.assert_close(whole, plain, rtol=1e-4, atol=1e-5)
 
 
