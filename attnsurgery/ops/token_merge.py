@@ -141,15 +141,27 @@ def match_tokens(
 class TokenMerge:
     """Merge/unmerge for one matching and merge count, sharing a single index map.
 
-    Output order follows tomesd: the unmerged src (most similar first), then the dst clusters.
+    Output order follows tomesd: the unmerged src (most similar first), then the dst clusters. The plan is
+    kept twice over: as a scatter (``slot``, ``counts``: what ``merge``/``unmerge`` on ``[B, N, C]`` use,
+    as ToMe for SD does) and as gathers (``keep``, ``merged_src``, ``merged_into``: what ``merge_heads`` on
+    ``[B, H, N, D]`` attention inputs uses, since scattering there needs a transposed copy of the whole
+    sequence that costs more than a low merge ratio saves).
 
     Attributes:
         slot: ``[B, N]`` output slot of every input token.
         counts: ``[B, M, 1]`` number of input tokens averaged into each slot.
+        keep: ``[B, M]`` the input token each slot starts from (its kept src, or its dst).
+        merged_src: ``[B, r]`` input tokens added to another slot.
+        merged_into: ``[B, r]`` the slot each of those joins.
+        clusters: the slots that can hold more than one token (the dst clusters), as ``(start, stop)``.
     """
 
     slot: torch.Tensor
     counts: torch.Tensor
+    keep: torch.Tensor
+    merged_src: torch.Tensor
+    merged_into: torch.Tensor
+    clusters: tuple[int, int]
 
     @property
     def num_out(self) -> int:
@@ -164,6 +176,69 @@ class TokenMerge:
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """``[B, M, C] -> [B, N, C]``: copy every slot back to the tokens merged into it."""
         return y.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, N, D] -> [B, H, M, D]``: what :meth:`merge` does, per head, as gathers along the tokens in
+        the order ``x`` lies in memory (diffusers hands attention ``[B, N, H, D]`` permuted) and one add of the
+        ``r`` merged rows."""
+        rows, dim = _token_rows(x)
+        out = rows.new_empty(*rows.shape[:dim], self.num_out, *rows.shape[dim + 1 :])
+        for b in range(x.shape[0]):  # index_select takes one index per call; batches are small
+            torch.index_select(rows[b], dim - 1, self.keep[b], out=out[b])
+            out[b].index_add_(dim - 1, self.merged_into[b], rows[b].index_select(dim - 1, self.merged_src[b]))
+        start, stop = self.clusters
+        shape = [x.shape[0], 1, 1, 1]
+        shape[dim] = stop - start
+        out.narrow(dim, start, stop - start).div_(self.counts[:, start:stop].to(x.dtype).view(shape))
+        return out if dim == 2 else out.transpose(1, 2)
+
+    def unmerge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, H, M, D] -> [B, H, N, D]``: what :meth:`unmerge` does, per head, one gather per batch row."""
+        rows, dim = _token_rows(y)
+        out = rows.new_empty(*rows.shape[:dim], self.slot.shape[1], *rows.shape[dim + 1 :])
+        for b in range(y.shape[0]):
+            torch.index_select(rows[b], dim - 1, self.slot[b], out=out[b])
+        return out if dim == 2 else out.transpose(1, 2)
+
+    def with_passthrough(self, num_tokens: int, first: bool) -> TokenMerge:
+        """This plan over a sequence that adds ``num_tokens`` never-merged tokens before (``first``) or after
+        the merged ones, kept in place: a joint attention call's text tokens around its image tokens.
+
+        Example:
+            >>> plan = plan_merge(match_tokens(torch.randn(1, 16, 8), 4, 4, 2, 2), r=6)
+            >>> joint = plan.with_passthrough(3, first=True)
+            >>> joint.merge_heads(torch.randn(1, 2, 19, 4)).shape, joint.counts[0, :3, 0].tolist()
+            (torch.Size([1, 2, 13, 4]), [1.0, 1.0, 1.0])
+        """
+        batch, device = self.slot.shape[0], self.slot.device
+        own = torch.arange(num_tokens, device=device).expand(batch, -1)
+        ones = self.counts.new_ones(batch, num_tokens, 1)
+        if first:
+            shift = num_tokens
+            slot = torch.cat((own, self.slot + shift), 1)
+            counts = torch.cat((ones, self.counts), 1)
+            keep = torch.cat((own, self.keep + shift), 1)
+        else:
+            shift = 0
+            slot = torch.cat((self.slot, own + self.num_out), 1)
+            counts = torch.cat((self.counts, ones), 1)
+            keep = torch.cat((self.keep, own + self.slot.shape[1]), 1)
+        start, stop = self.clusters
+        return TokenMerge(
+            slot=slot,
+            counts=counts,
+            keep=keep,
+            merged_src=self.merged_src + shift,
+            merged_into=self.merged_into + shift,
+            clusters=(start + shift, stop + shift),
+        )
+
+
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``[B, H, N, D]`` as the view whose token dim (returned) is outermost after the batch in memory: whole
+    ``H * D`` rows when ``x`` is a permuted ``[B, N, H, D]`` tensor, so gathers copy long contiguous runs."""
+    swapped = x.transpose(1, 2)
+    return (swapped, 1) if swapped[0].is_contiguous() and not x[0].is_contiguous() else (x, 2)
 
 
 def plan_merge(match: TokenMatch, r: int) -> TokenMerge:
@@ -191,8 +266,16 @@ def plan_merge(match: TokenMatch, r: int) -> TokenMerge:
     slot = torch.empty(batch, match.num_tokens, dtype=torch.int64, device=device)
     slot[:, match.dst_pos] = num_kept_src + torch.arange(match.dst_pos.numel(), device=device)
     slot.scatter_(1, match.src_pos[kept], torch.arange(num_kept_src, device=device).expand(batch, -1))
-    slot.scatter_(1, match.src_pos[merged], num_kept_src + match.best_dst.gather(1, merged))
+    merged_src, merged_into = match.src_pos[merged], num_kept_src + match.best_dst.gather(1, merged)
+    slot.scatter_(1, merged_src, merged_into)
     num_out = match.num_tokens - r
     counts = torch.zeros(batch, num_out, device=device)
     counts.scatter_add_(1, slot, torch.ones(slot.shape, device=device))
-    return TokenMerge(slot=slot, counts=counts.unsqueeze(-1))
+    return TokenMerge(
+        slot=slot,
+        counts=counts.unsqueeze(-1),
+        keep=torch.cat((match.src_pos[kept], match.dst_pos.expand(batch, -1)), 1),
+        merged_src=merged_src,
+        merged_into=merged_into,
+        clusters=(num_kept_src, num_out),
+    )

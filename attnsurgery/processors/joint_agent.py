@@ -27,7 +27,7 @@ from ..context import StepContext
 from ..ops.agent import agents_pay_off, merge_counts, pool_agents
 from ..ops.token_merge import TokenMerge, plan_merge
 from .agent import AgentPhase, AgentSource
-from .joint_merge import key_bias, match_image_keys, merged_joint_attention, merged_tokens, unmerged_tokens
+from .joint_merge import key_bias, match_image_keys, merged_joint_attention
 from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
 
 __all__ = ["JointAgentProcessor", "agent_joint_attention"]
@@ -48,20 +48,19 @@ def agent_joint_attention(
 ) -> torch.Tensor:
     """The module docstring's maths: ``[B, H, N, D]`` q/k/v, ``plan`` over the image tokens (None: unmerged),
     ``agents`` ``[B, H, n, D]``; returns ``[B, H, N, D]``."""
-    (tq, iq), (tk, ik), (tv, iv) = (split_tokens(x, num_text, text_first) for x in (q, k, v))
-    mq, mk, mv = (iq, ik, iv) if plan is None else (merged_tokens(x, plan) for x in (iq, ik, iv))
-    agent_values = F.scaled_dot_product_attention(
-        agents,
-        torch.cat((tk, mk), 2),
-        torch.cat((tv, mv), 2),
-        attn_mask=None if plan is None else key_bias(plan, num_text, True, q.dtype),
-        scale=scale,
-    )
+    queries, keys, values, bias = q, k, v, None  # the pool source: every image token is its own slot
+    if plan is not None:
+        joint = plan.with_passthrough(num_text, text_first)
+        queries, keys, values = (joint.merge_heads(x) for x in (q, k, v))
+        bias = key_bias(joint, q.dtype)
+    agent_values = F.scaled_dot_product_attention(agents, keys, values, attn_mask=bias, scale=scale)
+    (tq, _), (tk, _), (tv, _) = (split_tokens(x, num_text, text_first) for x in (q, k, v))
+    (_, mq), (_, mv) = (split_tokens(x, num_text, text_first) for x in (queries, values))
     # one softmax over agents (temperature s**k_scale2) and text keys (s): fold the scales into the keys
-    keys = torch.cat((agents * scale**k_scale2, tk * scale), 2)
-    image_out = F.scaled_dot_product_attention(mq, keys, torch.cat((agent_values, tv), 2), scale=1.0)
+    read_keys = torch.cat((agents * scale**k_scale2, tk * scale), 2)
+    image_out = F.scaled_dot_product_attention(mq, read_keys, torch.cat((agent_values, tv), 2), scale=1.0)
     image_out = image_out + k_shortcut * mv
-    image_out = image_out if plan is None else unmerged_tokens(image_out, plan)
+    image_out = image_out if plan is None else plan.unmerge_heads(image_out)
     text_out = F.scaled_dot_product_attention(tq, k, v, scale=scale)
     return join_tokens(text_out, image_out, text_first)
 
@@ -147,7 +146,7 @@ class JointAgentProcessor(JointCallProcessor):
                     x.q, x.k, x.v, plan, num_text=x.num_text, text_first=self.text_first, mode="qkv", scale=x.scale
                 )
                 return x.output(out, out_dtype)
-            agents = merged_tokens(image_q, plan_merge(match, agent_r))
+            agents = plan_merge(match, agent_r).merge_heads(image_q)
         out = agent_joint_attention(
             x.q,
             x.k,

@@ -23,14 +23,12 @@ import torch.nn.functional as F
 
 from ..context import StepContext
 from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
-from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
+from .joint_replace import JointCallProcessor, JointCompute, Pair, split_tokens
 
 __all__ = [
     "MERGE_MODES",
     "JointMergeProcessor",
     "merged_joint_attention",
-    "merged_tokens",
-    "unmerged_tokens",
     "key_bias",
     "match_image_keys",
 ]
@@ -38,25 +36,10 @@ __all__ = [
 MERGE_MODES = ("qkv", "kv")
 
 
-def merged_tokens(x: torch.Tensor, plan: TokenMerge) -> torch.Tensor:
-    """``[B, H, P, D]`` image tokens -> ``[B, H, M, D]`` slots (one merge moves every head of a token together)."""
-    b, h, p, d = x.shape
-    merged = plan.merge(x.transpose(1, 2).reshape(b, p, h * d))
-    return merged.reshape(b, -1, h, d).transpose(1, 2)
-
-
-def unmerged_tokens(x: torch.Tensor, plan: TokenMerge) -> torch.Tensor:
-    """``[B, H, M, D]`` slots -> ``[B, H, P, D]``: every image token gets its slot's row."""
-    b, h, m, d = x.shape
-    return plan.unmerge(x.transpose(1, 2).reshape(b, m, h * d)).reshape(b, -1, h, d).transpose(1, 2)
-
-
-def key_bias(plan: TokenMerge, num_text: int, text_first: bool, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 1, 1, keys]`` additive bias of [text keys, merged image keys] in sequence order: 0 on text keys,
-    ``log(size)`` on each slot (ToMe's proportional attention)."""
-    sizes = plan.counts[..., 0].to(dtype).log()
-    text = sizes.new_zeros(sizes.shape[0], num_text)
-    return torch.cat((text, sizes) if text_first else (sizes, text), dim=-1)[:, None, None]
+def key_bias(plan: TokenMerge, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, 1, M]`` additive bias of merged keys: ``log(size)`` per slot, ToMe's proportional attention
+    (0 on the tokens a plan keeps alone, such as text tokens passed through)."""
+    return plan.counts[..., 0].to(dtype).log()[:, None, None]
 
 
 def match_image_keys(
@@ -88,17 +71,12 @@ def merged_joint_attention(
         mode: "kv" or "qkv".
         scale: softmax scale.
     """
-    (tq, iq), (tk, ik), (tv, iv) = (split_tokens(x, num_text, text_first) for x in (q, k, v))
-    keys = join_tokens(tk, merged_tokens(ik, plan), text_first)
-    values = join_tokens(tv, merged_tokens(iv, plan), text_first)
-    bias = key_bias(plan, num_text, text_first, q.dtype)
+    joint = plan.with_passthrough(num_text, text_first)
+    keys, values, bias = joint.merge_heads(k), joint.merge_heads(v), key_bias(joint, q.dtype)
     if mode == "kv":
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
-    queries = join_tokens(tq, merged_tokens(iq, plan), text_first)
-    text_out, image_out = split_tokens(
-        F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=scale), num_text, text_first
-    )
-    return join_tokens(text_out, unmerged_tokens(image_out, plan), text_first)
+    out = F.scaled_dot_product_attention(joint.merge_heads(q), keys, values, attn_mask=bias, scale=scale)
+    return joint.unmerge_heads(out)
 
 
 class JointMergeProcessor(JointCallProcessor):

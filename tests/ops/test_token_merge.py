@@ -117,3 +117,45 @@ def test_chunked_scoring_gives_the_same_matching(monkeypatch):
     monkeypatch.setattr(token_merge, "SCORE_CHUNK_ELEMENTS", 2 * 24 * 5)  # 5 src rows per chunk
     chunked = match_tokens(metric, 8, 12, 2, 2)
     assert torch.equal(whole.best_dst, chunked.best_dst) and torch.equal(whole.order, chunked.order)
+
+
+def _head_layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One ``[B, H, N, D]`` tensor in the layouts attention calls hand over: head-major, a permuted
+    ``[B, N, H, D]`` (diffusers' processors), and a slice of a longer sequence."""
+    longer = torch.cat((x, x[:, :, :3]), 2)
+    return {
+        "head-major": x.contiguous(),
+        "token-major": x.transpose(1, 2).contiguous().transpose(1, 2),
+        "sliced": longer[:, :, : x.shape[2]],
+    }
+
+
+@pytest.mark.parametrize("layout", ["head-major", "token-major", "sliced"])
+def test_gather_merge_per_head_equals_the_scatter_merge(layout):
+    """merge_heads/unmerge_heads (gathers, used in attention calls) against merge/unmerge (ToMe's scatter)."""
+    b, h, n, d = 2, 3, 24, 5
+    x = torch.randn(b, h, n, d, dtype=torch.float64)
+    plan = plan_merge(match_tokens(torch.randn(b, n, 4), 4, 6, 2, 2), r=10)
+    assert plan.counts.max() > 1  # clusters of several tokens exist
+    flat = x.transpose(1, 2).reshape(b, n, h * d)
+    expected = plan.merge(flat).reshape(b, -1, h, d).transpose(1, 2)
+    merged = plan.merge_heads(_head_layouts(x)[layout])
+    torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)
+    back = plan.unmerge_heads(_head_layouts(merged)[layout])
+    torch.testing.assert_close(back, plan.unmerge(plan.merge(flat)).reshape(b, n, h, d).transpose(1, 2))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_passthrough_tokens_stay_in_place_unmerged(first):
+    b, h, n, d, extra = 2, 2, 16, 4, 3
+    plan = plan_merge(match_tokens(torch.randn(b, n, 4), 4, 4, 2, 2), r=6)
+    joint = plan.with_passthrough(extra, first)
+    x = torch.randn(b, h, n + extra, d, dtype=torch.float64)
+    text, image = (x[:, :, :extra], x[:, :, extra:]) if first else (x[:, :, n:], x[:, :, :n])
+    merged_image = plan.merge_heads(image)
+    expected = torch.cat((text, merged_image) if first else (merged_image, text), 2)
+    torch.testing.assert_close(joint.merge_heads(x), expected, rtol=1e-12, atol=1e-12)
+    assert joint.counts.shape[1] == n - 6 + extra and joint.counts.sum() == b * (n + extra)
+    # the text slots keep count 1; unmerge gives every token its slot back, text in place
+    out = joint.unmerge_heads(joint.merge_heads(x))
+    torch.testing.assert_close(out[:, :, :extra] if first else out[:, :, n:], text)

@@ -8,7 +8,6 @@ import torch
 from attnsurgery.ops.agent import pool_agents
 from attnsurgery.ops.token_merge import match_tokens, plan_merge
 from attnsurgery.processors.joint_agent import agent_joint_attention
-from attnsurgery.processors.joint_merge import merged_tokens, unmerged_tokens
 from attnsurgery.processors.joint_replace import join_tokens, split_tokens
 
 GRID, TEXT, HEADS, DIM = (4, 8), 6, 2, 8
@@ -20,6 +19,17 @@ def _qkv() -> tuple[torch.Tensor, ...]:
     return tuple(
         torch.randn(2, HEADS, TEXT + GRID[0] * GRID[1], DIM, generator=g, dtype=torch.float64) for _ in range(3)
     )
+
+
+def merged_tokens(x: torch.Tensor, plan) -> torch.Tensor:
+    """The plainly correct merge of ``[B, H, P, D]`` tokens: ToMe's scatter over the flattened heads."""
+    b, h, p, d = x.shape
+    return plan.merge(x.transpose(1, 2).reshape(b, p, h * d)).reshape(b, -1, h, d).transpose(1, 2)
+
+
+def unmerged_tokens(x: torch.Tensor, plan) -> torch.Tensor:
+    b, h, m, d = x.shape
+    return plan.unmerge(x.transpose(1, 2).reshape(b, m, h * d)).reshape(b, -1, h, d).transpose(1, 2)
 
 
 def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
