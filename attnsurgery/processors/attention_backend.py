@@ -77,6 +77,7 @@ def cannot_run(
     value: torch.Tensor,
     attn_mask: torch.Tensor | None,
     dropout_p: float,
+    is_causal: bool = False,
 ) -> str | None:
     """Why ``backend`` cannot compute this call (``[batch, tokens, heads, head_dim]``), or None if it can.
 
@@ -96,7 +97,7 @@ def cannot_run(
         return f"{backend.value} has no dropout"
     for check in _AttentionBackendRegistry._constraints[backend]:
         try:
-            check(query=query, key=key, value=value, attn_mask=attn_mask, is_causal=False)
+            check(query=query, key=key, value=value, attn_mask=attn_mask, is_causal=is_causal)
         except ValueError as error:
             return f"{backend.value}: {error}"
     return None
@@ -173,7 +174,7 @@ class BackendRoute(TorchFunctionMode):
             return self._fallback(func, args, kwargs, f"a {q.ndim}-D call, not [batch, heads, tokens, head_dim]")
         query, key, value = (x.transpose(1, 2) for x in (q, k, v))
         mask = None if mask is None else _dense_additive(mask, q.dtype)
-        reason = cannot_run(self.backend, query, key, value, mask, call["dropout_p"])
+        reason = cannot_run(self.backend, query, key, value, mask, call["dropout_p"], call["is_causal"])
         if reason is not None:
             return self._fallback(func, args, kwargs, reason)
         return dispatch_attention_fn(query, key, value, attn_mask=mask, **call, backend=self.backend).transpose(1, 2)
