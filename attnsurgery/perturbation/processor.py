@@ -14,7 +14,8 @@ import torch
 from diffusers.models import attention_processor as diffusers_processors
 
 from ..ops.perturb import head_pairs, perturb_heads
-from ..processors.base import WrappingProcessor
+from ..processors.attention_backend import layer_backend_route
+from ..processors.base import WrappingProcessor, innermost
 from ..processors.sdpa_intercept import FirstAttentionCall
 
 # diffusers processors that compute attention without torch's SDPA (so the perturbation has no call to edit):
@@ -37,17 +38,10 @@ _WITHOUT_SDPA: dict[type, tuple[str, str]] = {
 }
 
 
-def _innermost(processor: Any) -> Any:
-    """The processor at the bottom of a chain of wrappers (the one that computes attention)."""
-    while isinstance(processor, WrappingProcessor):
-        processor = processor.inner
-    return processor
-
-
 def _without_sdpa(processor: Any, path: str) -> str | None:
     """Why the processor under ``processor`` cannot be perturbed and how to fix it, for the diffusers
     processors known to compute attention without SDPA; None for any other."""
-    inner = type(_innermost(processor))
+    inner = type(innermost(processor))
     if inner not in _WITHOUT_SDPA:
         return None
     cause, fix = _WITHOUT_SDPA[inner]
@@ -158,15 +152,16 @@ class HeadPerturbationProcessor(WrappingProcessor):
         plan = self.state.plans.get(self.path)
         if plan is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
-        with FirstAttentionCall(lambda q, k, v, out, call: self._edit(plan, q, k, v, out, call)) as mode:
+        edit = FirstAttentionCall(lambda q, k, v, out, call: self._edit(plan, q, k, v, out, call))
+        with layer_backend_route(self.inner), edit:
             result = self.inner(attn, hidden_states, *args, **kwargs)
-        if mode.calls == 0:
+        if edit.calls == 0:
             raise RuntimeError(
                 _without_sdpa(self.inner, self.path)
                 or f"perturbed attention could not reach the attention of layer {self.path!r}: its processor "
-                f"{type(_innermost(self.inner)).__name__} made no torch scaled_dot_product_attention call (a diffusers "
-                "attention backend such as flash or sage, or a processor computing attention itself?). Use "
-                "diffusers' native attention backend and an SDPA processor (AttnProcessor2_0) for perturbed layers."
+                f"{type(innermost(self.inner)).__name__} made no torch scaled_dot_product_attention call (a processor "
+                "computing attention itself, not through torch's SDPA or diffusers' dispatch_attention_fn?). Use an "
+                "SDPA processor (AttnProcessor2_0, or the model's default) for perturbed layers."
             )
         return result
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["WrappingProcessor"]
+__all__ = ["WrappingProcessor", "innermost"]
 
 
 class WrappingProcessor:
@@ -54,6 +54,24 @@ class WrappingProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
+
+    # diffusers' set_attention_backend / reset_attention_backend set this on every processor that has it: passed
+    # to the processor that attends, so a backend chosen after apply reaches it (and stays after remove()).
+    # Absent (AttributeError) where the inner processor takes no backend, as on the unwrapped layer.
+    @property
+    def _attention_backend(self) -> Any:
+        return self.inner._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.inner._attention_backend = backend
+
+
+def innermost(processor: Any) -> Any:
+    """The processor at the bottom of a chain of wrappers (the one that computes attention)."""
+    while isinstance(processor, WrappingProcessor):
+        processor = processor.inner
+    return processor
 
 
 class _SignatureView:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .base import WrappingProcessor
+from .attention_backend import layer_backend_route
+from .base import WrappingProcessor, innermost
 from .joint_masks import fold_product_bias, text_key_mask
 from .sdpa_intercept import ReplacedAttentionCall
 
@@ -90,13 +91,15 @@ class JointCallProcessor(WrappingProcessor):
         compute = self.plan()
         if compute is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
-        with ReplacedAttentionCall(compute) as mode:
+        replaced = ReplacedAttentionCall(compute)
+        with layer_backend_route(self.inner), replaced:
             result = self.inner(attn, hidden_states, *args, **kwargs)
-        if mode.calls == 0:
+        if replaced.calls == 0:
             raise RuntimeError(
                 f"{self.technique} could not reach the attention of layer {self.path!r}: its processor "
-                f"{type(self.inner).__name__} made no torch scaled_dot_product_attention call. Use diffusers' "
-                f"native attention backend for the layers {self.technique} changes."
+                f"{type(innermost(self.inner)).__name__} made no torch scaled_dot_product_attention call (nor one "
+                f"through diffusers' dispatch_attention_fn). Use the model's default processor for the layers "
+                f"{self.technique} changes."
             )
         return result
 

@@ -5,7 +5,9 @@ we do not re-implement it, we only post-process the result of its `F.scaled_dot_
 The interception is a `TorchFunctionMode` entered around the one processor call, so nothing global is
 patched: it is thread-local, scoped to that call and undone in `finally` by the `with` block. It sees
 direct SDPA calls (AttnProcessor2_0, JointAttnProcessor2_0) and diffusers' native attention backend
-(`dispatch_attention_fn`, used by FluxAttnProcessor and friends) alike, always as [batch, heads, tokens, dim].
+(`dispatch_attention_fn`, used by FluxAttnProcessor and friends) alike, always as [batch, heads, tokens, dim];
+under another diffusers backend, `attention_backend.layer_backend_route` makes the call native and computes it
+with the chosen backend.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ def _sdpa_parameters(
 
 
 _SDPA_SIGNATURE = inspect.signature(_sdpa_parameters)
+
+
+def sdpa_arguments(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An SDPA call's arguments by name, defaults filled in (positional and keyword calls alike)."""
+    call = _SDPA_SIGNATURE.bind(*args, **kwargs)
+    call.apply_defaults()
+    return dict(call.arguments)
 
 
 _ACTIVE = threading.local()
@@ -81,9 +90,7 @@ class _AttentionMode(TorchFunctionMode):
         self.calls += 1
         if self.calls > 1:
             return func(*args, **kwargs)
-        call = _SDPA_SIGNATURE.bind(*args, **kwargs)
-        call.apply_defaults()
-        arguments = dict(call.arguments)
+        arguments = sdpa_arguments(args, kwargs)
         q, k, v = arguments.pop("query"), arguments.pop("key"), arguments.pop("value")
         return self._first_call(func, q, k, v, arguments)
 
@@ -97,7 +104,7 @@ class FirstAttentionCall(_AttentionMode):
     Only the first call is edited: later calls inside the same processor call are IP-Adapter or other
     auxiliary attentions over different keys (e.g. SD3IPAdapterJointAttnProcessor2_0), which the
     perturbation must leave alone. `calls` counts every SDPA call, so the caller can fail loudly when the
-    processor attended through a backend we cannot see (flash-attn, xformers, sage).
+    processor attended without one (a processor computing attention itself).
 
     Example:
         >>> q = torch.randn(1, 2, 4, 8)
