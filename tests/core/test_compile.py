@@ -7,6 +7,10 @@ recompiles), which every backend shares.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -151,3 +155,14 @@ def test_apply_to_a_bare_compiled_denoiser(in_place):
         assert handle.denoiser is unet
         torch.testing.assert_close(compiled(sample, 500, text).sample, merged, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled(sample, 500, text).sample, plain)
+
+
+def test_benchmark_smoke():
+    """``benchmarks/bench_compile.py --smoke``: plain and one plugin row, eager and compiled, ratios vs plain."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compile.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--rows", "pag"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:] if line.strip()}
+    assert set(rows) == {"plain", "pag"} and float(rows["plain"][3]) == 1.0
