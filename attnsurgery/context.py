@@ -47,6 +47,23 @@ class StepContext:
     batch_size: int | None = None
     roles: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        self._watched: set[float] = set()
+        self._answers: dict[float, bool] = {}
+
+    def watch(self, *fractions: float) -> None:
+        """Answer :meth:`in_first` for these fractions once per call, before the call (by the clock hook).
+
+        A compiled denoiser whose processors ask ``in_first`` then reads one bool per fraction, which changes
+        only when a phase flips; reading the step index instead would recompile it at every step.
+        """
+        self._watched.update(fractions)
+
+    def answer_watched(self) -> None:
+        """Compute :meth:`in_first` of every watched fraction for the call about to run."""
+        self._answers = {}
+        self._answers = {fraction: self.in_first(fraction) for fraction in self._watched}
+
     def reset(self) -> None:
         """Forget the last call (what a fresh surgery sees)."""
         self.timestep = None
@@ -55,6 +72,7 @@ class StepContext:
         self.latent_hw = None
         self.batch_size = None
         self.roles = None
+        self._answers = {}
 
     @property
     def image_hw(self) -> tuple[int, int] | None:
@@ -68,8 +86,12 @@ class StepContext:
         """True while the current step lies in the first ``fraction`` of the schedule.
 
         With a known schedule of N steps this is ``step_index < floor(N * fraction)`` (HiDiffusion's rule);
-        for a bare denoiser it falls back to ``progress < fraction``.
+        for a bare denoiser it falls back to ``progress < fraction``. A watched fraction (:meth:`watch`) is
+        answered from what the clock computed before this call.
         """
+        answer = self._answers.get(fraction)
+        if answer is not None:
+            return answer
         if self.step_index is not None and self.num_steps is not None:
             return self.step_index < math.floor(self.num_steps * fraction + 1e-9)
         return self.progress < fraction
@@ -224,5 +246,6 @@ def make_clock_hook(
         else:
             context.step_index = context.num_steps = None
             context.progress = 0.0 if t_1000 is None else min(1.0, max(0.0, 1.0 - t_1000 / 1000.0))
+        context.answer_watched()
 
     return clock_hook

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule, reset_code
 
 from .context import StepContext, make_clock_hook
 from .inventory import AttentionLayer, ModelInfo, describe
-from .rng import keyed_generator
+from .rng import CallInt, keyed_generator, keyed_seed
 
 if TYPE_CHECKING:
     from .plugins.base import Plugin
 
-__all__ = ["Surgery", "apply", "remove", "patched", "active_surgeries", "resolve_target", "ROLES"]
+__all__ = ["Surgery", "apply", "remove", "patched", "active_surgeries", "resolve_target", "uncompiled", "ROLES"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,27 @@ _DEFAULT_FIX = "Apply these plugins to different layers (layers=...), or remove 
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[Surgery]] = weakref.WeakKeyDictionary()
 
 
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile(module)`` wrapped (its ``_orig_mod``), or ``module`` itself.
+
+    The surgery works on the original module: its processors, submodules and hooks are what the compiled
+    wrapper runs, and ``remove()`` restores them there.
+    """
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
 def resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    """Split ``target`` into (pipeline or None, denoiser).
+    """Split ``target`` into (pipeline or None, denoiser); a compiled denoiser is unwrapped (:func:`uncompiled`).
 
     Raises:
         NotImplementedError: the target is neither a pipeline with a ``unet``/``transformer`` nor a denoiser.
     """
     if isinstance(target, torch.nn.Module):
-        return None, target
+        return None, uncompiled(target)
     for name in ("unet", "transformer"):
         denoiser = getattr(target, name, None)
         if isinstance(denoiser, torch.nn.Module):
-            return target, denoiser
+            return target, uncompiled(denoiser)
     raise NotImplementedError(
         f"cannot operate on {type(target).__name__}: pass a diffusers pipeline with a `unet` or `transformer`, "
         "or the denoiser itself (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)"
@@ -138,6 +148,28 @@ def _replaced_by(processor: Any) -> str:
     return "set_attn_processor(), set_default_attn_processor(), unfuse_qkv_projections() or unload_ip_adapter()"
 
 
+def _eager(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` run outside any graph dynamo traces (it keeps its name for ``Surgery.changes``)."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
+def forget_compiled_code(denoiser: torch.nn.Module) -> None:
+    """Drop dynamo's compiled code of ``denoiser``'s forward, so its next compiled call traces it again.
+
+    Guards see swapped processors and modules, but not hooks added or removed on submodules (dynamo skips hook
+    guards), so code compiled before ``apply`` would keep running without RAU-Net, and code compiled with the
+    plugins would keep them after ``remove()``. Only this class's forward is dropped (other instances of the
+    class recompile once too), and for a denoiser compiled in place (``module.compile()``) the module call
+    every in-place compiled module shares; never everything, as ``torch._dynamo.reset()`` would.
+    """
+    function = type(denoiser).forward
+    while function is not None:  # diffusers decorates some forwards: the frame dynamo compiled is the outer one
+        reset_code(function.__code__)
+        function = getattr(function, "__wrapped__", None)
+    if getattr(denoiser, "_compiled_call_impl", None) is not None:
+        reset_code(torch.nn.Module._call_impl.__code__)
+
+
 def _pipeline_vae_factor(pipeline: Any) -> int | None:
     factor = getattr(pipeline, "vae_scale_factor", None)
     return int(factor) if isinstance(factor, (int, float)) else None
@@ -168,6 +200,7 @@ class Surgery:
         self._undo: list[tuple[str, str, Callable[[], None]]] = []  # (site, what changed, how to undo)
         self._claims: dict[str, set[str]] = {}
         self._installed: dict[str, tuple[torch.nn.Module, Any]] = {}  # layer path -> (layer, our last processor)
+        self._per_call: list[Callable[[], None]] = []  # run after the clock, before every denoiser call
         self._removed = False
 
     # ----------------------------------------------------------------------------------------------
@@ -293,8 +326,16 @@ class Surgery:
         with_kwargs: bool = False,
         prepend: bool = False,
     ) -> None:
-        """Register a forward (pre-)hook that ``remove()`` unregisters."""
+        """Register a forward (pre-)hook that ``remove()`` unregisters.
+
+        Hooks on the denoiser itself are where per-call Python decisions belong (the step clock, guidance
+        rows, this call's phase): they run eagerly even when the denoiser is compiled (``torch.compile(module)``
+        or ``module.compile()`` leave them outside the traced graph), so they never break it. Hooks on
+        submodules are traced with the graph and must stay tensor code.
+        """
         self._check_live()
+        if module is self.denoiser:
+            hook = _eager(hook)
         if pre:
             handle = module.register_forward_pre_hook(hook, prepend=prepend, with_kwargs=with_kwargs)
         else:
@@ -313,11 +354,40 @@ class Surgery:
         base = seed if seed is not None else (self.seed if self.seed is not None else 0)
         return keyed_generator(base, *keys, device=device)
 
+    def per_call(self, prepare: Callable[[], None]) -> None:
+        """Run ``prepare()`` before every denoiser call, after the step clock, outside any compiled graph.
+
+        This is where a plugin makes its per-call Python choices (a window shift, a random seed) and stores
+        them as tensors its processors read, so a compiled denoiser sees new values, not a new graph.
+        """
+        self._check_live()
+        self._per_call.append(prepare)
+
+    def call_seed(self, *keys: object, seed: int | None = None) -> CallInt:
+        """A seed per denoiser call from ``seed`` (else the surgery's, else 0), ``keys`` and the step.
+
+        Like :meth:`generator` keyed by ``(*keys, step_index, timestep)`` at every call, but as a
+        :class:`~attnsurgery.rng.CallInt` tensor that compiled graphs read without hashing or recompiling;
+        draw with :func:`attnsurgery.rng.seeded_randint`.
+        """
+        base = seed if seed is not None else (self.seed if self.seed is not None else 0)
+        context = self.context
+        call_seed = CallInt(lambda: keyed_seed(base, *keys, context.step_index, context.timestep))
+        self.per_call(call_seed.refresh)
+        return call_seed
+
     # ----------------------------------------------------------------------------------------------
+    def _prepare_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Denoiser pre-hook after the clock: the plugins' per-call choices (see :meth:`per_call`)."""
+        for prepare in self._per_call:
+            prepare()
+
     def _install_clock(self) -> None:
-        """The step clock, and before it the check that our processors are still in place."""
+        """The step clock, before it the check that our processors are still in place, after it the plugins'
+        per-call choices."""
         pipeline = self.pipeline
         hook = make_clock_hook(self.context, self.denoiser, lambda: getattr(pipeline, "scheduler", None))
+        self.add_hook(self.denoiser, self._prepare_call, pre=True, with_kwargs=True, prepend=True)
         self.add_hook(self.denoiser, hook, pre=True, with_kwargs=True, prepend=True)
         self.add_hook(self.denoiser, self._check_processors, pre=True, with_kwargs=True, prepend=True)
 
@@ -366,7 +436,9 @@ class Surgery:
         self._undo.clear()
         self._claims.clear()
         self._installed.clear()
+        self._per_call.clear()
         self.context.reset()
+        forget_compiled_code(self.denoiser)
         self._removed = True
         if self in stack:
             stack.remove(self)
@@ -417,6 +489,7 @@ def apply(target: Any, *plugins: Plugin, seed: int | None = None) -> Surgery:
     except BaseException:
         surgery.remove()
         raise
+    forget_compiled_code(surgery.denoiser)
     logger.info("attnsurgery: applied %s", surgery)
     return surgery
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..rng import seeded_randint
+
 SCORE_CHUNK_ELEMENTS = 1 << 25
 """Similarity scores held at once while matching (128 MiB in float32)."""
 
@@ -26,20 +28,24 @@ def dst_partition(
     sy: int,
     *,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split an ``h x w`` grid into src and dst token positions.
 
     Each full ``sy x sx`` cell holds one dst, at a random position drawn from ``generator`` (one draw of
-    shape ``(h // sy, w // sx, 1)``, as tomesd draws it), or at the cell's first position when
-    ``generator`` is None. Tokens of ragged border cells are all src.
+    shape ``(h // sy, w // sx, 1)``, as tomesd draws it) or from a fresh generator seeded with ``seed``
+    (the same draw, also inside a compiled graph: :func:`attnsurgery.rng.seeded_randint`), or at the cell's
+    first position when both are None. Tokens of ragged border cells are all src. Every shape depends on the
+    grid alone (no boolean indexing), so a compiled graph holds it without a break.
 
     Args:
         h: grid height in tokens.
         w: grid width in tokens.
         sx: cell width.
         sy: cell height.
-        generator: private generator for the random dst choice; None picks position 0 in every cell.
+        generator: private generator for the random dst choice.
+        seed: 0-d int64 seed of the random dst choice, instead of ``generator``.
         device: device of the returned indices.
 
     Returns:
@@ -53,17 +59,21 @@ def dst_partition(
     if sx < 1 or sy < 1:
         raise ValueError(f"cell size sx={sx}, sy={sy} must be positive integers")
     cells_y, cells_x = h // sy, w // sx
-    if generator is None:
-        offset = torch.zeros(cells_y, cells_x, 1, dtype=torch.int64)
-    else:
+    if generator is not None:
         offset = torch.randint(sy * sx, (cells_y, cells_x, 1), generator=generator, device=generator.device)
         offset = offset.cpu()
+    elif seed is not None:
+        offset = seeded_randint(seed, sy * sx, [cells_y, cells_x, 1])
+    else:
+        offset = torch.zeros(cells_y, cells_x, 1, dtype=torch.int64)
     cell_y = torch.arange(cells_y).view(-1, 1) * sy + torch.div(offset[..., 0], sx, rounding_mode="floor")
     cell_x = torch.arange(cells_x).view(1, -1) * sx + offset[..., 0] % sx
-    is_dst = torch.zeros(h * w, dtype=torch.bool)
-    is_dst[(cell_y * w + cell_x).flatten()] = True
-    positions = torch.arange(h * w)
-    return positions[~is_dst].to(device), positions[is_dst].to(device)
+    is_dst = torch.zeros(h * w, dtype=torch.int64)
+    is_dst[(cell_y * w + cell_x).flatten()] = 1
+    # a stable sort puts the src positions first, then the dst ones, each ascending: no data-dependent shape
+    positions = torch.sort(is_dst, stable=True).indices
+    num_src = h * w - cells_y * cells_x
+    return positions[:num_src].to(device), positions[num_src:].to(device)
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ def match_tokens(
     sy: int,
     *,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
 ) -> TokenMatch:
     """Match every src token of ``metric`` to its most cosine-similar dst token.
 
@@ -109,6 +120,7 @@ def match_tokens(
         sx: cell width of the dst partition.
         sy: cell height of the dst partition.
         generator: random dst position per cell; None (or an odd batch, see callers) uses position 0.
+        seed: 0-d int64 seed of the random dst positions, instead of ``generator`` (see :func:`dst_partition`).
 
     Returns:
         The :class:`TokenMatch`; turn it into merge/unmerge with :func:`plan_merge`.
@@ -121,7 +133,7 @@ def match_tokens(
     batch, num_tokens, _ = metric.shape
     if h * w != num_tokens:
         raise ValueError(f"grid {h}x{w} has {h * w} tokens but the metric has {num_tokens}")
-    src_pos, dst_pos = dst_partition(h, w, sx, sy, generator=generator, device=metric.device)
+    src_pos, dst_pos = dst_partition(h, w, sx, sy, generator=generator, seed=seed, device=metric.device)
     if dst_pos.numel() == 0:
         raise ValueError(f"grid {h}x{w} holds no full {sy}x{sx} cell, so there is no dst to merge into")
     with torch.no_grad():

@@ -14,7 +14,7 @@ Shapes: tokens `[batch, height * width, channels]` (row-major), windows
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,8 @@ class WindowGrid:
         rows: Windows along the height (HiDiffusion: 2).
         cols: Windows along the width (HiDiffusion: 2).
         shift: Cyclic shift (rows, cols) applied before partitioning; tokens move by -shift.
+        shift_by: The shift as a ``[2]`` int64 tensor instead of ``shift``: a compiled graph takes a new one
+            per call without recompiling (the same tokens move as with ``shift``).
 
     Example:
         >>> WindowGrid(5, 8).window
@@ -55,6 +57,7 @@ class WindowGrid:
     rows: int = 2
     cols: int = 2
     shift: tuple[int, int] = (0, 0)
+    shift_by: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -114,6 +117,13 @@ def _to_windows(grid_tokens: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     return windows.reshape(batch * grid.num_windows, wh * ww, channels)
 
 
+def _roll(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``torch.roll(x, shifts=tuple(shift), dims=(1, 2))`` for a tensor ``shift``, as two gathers."""
+    rows = (torch.arange(x.shape[1], device=x.device) - shift[0].to(x.device)) % x.shape[1]
+    cols = (torch.arange(x.shape[2], device=x.device) - shift[1].to(x.device)) % x.shape[2]
+    return x.index_select(1, rows).index_select(2, cols)
+
+
 def partition_windows(tokens: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     """Shift, pad and cut a token sequence into windows stacked along the batch.
 
@@ -131,7 +141,9 @@ def partition_windows(tokens: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
             f"({grid.height * grid.width} tokens); pass the grid of this layer's feature map."
         )
     x = tokens.view(batch, grid.height, grid.width, channels)
-    if grid.shift != (0, 0):
+    if grid.shift_by is not None:
+        x = _roll(x, -grid.shift_by)
+    elif grid.shift != (0, 0):
         x = torch.roll(x, shifts=(-grid.shift[0], -grid.shift[1]), dims=(1, 2))
     if grid.needs_padding:
         ph, pw = grid.padded
@@ -157,7 +169,9 @@ def merge_windows(windows: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     x = x.reshape(batch, ph, pw, channels)
     if grid.needs_padding:
         x = x[:, : grid.height, : grid.width]
-    if grid.shift != (0, 0):
+    if grid.shift_by is not None:
+        x = _roll(x, grid.shift_by)
+    elif grid.shift != (0, 0):
         x = torch.roll(x, shifts=grid.shift, dims=(1, 2))
     return x.reshape(batch, grid.height * grid.width, channels)
 

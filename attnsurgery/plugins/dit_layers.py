@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
     from ..inventory import AttentionLayer
+    from ..rng import CallInt
     from ..selectors import LayerSelector
     from ..surgery import Surgery
 
-__all__ = ["IMAGE_KINDS", "image_layers", "layer_generator", "install_joint_processors"]
+__all__ = ["IMAGE_KINDS", "image_layers", "layer_seed", "install_joint_processors"]
 
 #: Layer kinds that attend over the image tokens (text-only refiner layers are left alone).
 IMAGE_KINDS = ("self", "joint", "single")
@@ -32,15 +31,10 @@ def image_layers(surgery: Surgery, selector: LayerSelector) -> list[AttentionLay
     return layers
 
 
-def layer_generator(surgery: Surgery, owner: object, path: str, seed: int | None) -> Callable[[], torch.Generator]:
-    """A fresh private generator per call, keyed by the plugin, the layer and the step (reproducible whatever
-    ran before; never the global RNG)."""
-    context = surgery.context
-
-    def generator() -> torch.Generator:
-        return surgery.generator(type(owner).__name__, path, context.step_index, context.timestep, seed=seed)
-
-    return generator
+def layer_seed(surgery: Surgery, owner: object, path: str, seed: int | None) -> CallInt:
+    """A private seed per call, keyed by the plugin, the layer and the step (reproducible whatever ran before;
+    never the global RNG), computed before the call so a compiled denoiser reads it as a tensor."""
+    return surgery.call_seed(type(owner).__name__, path, seed=seed)
 
 
 def install_joint_processors(
@@ -52,7 +46,7 @@ def install_joint_processors(
     make_processor: Callable[..., Any],
 ) -> list[AttentionLayer]:
     """Wrap every selected image-attending layer with ``make_processor(inner, path=, text_first=, context=,
-    generator=)`` under the ``tokens`` role; returns the layers."""
+    seed=)`` under the ``tokens`` role; returns the layers."""
     layers = image_layers(surgery, selector)
     for layer in layers:
         processor = make_processor(
@@ -60,7 +54,7 @@ def install_joint_processors(
             path=layer.path,
             text_first=layer.text_placement == "first",
             context=surgery.context,
-            generator=layer_generator(surgery, owner, layer.path, seed) if use_rand else None,
+            seed=layer_seed(surgery, owner, layer.path, seed) if use_rand else None,
         )
         surgery.set_processor(layer, processor, role="tokens")
     return layers

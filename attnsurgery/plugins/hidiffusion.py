@@ -17,6 +17,7 @@ import torch
 from ..ops.windows import NUM_SHIFTS, WindowGrid, draw_shift_index, shift_for_index
 from ..processors.raunet import RauNetHooks, RauNetLayout, RauNetPhase
 from ..processors.window_attention import WindowAttentionProcessor, WindowPlan
+from ..rng import CallInt
 from .base import Plugin
 
 if TYPE_CHECKING:
@@ -291,15 +292,25 @@ class HiDiffusion(Plugin):
                 surgery.set_processor(layer, processor, role="tokens")
 
     def _window_plan(self, surgery: Surgery, path: str) -> WindowPlan:
-        """Per call: no windows unless engaged; else a 2x2 grid over the layer's tokens with this call's shift."""
+        """Per call: no windows unless engaged; else a 2x2 grid over the layer's tokens with this call's shift.
+
+        A drawn or cycling shift is chosen before the call and reaches the windows as a tensor, so a compiled
+        U-Net keeps one graph across steps; a fixed shift stays a constant.
+        """
         context = surgery.context
+        drawn = None
+        if isinstance(self.shift, str):
+            drawn = CallInt(lambda: self.shift_index(surgery, path) if self.engaged(context) else 0)
+            surgery.per_call(drawn.refresh)
 
         def plan(num_tokens: int) -> WindowGrid | None:
             if not self.engaged(context):
                 return None
             height, width = context.grid_for(num_tokens)
             grid = WindowGrid(height, width, rows=min(2, height), cols=min(2, width))
-            shift = shift_for_index(grid.window, self.shift_index(surgery, path))
-            return WindowGrid(height, width, grid.rows, grid.cols, shift)
+            if drawn is None:
+                return WindowGrid(height, width, grid.rows, grid.cols, shift_for_index(grid.window, self.shift))
+            step = torch.tensor([grid.window[0] // 4, grid.window[1] // 4])
+            return WindowGrid(height, width, grid.rows, grid.cols, shift_by=drawn.value * step)
 
         return plan

@@ -13,7 +13,7 @@ from ..processors.joint_merge import MERGE_MODES, JointMergeProcessor
 from ..processors.token_merge import BlockInput, TokenMergeProcessor, check_cells, check_fraction
 from ..selectors import LayerSelector
 from .base import Plugin, normalize_layers
-from .dit_layers import install_joint_processors, layer_generator
+from .dit_layers import install_joint_processors, layer_seed
 
 if TYPE_CHECKING:
     from ..inventory import AttentionLayer
@@ -43,7 +43,7 @@ def install_merging(
     """Wrap the processors of the selected self-attention layers with merging processors.
 
     Each layer gets its own :class:`BlockInput`, fed by a pre-hook on its transformer block (layers
-    outside such a block match on their own input), and a fresh private generator per call keyed by the
+    outside such a block match on their own input), and a private seed per call keyed by the
     plugin, the layer and the step, so a run is reproducible whatever ran before it.
 
     Args:
@@ -52,7 +52,7 @@ def install_merging(
         layers: layer selector; only self-attention layers are taken.
         seed: the plugin's seed (else the surgery's).
         use_rand: random dst position per cell; False uses position 0.
-        make_processor: ``make_processor(inner, context=, block_input=, generator=)`` builds the wrapper.
+        make_processor: ``make_processor(inner, context=, block_input=, seed=)`` builds the wrapper.
         extra_roles: roles claimed besides ``tokens`` (see ``attnsurgery.surgery.ROLES``).
     """
     context = surgery.context
@@ -66,7 +66,7 @@ def install_merging(
             layer.module.processor,
             context=context,
             block_input=block_input,
-            generator=layer_generator(surgery, plugin, layer.path, seed) if use_rand else None,
+            seed=layer_seed(surgery, plugin, layer.path, seed) if use_rand else None,
         )
         surgery.set_processor(layer, processor, role="tokens")
         for role in extra_roles:

@@ -85,7 +85,7 @@ class AgentProcessor(MergingProcessor):
         k_scale2: exponent of the second softmax's scale.
         k_shortcut: weight of the value shortcut.
         compute_dtype: dtype of both attentions, None for the input dtype.
-        **machinery: ``context``, ``block_input``, ``generator`` (see ``MergingProcessor``).
+        **machinery: ``context``, ``block_input``, ``seed`` (see ``MergingProcessor``).
     """
 
     def __init__(
@@ -101,6 +101,7 @@ class AgentProcessor(MergingProcessor):
     ) -> None:
         super().__init__(inner, **machinery)
         self.schedule = schedule
+        self.context.watch(*(phase.until for phase in schedule))
         self.source = source
         self.k_scale2, self.k_shortcut, self.compute_dtype = k_scale2, k_shortcut, compute_dtype
 

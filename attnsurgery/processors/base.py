@@ -6,6 +6,7 @@ projections, the attention backend) and lets several plugins stack on one layer.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -20,7 +21,9 @@ class WrappingProcessor:
     diffusers filters the keyword arguments it passes to a processor by the parameter names of
     ``processor.__call__``. A wrapper with a generic ``**kwargs`` signature would make diffusers drop
     ``temb``, ``ip_adapter_masks`` and friends before they reach ``inner``, so each instance exposes the
-    inner processor's signature for that inspection.
+    inner processor's parameters for that inspection. It does so through its class (a subclass of the same
+    name per parameter list, made once), not an instance ``__call__``: dynamo traces calls of an object only
+    through its class, so a compiled denoiser runs the wrapper inside its graph.
 
     Subclasses override :meth:`__call__` and call ``self.inner(attn, hidden_states, *args, **kwargs)``.
 
@@ -46,8 +49,8 @@ class WrappingProcessor:
         if not callable(inner):
             raise TypeError(f"inner processor must be callable, got {type(inner).__name__}")
         self.inner = inner
-        signature = inspect.signature(inner.__call__)
-        self.__dict__["__call__"] = _SignatureView(self, signature)
+        parameters = tuple((p.name, p.kind) for p in inspect.signature(inner.__call__).parameters.values())
+        self.__class__ = _exposing(getattr(type(self), "_exposes_for", type(self)), parameters)
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.inner(attn, hidden_states, *args, **kwargs)
@@ -74,12 +77,18 @@ def innermost(processor: Any) -> Any:
     return processor
 
 
-class _SignatureView:
-    """What ``wrapper.__call__`` looks like from outside: the wrapper's call with the inner signature."""
+@functools.cache
+def _exposing(cls: type, parameters: tuple[tuple[str, Any], ...]) -> type:
+    """``cls`` with a ``__call__`` that runs ``cls.__call__`` and shows ``parameters`` to ``inspect.signature``."""
+    call = cls.__call__
 
-    def __init__(self, owner: WrappingProcessor, signature: inspect.Signature) -> None:
-        self.__signature__ = signature
-        self._owner = owner
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return call(self, *args, **kwargs)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return type(self._owner).__call__(self._owner, *args, **kwargs)
+    shown = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    shown += [inspect.Parameter(name, kind) for name, kind in parameters]
+    __call__.__signature__ = inspect.Signature(shown)  # type: ignore[attr-defined]
+    namespace = {"__call__": __call__, "_exposes_for": cls, "__module__": cls.__module__, "__doc__": cls.__doc__}
+    exposing = type(cls.__name__, (cls,), namespace)
+    exposing.__qualname__ = cls.__qualname__
+    return exposing

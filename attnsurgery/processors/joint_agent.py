@@ -17,7 +17,6 @@ sorting, and the image queries, keys and values stay unmerged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from ..context import StepContext
 from ..ops.agent import agents_pay_off, merge_counts, pool_agents
 from ..ops.token_merge import TokenMerge, plan_merge
+from ..rng import CallInt
 from .agent import AgentPhase, AgentSource
 from .joint_merge import key_bias, match_image_keys, merged_joint_attention
 from .joint_replace import JointCallProcessor, JointCompute, Pair, join_tokens, split_tokens
@@ -79,7 +79,7 @@ class JointAgentProcessor(JointCallProcessor):
         source: "tome" (agents are ToMe clusters of the image queries) or "pool" (pooled image queries).
         k_scale2, k_shortcut: AgentSD's constants.
         compute_dtype: dtype of the attention maths (float32 for half-precision models), None for the input's.
-        generator: a fresh private generator for this call's dst choice, or None.
+        seed: this call's private seed of the dst choice, or None.
     """
 
     def __init__(
@@ -94,11 +94,12 @@ class JointAgentProcessor(JointCallProcessor):
         k_scale2: float,
         k_shortcut: float,
         compute_dtype: torch.dtype | None = None,
-        generator: Callable[[], torch.Generator] | None = None,
+        seed: CallInt | None = None,
     ) -> None:
         super().__init__(inner, path=path, text_first=text_first, technique="AgentAttention")
         self.context, self.schedule, self.source = context, schedule, source
-        self.k_scale2, self.k_shortcut, self.generator = k_scale2, k_shortcut, generator
+        context.watch(*(phase.until for phase in schedule))
+        self.k_scale2, self.k_shortcut, self.seed = k_scale2, k_shortcut, seed
         self.compute_dtype = compute_dtype
 
     def phase(self) -> AgentPhase:
@@ -139,7 +140,7 @@ class JointAgentProcessor(JointCallProcessor):
         if use_agents and self.source == "pool":
             agents = pool_agents(image_q, grid[0], grid[1], phase.sx, phase.sy)
         else:
-            match = match_image_keys(image_k, grid, phase.sx, phase.sy, self.generator)
+            match = match_image_keys(image_k, grid, phase.sx, phase.sy, self.seed)
             plan = plan_merge(match, r)
             if not use_agents:
                 out = merged_joint_attention(

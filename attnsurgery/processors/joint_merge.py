@@ -3,7 +3,7 @@
 At the SDPA call the keys already carry RoPE, so merging there averages rotated keys of similar tokens
 (merging *positions* would be meaningless). The matching is ToMe for SD's bipartite matching on the image
 grid (``ops.token_merge``), on the keys averaged over heads, with one dst per ``sx x sy`` cell drawn from the
-plugin's private generator. Each merged key carries ToMe's proportional-attention bias ``log(size)``, so a
+plugin's private seed. Each merged key carries ToMe's proportional-attention bias ``log(size)``, so a
 slot that stands for ``n`` equal keys gets exactly the weight those ``n`` keys had.
 
 - ``kv``: queries untouched (every token keeps its own output, no unmerge); the keys and values of the
@@ -15,7 +15,6 @@ Text tokens stay as they are in both, and every query sees every text key.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from ..context import StepContext
 from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
+from ..rng import CallInt
 from .joint_replace import JointCallProcessor, JointCompute, Pair, split_tokens
 
 __all__ = [
@@ -42,13 +42,11 @@ def key_bias(plan: TokenMerge, dtype: torch.dtype) -> torch.Tensor:
     return plan.counts[..., 0].to(dtype).log()[:, None, None]
 
 
-def match_image_keys(
-    image_k: torch.Tensor, grid: Pair, sx: int, sy: int, generator: Callable[[], torch.Generator] | None
-) -> TokenMatch:
+def match_image_keys(image_k: torch.Tensor, grid: Pair, sx: int, sy: int, seed: CallInt | None) -> TokenMatch:
     """ToMe's bipartite matching of a call's image tokens on their keys averaged over heads; the dst position
-    per cell is random (from a fresh private ``generator()``) for even batches only, as tomesd does."""
-    rand = generator() if generator is not None and image_k.shape[0] % 2 == 0 else None
-    return match_tokens(image_k.mean(dim=1), grid[0], grid[1], sx, sy, generator=rand)
+    per cell is random (from this call's private ``seed``) for even batches only, as tomesd does."""
+    rand = seed.value if seed is not None and image_k.shape[0] % 2 == 0 else None
+    return match_tokens(image_k.mean(dim=1), grid[0], grid[1], sx, sy, seed=rand)
 
 
 def merged_joint_attention(
@@ -89,8 +87,7 @@ class JointMergeProcessor(JointCallProcessor):
         ratio: fraction of image tokens merged away; 0 leaves the layer untouched.
         sx, sy: dst cell size in tokens.
         mode: "kv" or "qkv".
-        generator: returns a fresh private generator for this call (random dst per cell), or None (cell
-            position 0).
+        seed: this call's private seed (random dst per cell), or None (cell position 0).
     """
 
     def __init__(
@@ -104,14 +101,14 @@ class JointMergeProcessor(JointCallProcessor):
         sx: int,
         sy: int,
         mode: str,
-        generator: Callable[[], torch.Generator] | None = None,
+        seed: CallInt | None = None,
     ) -> None:
         super().__init__(inner, path=path, text_first=text_first, technique="TokenMerging")
         if mode not in MERGE_MODES:
             raise ValueError(f"TokenMerging mode must be one of {MERGE_MODES}, got {mode!r}")
         self.context = context
         self.ratio, self.sx, self.sy, self.mode = ratio, sx, sy, mode
-        self.generator = generator
+        self.seed = seed
 
     def plan(self) -> JointCompute | None:
         grid = self.context.image_grid()
@@ -125,7 +122,7 @@ class JointMergeProcessor(JointCallProcessor):
     ) -> torch.Tensor:
         x = self.inputs(grid, q, k, v, call)
         _, image_keys = split_tokens(x.k, x.num_text, self.text_first)
-        match = match_image_keys(image_keys, grid, self.sx, self.sy, self.generator)
+        match = match_image_keys(image_keys, grid, self.sx, self.sy, self.seed)
         out = merged_joint_attention(
             x.q,
             x.k,

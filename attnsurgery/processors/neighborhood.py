@@ -53,6 +53,9 @@ class NeighborhoodSchedule:
     proportional: bool
     backend: str
 
+    def __post_init__(self) -> None:
+        self.context.watch(self.start, self.stop)
+
     def grid(self) -> Pair:
         """The image-token grid of the current denoiser call."""
         return self.context.image_grid()

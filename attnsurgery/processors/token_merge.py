@@ -9,13 +9,13 @@ before the block adds the residual.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..context import StepContext
 from ..ops.token_merge import TokenMatch, TokenMerge, match_tokens, plan_merge
+from ..rng import CallInt
 from .base import WrappingProcessor
 
 __all__ = [
@@ -26,8 +26,6 @@ __all__ = [
     "check_fraction",
     "check_self_attention_call",
 ]
-
-GeneratorFactory = Callable[[], torch.Generator]
 
 
 def check_fraction(owner: str, name: str, value: float) -> None:
@@ -84,14 +82,14 @@ def check_self_attention_call(hidden_states: torch.Tensor, args: tuple, kwargs: 
 
 class MergingProcessor(WrappingProcessor):
     """Shared machinery: the metric from the block input, the token grid from the step clock, and the
-    random dst choice from a fresh keyed generator per call (position 0 for odd batches, as in ToMe for SD,
+    random dst choice from a private seed per call (position 0 for odd batches, as in ToMe for SD,
     where an odd batch cannot hold matching uncond/cond rows).
 
     Args:
         inner: the layer's current processor.
         context: the surgery's step clock (token grid of this call).
         block_input: where the block's pre-hook leaves its input.
-        generator: returns the private generator for this call; None always uses position 0.
+        seed: this call's private seed of the dst choice, refreshed before each call; None always uses position 0.
     """
 
     def __init__(
@@ -100,12 +98,12 @@ class MergingProcessor(WrappingProcessor):
         *,
         context: StepContext,
         block_input: BlockInput,
-        generator: GeneratorFactory | None,
+        seed: CallInt | None,
     ) -> None:
         super().__init__(inner)
         self.context = context
         self.block_input = block_input
-        self.generator = generator
+        self.seed = seed
 
     def grid(self, hidden_states: torch.Tensor) -> tuple[int, int]:
         """Token grid (rows, cols) of this call, from the step clock."""
@@ -113,8 +111,8 @@ class MergingProcessor(WrappingProcessor):
 
     def match(self, metric: torch.Tensor, grid: tuple[int, int], sx: int, sy: int) -> TokenMatch:
         """Bipartite matching of this call's tokens on ``metric`` ([B, N, C] on an (h, w) grid)."""
-        use_rand = self.generator is not None and metric.shape[0] % 2 == 0
-        return match_tokens(metric, *grid, sx, sy, generator=self.generator() if use_rand else None)
+        use_rand = self.seed is not None and metric.shape[0] % 2 == 0
+        return match_tokens(metric, *grid, sx, sy, seed=self.seed.value if use_rand else None)
 
     def merged_inner(
         self, plan: TokenMerge, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -131,7 +129,7 @@ class TokenMergeProcessor(MergingProcessor):
         ratio: fraction of the tokens removed, ``r = floor(N * ratio)`` capped at the src count.
         sx: dst cell width.
         sy: dst cell height.
-        **machinery: ``context``, ``block_input``, ``generator`` (see :class:`MergingProcessor`).
+        **machinery: ``context``, ``block_input``, ``seed`` (see :class:`MergingProcessor`).
     """
 
     def __init__(self, inner: Any, *, ratio: float, sx: int, sy: int, **machinery: Any) -> None:

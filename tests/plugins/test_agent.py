@@ -39,7 +39,7 @@ def layer_setup(h: int, w: int, source: str, batch: int = 2):
         compute_dtype=None,
         context=context,
         block_input=block_input,
-        generator=None,
+        seed=None,
     )
     block_x = torch.randn(batch, h * w, 16, dtype=torch.float64)
     normed = torch.nn.functional.layer_norm(block_x, (16,))
