@@ -107,8 +107,9 @@ class AttnSurgeryNeighborhoodAttention(ModelPatchNode):
                 "Neighborhood Attention is for DiTs (FLUX, SD3); this model is a U-Net. Use the HiDiffusion "
                 "Window Attention or RAU-Net nodes there (MSW-MSA is the U-Net form of local attention)."
             )
+        sites = dit_sites(model)  # refuses a ComfyUI without the patch points, and other DiTs
         family = dit_family(model)
-        selected = list(select_heads(dit_sites(model), layers, family))
+        selected = list(select_heads(sites, layers, family))
         side = family.native_latent // family.patch_size
         window_pair = (side, side) if config.window == "native" else config.window
         config._check_stride(window_pair)

@@ -96,7 +96,8 @@ def twin_prediction(tiny: TinyDit, call: dict, *plugins: surg.Plugin) -> torch.T
     with torch.inference_mode(), surg.patched(tiny.twin, *plugins):
         if tiny.family == "flux":
             rows, cols = height // 2, width // 2
-            packed = x.view(batch, channels, rows, 2, cols, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * 4)
+            patches = x.view(batch, channels, rows, 2, cols, 2).permute(0, 2, 4, 1, 3, 5)
+            packed = patches.reshape(batch, rows * cols, channels * 4)
             ids = torch.zeros(rows, cols, 3)
             ids[..., 1], ids[..., 2] = torch.arange(rows)[:, None], torch.arange(cols)[None]
             v = tiny.twin(
