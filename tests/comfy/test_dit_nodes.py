@@ -102,3 +102,24 @@ def test_dit_nodes_refuse_other_models_and_older_comfyui(comfyui):
         _pag(other, "all")
     with pytest.raises(NotImplementedError, match=match):
         _na(other)
+
+
+def test_an_attention_override_in_the_options_sees_every_call(dit):
+    """Another node's ``optimized_attention_override`` stays in every call: the perturbed pass runs ComfyUI's
+    attention through it, and neighborhood attention hands it its own function in place of ComfyUI's."""
+    record = []
+
+    def override(function, *args, **kwargs):
+        record.append(function.__module__)
+        return function(*args, **kwargs)
+
+    def calls(model) -> list[str]:
+        record.clear()
+        model.model_options["transformer_options"]["optimized_attention_override"] = override
+        tiny_dit.first_call(dit, model)
+        return list(record)
+
+    plain = calls(dit.model.clone())
+    assert plain and set(plain) == {"comfy.ldm.modules.attention"}
+    assert calls(_pag(dit.model, "all")) == plain * 2  # every step: the conditional and the perturbed pass
+    assert calls(_na(dit.model)) == ["attnsurgery.comfy.dit"] * len(plain)
