@@ -21,7 +21,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from .. import rng
 from ..families import Family
+from .patching import current_sigma, model_sampling
 
 __all__ = [
     "DIT_MIN_COMFYUI",
@@ -36,6 +38,9 @@ __all__ = [
     "with_block_patches",
     "add_token_grid",
     "token_grid_of",
+    "install_replacement",
+    "CallClock",
+    "processor_replacement",
 ]
 
 #: The ComfyUI the DiT nodes were verified on (its ``optimized_attention_override`` and DiT block patches);
@@ -298,3 +303,65 @@ def token_grid_of(call: DitCall, technique: str) -> tuple[int, int]:
             "images or this node"
         )
     return grid
+
+
+def install_replacement(patched: Any, sites: list[DitSite], replace: Replacement, technique: str) -> None:
+    """Register ``replace`` on the blocks of ``sites`` on the clone ``patched`` (each block patch chained around
+    one already there) and the wrapper that hands the blocks their token grid."""
+    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    for key, block_sites in sites_by_block(sites).items():
+        patch = block_patch(block_sites, existing.get(key), replace=replace, technique=technique)
+        patched.set_model_patch_replace(patch, "dit", *key)
+    add_token_grid(patched)
+
+
+@dataclass(frozen=True)
+class CallClock:
+    """The step-clock facets the library's joint-call processors read, for one ComfyUI call.
+
+    ``in_first(fraction)`` holds while the call's sigma is above the model's sigma at that denoising percent,
+    the rule of the U-Net agent node's phases.
+    """
+
+    grid: tuple[int, int]
+    sigma: float
+    percent_to_sigma: Callable[[float], float]
+
+    def image_grid(self) -> tuple[int, int]:
+        return self.grid
+
+    def in_first(self, fraction: float) -> bool:
+        return self.sigma > float(self.percent_to_sigma(fraction))
+
+
+def _not_called(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("a joint-call processor run by a ComfyUI node has no layer processor to call")
+
+
+#: Builds a library joint-call processor (``processors.joint_replace.JointCallProcessor``) for one call:
+#: ``make(inner, site, clock, generator)``, ``generator`` a fresh private generator factory or None.
+ProcessorFactory = Callable[[Callable, DitSite, CallClock, Callable[[], torch.Generator] | None], Any]
+
+
+def processor_replacement(model: Any, make: ProcessorFactory, seed: int | None, technique: str) -> Replacement:
+    """A replacement that runs the library's joint-call processor of a technique on each call: its ``plan``
+    (phases, sizes, whether to act) and its compute, on the call's q, k, v, so the node's maths is the plugin's.
+
+    ``seed`` keys the private generator per layer and sigma (None: each cell's first position).
+    """
+    sampling = model_sampling(model)
+
+    def replace(call: DitCall) -> torch.Tensor | None:
+        sigma = current_sigma(call.options["sigmas"])
+        clock = CallClock(token_grid_of(call, technique), sigma, sampling.percent_to_sigma)
+
+        def generator() -> torch.Generator:
+            return rng.keyed_generator(seed, call.site.path, round(sigma, 5))
+
+        compute = make(_not_called, call.site, clock, None if seed is None else generator).plan()
+        if compute is None:
+            return None
+        sdpa = {"attn_mask": call.mask, "dropout_p": 0.0, "is_causal": False, "scale": call.scale}
+        return compute(call.q, call.k, call.v, sdpa)
+
+    return replace

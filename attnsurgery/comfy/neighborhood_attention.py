@@ -15,7 +15,7 @@ import torch
 
 from ..ops.neighborhood import neighborhood_attention
 from ..plugins.neighborhood import BACKEND_CHOICES, NeighborhoodAttention
-from .dit import DitCall, add_token_grid, block_patch, dit_family, dit_sites, sites_by_block, token_grid_of
+from .dit import DitCall, dit_family, dit_sites, install_replacement, token_grid_of
 from .node import ModelPatchNode
 from .patching import claim_token_layers, current_sigma, select_heads, sigma_window
 
@@ -142,9 +142,5 @@ class AttnSurgeryNeighborhoodAttention(ModelPatchNode):
                 backend=config.backend,
             )
 
-        options = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-        for key, sites in sites_by_block(selected).items():
-            patch = block_patch(sites, options.get(key), replace=replace, technique=TECHNIQUE)
-            patched.set_model_patch_replace(patch, "dit", *key)
-        add_token_grid(patched)
+        install_replacement(patched, selected, replace, TECHNIQUE)
         return (patched,)

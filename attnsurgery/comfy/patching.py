@@ -44,8 +44,8 @@ __all__ = [
 
 DIT_LIMITATION = (
     "U-Nets only (SD1.x, SD2.x, SDXL): this node does not act on DiTs (SD3, FLUX, Qwen-Image, ...); on FLUX "
-    "and SD3 use the attnsurgery Perturbed Attention and Neighborhood Attention nodes, elsewhere the "
-    "attnsurgery diffusers plugins."
+    "and SD3 use the attnsurgery Perturbed Attention, Neighborhood Attention, Token Merging and Agent "
+    "Attention nodes, elsewhere the attnsurgery diffusers plugins."
 )
 
 
