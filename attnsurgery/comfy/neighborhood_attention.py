@@ -1,23 +1,22 @@
 """Neighborhood attention on ComfyUI's FLUX and SD3 models, as a node (the DiT form of HiDiffusion's MSW-MSA).
 
 Above the native size each image query attends its native-sized window of image tokens plus every text token;
-text queries attend everything. The chosen blocks get DiT block patches whose attention override computes the
-call with :func:`attnsurgery.ops.neighborhood.neighborhood_attention` (its backends, ``auto`` by default)
-instead of the dense attention; a keyed model wrapper hands the blocks the latent's token grid. The settings
-are validated by the :class:`~attnsurgery.plugins.neighborhood.NeighborhoodAttention` plugin config.
+text queries attend everything. The chosen blocks get DiT block patches whose attention override runs the plugin's
+own processor on each call (:class:`~attnsurgery.processors.neighborhood.NeighborhoodProcessor`: its schedule,
+:func:`attnsurgery.ops.neighborhood.neighborhood_attention` with its backends, ``auto`` by default) in place of
+the dense attention; a keyed model wrapper hands the blocks the latent's token grid. The settings are
+validated by the :class:`~attnsurgery.plugins.neighborhood.NeighborhoodAttention` plugin config.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from ..ops.neighborhood import neighborhood_attention
 from ..plugins.neighborhood import BACKEND_CHOICES, NeighborhoodAttention
-from .dit import DitCall, dit_family, dit_sites, install_replacement, token_grid_of
+from ..processors.neighborhood import NeighborhoodProcessor, NeighborhoodSchedule
+from .dit import dit_family, dit_sites, install_replacement, processor_replacement
 from .node import ModelPatchNode
-from .patching import claim_token_layers, current_sigma, select_heads, sigma_window
+from .patching import claim_token_layers, select_heads
 
 __all__ = ["AttnSurgeryNeighborhoodAttention"]
 
@@ -115,32 +114,22 @@ class AttnSurgeryNeighborhoodAttention(ModelPatchNode):
         config._check_stride(window_pair)
         patched = model.clone()
         claim_token_layers(patched, {site.path for site in selected}, TECHNIQUE)
-        sigma_start, sigma_end = sigma_window(model, config.start, config.stop)
 
-        def replace(call: DitCall) -> torch.Tensor | None:
-            if not sigma_end < current_sigma(call.options["sigmas"]) <= sigma_start:
-                return None  # a global step: the dense call runs
-            grid = token_grid_of(call, TECHNIQUE)
-            if not (config.force or grid[0] > side or grid[1] > side):
-                return None
-            if call.mask is not None:
-                raise NotImplementedError(
-                    f"{TECHNIQUE} on {call.site.path}: this call has an attention mask (regional or masked "
-                    "conditioning), which the windows cannot take; leave out the mask or this node"
-                )
-            return neighborhood_attention(
-                call.q,
-                call.k,
-                call.v,
-                grid,
+        def make(inner, site, clock, generator) -> NeighborhoodProcessor:
+            schedule = NeighborhoodSchedule(
+                clock,
+                (side, side),
                 window_pair,
                 config.stride,
                 config.dilation,
-                num_text=call.num_text,
-                text_first=True,  # ComfyUI's Flux and MMDiT put the text first in every joint call
-                scale=call.scale,
-                backend=config.backend,
+                config.start,
+                config.stop,
+                config.force,
+                False,  # proportional: it scales the layers left global too, which get no patch here
+                config.backend,
             )
+            return NeighborhoodProcessor(inner, path=site.path, text_first=True, schedule=schedule)
 
+        replace = processor_replacement(model, make, None, TECHNIQUE)
         install_replacement(patched, selected, replace, TECHNIQUE)
         return (patched,)
