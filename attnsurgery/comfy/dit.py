@@ -9,8 +9,9 @@ queries, keys (after RoPE) and values of that block's attention, and leaves the 
 
 Overrides chain: one found in the options (another node's, or an inner patch of ours) stays in the call. An
 *edit* (perturbed attention) takes the attention that chain computes and changes its result; a *replacement*
-(neighborhood attention) hands the chain its own function in place of ``func``, so an edit around it edits the
-replaced result, in either order of the nodes, as the diffusers plugins do.
+(neighborhood attention, token merging, agents: the plugin's own joint-call processor, run per call) hands the
+chain its own function in place of ``func``, so an edit around it edits the replaced result, in either order
+of the nodes, as the diffusers plugins do.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ __all__ = [
     "DitCall",
     "dit_sites",
     "dit_family",
-    "is_dit",
     "check_dit_patch_points",
     "block_patch",
     "sites_by_block",
@@ -73,11 +73,6 @@ class DitSite:
     block_index: int
     block: BlockKey
     call: int = 0
-
-
-def is_dit(model: Any) -> bool:
-    """True for a ComfyUI MODEL whose diffusion model is a DiT these nodes know (Flux, MMDiT)."""
-    return type(model.model.diffusion_model).__name__ in ("Flux", "MMDiT", "OpenAISignatureMMDITWrapper")
 
 
 def check_dit_patch_points() -> None:

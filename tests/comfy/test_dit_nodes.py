@@ -20,17 +20,19 @@ from attnsurgery.comfy.token_merging import AttnSurgeryTokenMerging
 from tests.support.comfy import tiny_dit
 from tests.support.comfy.tiny_comfy import sample
 
-# a head of a joint block and one of a single-stream block (SD3: of the second joint block)
+# a head of a joint block and one of a single-stream block (SD3: of the second joint block; SD3.5: first the
+# image-only attn2 of its dual block)
 HEADS = {
     "flux": ["transformer_blocks.0.attn:1", "single_transformer_blocks.1.attn:0"],
     "sd3": ["transformer_blocks.0.attn:1", "transformer_blocks.1.attn:0"],
+    "sd35": ["transformer_blocks.0.attn2:1", "transformer_blocks.1.attn:0"],
 }
 ATOL = 2e-5  # float32 rounding of x - sigma * v (|x| ~ 4): 5e-7 to 3e-6 apart
 # merging and agents move the prediction little on random weights (SD3's attention is nearly uniform: ~2e-3)
 MERGE_EFFECT = 1e-3
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "sd35"])
 def dit(request, comfyui):
     if not comfyui.modern:
         pytest.skip("ComfyUI of March 2024 has no FLUX or SD3 models (the nodes refuse there, see below)")

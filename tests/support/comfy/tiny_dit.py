@@ -25,7 +25,7 @@ TEXT_DIM, POOLED_DIM, TEXT_TOKENS = 32, 32, 5
 
 @dataclass
 class TinyDit:
-    """A ComfyUI ModelPatcher, its diffusers twin, two conditionings and the family ("flux", "sd3")."""
+    """A ComfyUI ModelPatcher, its diffusers twin, two conditionings and the family ("flux", "sd3", "sd35")."""
 
     family: str
     model: Any
@@ -48,7 +48,8 @@ def _twin(family: str, seed: int) -> torch.nn.Module:
             pooled_projection_dim=POOLED_DIM,
             axes_dims_rope=(16, 56, 56),
         )
-    else:
+    else:  # sd3; sd35: RMS qk-norm and SD3.5's dual attention (an image-only attn2) in the first block
+        dual = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if family == "sd35" else {}
         twin = SD3Transformer2DModel(
             sample_size=32,
             patch_size=2,
@@ -61,6 +62,7 @@ def _twin(family: str, seed: int) -> torch.nn.Module:
             caption_projection_dim=128,
             pooled_projection_dim=POOLED_DIM,
             pos_embed_max_size=32,
+            **dual,
         )
     return twin.eval()
 
@@ -77,7 +79,7 @@ def build(family: str, seed: int = 0) -> TinyDit:
 
     twin = _twin(family, seed)
     model = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in twin.state_dict().items()})
-    expected = {"flux": "Flux", "sd3": "OpenAISignatureMMDITWrapper"}[family]
+    expected = "Flux" if family == "flux" else "OpenAISignatureMMDITWrapper"
     if type(model.model.diffusion_model).__name__ != expected or model.model.manual_cast_dtype is not None:
         raise RuntimeError(f"ComfyUI loaded the tiny {family} as {type(model.model.diffusion_model).__name__}")
     return TinyDit(family, model, twin, _conditioning(5), _conditioning(6))
