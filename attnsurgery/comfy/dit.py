@@ -85,8 +85,8 @@ def check_dit_patch_points() -> None:
 
     if not hasattr(attention, "wrap_attn"):  # where optimized_attention_override is honoured
         raise NotImplementedError(
-            "this ComfyUI has no optimized_attention_override (transformer_options in DiT attention) and no "
-            f"patches_replace['dit'] block patches, which the attnsurgery DiT nodes need; update ComfyUI to "
+            "this ComfyUI has no optimized_attention_override (transformer_options inside DiT attention), which "
+            "the attnsurgery DiT nodes use with patches_replace['dit'] block patches; update ComfyUI to "
             f"{DIT_MIN_COMFYUI} or newer (the version they were verified on)"
         )
 
