@@ -17,6 +17,7 @@ from __future__ import annotations
 from .agent_attention import AttnSurgeryAgentAttention
 from .convfusion import AttnSurgeryConvFusion
 from .hidiffusion import AttnSurgeryHiDiffusion
+from .neighborhood_attention import AttnSurgeryNeighborhoodAttention
 from .perturbed_attention import AttnSurgeryPerturbedAttention
 from .token_merging import AttnSurgeryTokenMerging
 from .window_attention import AttnSurgeryWindowAttention
@@ -30,6 +31,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "AttnSurgeryWindowAttention": AttnSurgeryWindowAttention,
     "AttnSurgeryHiDiffusion": AttnSurgeryHiDiffusion,
     "AttnSurgeryConvFusion": AttnSurgeryConvFusion,
+    "AttnSurgeryNeighborhoodAttention": AttnSurgeryNeighborhoodAttention,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -39,4 +41,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "AttnSurgeryWindowAttention": "HiDiffusion Window Attention, MSW-MSA (attnsurgery)",
     "AttnSurgeryHiDiffusion": "HiDiffusion RAU-Net (attnsurgery)",
     "AttnSurgeryConvFusion": "ConvFusion distilled blocks (attnsurgery)",
+    "AttnSurgeryNeighborhoodAttention": "Neighborhood Attention, DiT (attnsurgery)",
 }

@@ -6,6 +6,10 @@ runs :func:`attnsurgery.ops.agent.agent_attention` with agents that are ToMe clu
 or ToMe attention when agents do not pay off (AgentSD's rule). Merging is an average and SD's projections
 have no bias, so merging projected tokens equals projecting merged tokens. Plain and ToMe attention go
 through ComfyUI's attention function (the user's backend); agent attention's two softmax stages are the op's.
+
+On DiTs (ComfyUI 0.20.1 or newer) each call of the chosen blocks runs the plugin's own joint-call processor
+(:class:`~attnsurgery.processors.joint_agent.JointAgentProcessor`: its phases, agents from the image queries,
+text keys global) through a block patch's attention override.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import torch
 from ..ops.agent import agent_attention, agents_pay_off, merge_counts, pool_agents
 from ..ops.token_merge import match_tokens, plan_merge
 from ..plugins.agent import AgentAttention, AgentPhase
+from ..processors.joint_agent import JointAgentProcessor
+from .dit import dit_family, dit_sites, install_replacement, processor_replacement
 from .node import LAYERS_INPUT, SEED_INPUT, ModelPatchNode
 from .patching import (
-    DIT_LIMITATION,
     call_generator,
     claim_token_layers,
     comfy_attention,
     current_sigma,
     merge_heads,
     model_family,
+    select_heads,
     select_layers,
     sigma_window,
     split_heads,
@@ -96,11 +102,12 @@ DEFAULT_SCHEDULE = json.dumps([vars(phase) for phase in AgentAttention().schedul
 
 
 class AttnSurgeryAgentAttention(ModelPatchNode):
-    """AgentSD on chosen U-Net self-attention layers."""
+    """AgentSD on chosen U-Net self-attention layers, or on the image tokens of FLUX and SD3 layers."""
 
     DESCRIPTION = (
         "Agent attention (AgentSD): a few agent tokens gather from all tokens and every token reads from the "
-        "agents; ToMe attention in the phases where agents do not pay off. " + DIT_LIMITATION
+        "agents; ToMe attention in the phases where agents do not pay off. U-Nets, and on ComfyUI 0.20.1 or "
+        "newer FLUX and SD3/SD3.5 (agents from the image tokens, text keys global; layers such as 'all')."
     )
 
     @classmethod
@@ -162,6 +169,8 @@ class AttnSurgeryAgentAttention(ModelPatchNode):
             use_rand=seed >= 0,
             seed=seed if seed >= 0 else None,
         )
+        if not hasattr(model.model.diffusion_model, "input_blocks"):
+            return (_patch_dit(model, config, layers),)
         keys = select_layers(unet_attention_sites(model), layers, model_family(model))
         ends = [(sigma_window(model, phase.until, phase.until)[0], phase) for phase in config.schedule]
         patched = model.clone()
@@ -171,3 +180,28 @@ class AttnSurgeryAgentAttention(ModelPatchNode):
         for key in sorted(keys):
             patched.set_model_attn1_replace(replace, *key)
         return (patched,)
+
+
+def _patch_dit(model: Any, config: AgentAttention, layers: str) -> Any:
+    """The clone of a FLUX or SD3 model with the plugin's joint-call agent attention on the chosen layers."""
+    selected = list(select_heads(dit_sites(model), layers, dit_family(model)))
+    patched = model.clone()
+    claim_token_layers(patched, {site.path for site in selected}, "AgentAttention")
+
+    def make(inner, site, clock, generator) -> JointAgentProcessor:
+        return JointAgentProcessor(
+            inner,
+            path=site.path,
+            text_first=True,  # ComfyUI's Flux and MMDiT put the text first in every joint call
+            context=clock,
+            schedule=config.schedule,
+            source=config.agent_source,
+            k_scale2=config.k_scale2,
+            k_shortcut=config.k_shortcut,
+            generator=generator,
+        )
+
+    seed = config.seed if config.use_rand else None
+    replace = processor_replacement(model, make, seed, "AgentAttention")
+    install_replacement(patched, selected, replace, "AgentAttention")
+    return patched

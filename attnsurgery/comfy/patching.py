@@ -43,9 +43,9 @@ __all__ = [
 ]
 
 DIT_LIMITATION = (
-    "U-Nets only (SD1.x, SD2.x, SDXL): these nodes do not act on DiTs (SD3, FLUX, Qwen-Image, ...) yet, "
-    "though newer ComfyUI has patch points there (patches_replace['dit'] block patches); use the "
-    "attnsurgery diffusers plugins for DiTs."
+    "U-Nets only (SD1.x, SD2.x, SDXL): this node does not act on DiTs (SD3, FLUX, Qwen-Image, ...); on FLUX "
+    "and SD3 use the attnsurgery Perturbed Attention, Neighborhood Attention, Token Merging and Agent "
+    "Attention nodes, elsewhere the attnsurgery diffusers plugins."
 )
 
 
@@ -139,24 +139,27 @@ def _spec_items(spec: str) -> list[str]:
     return [str(item) for item in data]
 
 
-def site_inventory(sites: list[AttentionSite], family: Family | None = None) -> inventory.ModelInfo:
+def site_inventory(sites: list[Any], family: Family | None = None) -> inventory.ModelInfo:
     """The sites as the library's inventory of a model, so that its selectors address them.
 
     ``family`` (see :func:`model_family`) names the model in error messages; without it, a generic U-Net.
     """
     family = family if family is not None else Family("U-Net", "unet", 512, 8)
+    if family.kind != "unet":  # DiT sites (attnsurgery.comfy.dit): joint, single and image-only layers
+        return inventory.ModelInfo(family, tuple(sites), 1, layer_noun="attention layer")
     levels = max((site.level for site in sites), default=0) + 1
     return inventory.ModelInfo(family, tuple(sites), levels, layer_noun="self-attention layer")
 
 
-def select_heads(sites: list[AttentionSite], spec: str, family: Family | None = None) -> dict[AttentionSite, list[int]]:
+def select_heads(sites: list[Any], spec: str, family: Family | None = None) -> dict[Any, list[int]]:
     """Resolve a node's head spec to {site: sorted heads}, with the library's selectors.
 
     A spec lists layer selectors (every head) and ``selector:h1,h2`` items (those heads), separated by
     newlines, spaces, ';' or ',', or is a JSON head set (a list of such strings, or ``{"path": [heads]}``),
     or a head-set file. Selectors are those of :mod:`attnsurgery.selectors` on the diffusers layer paths:
     an exact path, an enclosing path (``mid_block``, ``up_blocks.1``), a glob (``*`` within one segment,
-    ``**`` across) or a group (``top``, ``mid``, ``down``, ``up``, ``all``).
+    ``**`` across) or a group (``top``, ``mid``, ``down``, ``up``, ``all``; on DiTs ``all``, ``joint``,
+    ``single``). ``sites`` are U-Net :class:`AttentionSite` or DiT :class:`~attnsurgery.comfy.dit.DitSite`.
 
     Raises:
         ValueError: a selector matches nothing (the message lists the layers) or a head is out of range.

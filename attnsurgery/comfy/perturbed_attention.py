@@ -1,9 +1,10 @@
-"""Perturbed-attention guidance (PAG, SoftPAG, SEG-like kinds) on single U-Net heads, as a ComfyUI node.
+"""Perturbed-attention guidance (PAG, SoftPAG, SEG-like kinds) on single heads, as a ComfyUI node.
 
-A post-CFG function runs one extra conditional pass in which the chosen heads' self-attention is perturbed
-(an attn1 replace patch on a copy of the call's model_options) and adds ``scale * (cond - perturbed)``. The
-perturbation itself is :func:`attnsurgery.ops.perturb.perturb_heads`; the settings are validated by the
-:class:`~attnsurgery.plugins.perturbation.PerturbedAttention` plugin config.
+A post-CFG function runs one extra conditional pass in which the chosen heads' attention is perturbed and
+adds ``scale * (cond - perturbed)``. The perturbed pass gets its patches on a copy of the call's
+model_options: attn1 replace patches on U-Nets, DiT block patches with an attention override on FLUX and
+SD3 (:mod:`attnsurgery.comfy.dit`). The perturbation itself is :func:`attnsurgery.ops.perturb.perturb_heads`;
+the settings are validated by the :class:`~attnsurgery.plugins.perturbation.PerturbedAttention` plugin config.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 import torch
 
 from ..ops.perturb import KINDS, perturb_heads
-from ..plugins.perturbation import PerturbedAttention
+from ..plugins.perturbation import JOINT, PerturbedAttention
+from .dit import DitCall, block_patch, dit_family, dit_sites, sites_by_block, with_block_patches
 from .node import ModelPatchNode
 from .patching import (
-    DIT_LIMITATION,
     comfy_attention,
     conditional_prediction,
     current_sigma,
@@ -32,6 +33,13 @@ from .patching import (
 __all__ = ["AttnSurgeryPerturbedAttention"]
 
 
+def _pairs(batch: int, heads: list[int], soft: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(rows, heads, weights) of ``perturb_heads``: the chosen heads of every row (the pass is all conditional)."""
+    rows = torch.arange(batch, device=device).repeat_interleave(len(heads))
+    head_index = torch.tensor(heads, device=device).repeat(batch)
+    return rows, head_index, torch.full((rows.numel(),), soft, device=device)
+
+
 def _head_replace(heads: list[int], soft: float, kind: str, temperature: float | None):
     """An attn1 replace patch: ComfyUI's attention, then ``perturb_heads`` on the chosen heads of every row."""
 
@@ -39,22 +47,65 @@ def _head_replace(heads: list[int], soft: float, kind: str, temperature: float |
         n_heads = extra_options["n_heads"]
         out = split_heads(comfy_attention(q, k, v, extra_options), n_heads)
         q, k, v = (split_heads(t, n_heads) for t in (q, k, v))
-        batch = q.shape[0]
-        rows = torch.arange(batch, device=q.device).repeat_interleave(len(heads))
-        head_index = torch.tensor(heads, device=q.device).repeat(batch)
-        weights = torch.full((rows.numel(),), soft, device=q.device)
-        return merge_heads(perturb_heads(q, k, v, out, rows, head_index, weights, kind, temperature=temperature))
+        pairs = _pairs(q.shape[0], heads, soft, q.device)
+        return merge_heads(perturb_heads(q, k, v, out, *pairs, kind, temperature=temperature))
 
     return replace
 
 
+def _dit_edit(chosen: dict[str, list[int]], config: PerturbedAttention):
+    """The DiT block patches' edit: ``perturb_heads`` on the chosen heads of the attention ComfyUI computed.
+
+    ``joint="image_only"`` keeps the text keys and puts the identity on the image-image block alone.
+    """
+
+    def edit(call: DitCall, out: torch.Tensor) -> torch.Tensor:
+        if call.mask is not None and config.kind != "identity":
+            raise NotImplementedError(
+                f"kind={config.kind!r} on {call.site.path} with an attention mask is not supported; use "
+                "kind='identity' (it does not depend on the map) or perturb an unmasked layer"
+            )
+        image = slice(call.num_text, call.q.shape[2]) if config.joint == "image_only" and call.num_text else None
+        pairs = _pairs(call.q.shape[0], chosen[call.site.path], config.soft, call.q.device)
+        return perturb_heads(
+            call.q,
+            call.k,
+            call.v,
+            out,
+            *pairs,
+            config.kind,
+            scale=call.scale,
+            temperature=config.temperature,
+            image_tokens=image,
+            attn_mask=call.mask if image is not None else None,
+        )
+
+    return edit
+
+
 class AttnSurgeryPerturbedAttention(ModelPatchNode):
-    """Perturbed-attention guidance on chosen heads of chosen U-Net self-attention layers."""
+    """Perturbed-attention guidance on chosen heads of chosen layers: U-Net self-attention, FLUX and SD3 joint,
+    single-stream and image-only attention."""
 
     DESCRIPTION = (
         "Perturbed-attention guidance at head level: one extra conditional pass with the chosen heads' "
-        "self-attention perturbed; adds scale * (cond - perturbed). " + DIT_LIMITATION
+        "self-attention perturbed; adds scale * (cond - perturbed). U-Nets (SD1.x, SD2.x, SDXL) and, on "
+        "ComfyUI 0.20.1 or newer, FLUX and SD3/SD3.5 (layers in diffusers names, e.g. "
+        "'transformer_blocks.1.attn:0,3', 'single_transformer_blocks.10.attn')."
     )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # ComfyUI's name
+        joint = (
+            list(JOINT),
+            {
+                "default": "full",
+                "tooltip": "DiTs: full perturbs the whole joint text+image attention; image_only keeps the "
+                "text keys and puts the identity on the image-image block (diffusers' SD3 PAG; "
+                "kind identity only). No effect on U-Nets.",
+            },
+        )
+        return {**super().INPUT_TYPES(), "optional": {"joint": joint}}  # optional: older workflows lack it
 
     @classmethod
     def inputs(cls) -> dict[str, Any]:
@@ -76,8 +127,10 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
                     "multiline": True,
                     "tooltip": "Layers and heads in diffusers names, as in the Python API: "
                     "'mid_block' (all heads), 'up_blocks.1.attentions.0:0,3' (heads 0 "
-                    "and 3), groups ('top', 'mid', 'down', 'up', 'all'), globs ('*' "
-                    "within one path segment, '**' across), or a JSON head set such "
+                    "and 3), groups ('top', 'mid', 'down', 'up', 'all'; DiTs: 'all', "
+                    "'joint', 'single'), DiT layers such as 'transformer_blocks.1.attn:2' "
+                    "or 'single_transformer_blocks.10', globs ('*' within one path "
+                    "segment, '**' across), or a JSON head set such "
                     'as {"mid_block.attentions.0.transformer_blocks.0.attn1": [1, 5]}, '
                     "or the path of a head-set file from `attnsurgery hunt`.",
                 },
@@ -141,6 +194,7 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
         temperature: float,
         start_percent: float,
         end_percent: float,
+        joint: str = "full",
     ) -> tuple[Any]:
         """Clone ``model`` and register the guidance; ``(model,)`` unchanged when scale or soft is 0."""
         config = PerturbedAttention(
@@ -150,25 +204,47 @@ class AttnSurgeryPerturbedAttention(ModelPatchNode):
             start=start_percent,
             stop=end_percent,
             temperature=temperature if kind == "temperature" else None,
+            joint=joint,
         )
-        selected = select_heads(unet_attention_sites(model), heads, model_family(model))
+        perturbing = _perturbing(model, heads, config)
         patched = model.clone()
         if config.scale == 0.0 or config.soft == 0.0:
             return (patched,)
         sigma_start, sigma_end = sigma_window(model, config.start, config.stop)
-        replaces = {
-            site.key: _head_replace(chosen, config.soft, config.kind, config.temperature)
-            for site, chosen in selected.items()
-        }
 
         def post_cfg(args: dict) -> torch.Tensor:
             denoised = args["denoised"]
             if not sigma_end <= current_sigma(args["sigma"]) <= sigma_start:
                 return denoised
-            options = with_attn1_replace(args["model_options"], replaces)
+            options = perturbing(args["model_options"])
             perturbed = conditional_prediction(args["model"], args["cond"], args["input"], args["sigma"], options)
             return denoised + (args["cond_denoised"] - perturbed) * config.scale
 
         # The guidance needs the conditional prediction alone: at CFG 1 ComfyUI may skip the unconditional pass.
         patched.set_model_sampler_post_cfg_function(post_cfg)
         return (patched,)
+
+
+def _perturbing(model: Any, heads: str, config: PerturbedAttention):
+    """``model_options -> model_options`` of the perturbed pass: U-Net attn1 replace patches, or DiT block
+    patches whose attention override perturbs the chosen heads (each chained around a patch already there).
+
+    Raises:
+        ValueError: the spec selects nothing or a head out of range (the message lists the layers).
+        NotImplementedError: a DiT this ComfyUI or the pack cannot patch (the message names the fix).
+    """
+    if hasattr(model.model.diffusion_model, "input_blocks"):  # a U-Net
+        selected = select_heads(unet_attention_sites(model), heads, model_family(model))
+        replaces = {
+            site.key: _head_replace(chosen, config.soft, config.kind, config.temperature)
+            for site, chosen in selected.items()
+        }
+        return lambda options: with_attn1_replace(options, replaces)
+    selected = select_heads(dit_sites(model), heads, dit_family(model))
+    edit = _dit_edit({site.path: chosen for site, chosen in selected.items()}, config)
+    blocks = sites_by_block(list(selected))
+
+    def make(key, previous):
+        return block_patch(blocks[key], previous, edit=edit, technique="perturbed attention")
+
+    return lambda options: with_block_patches(options, make, blocks)

@@ -1,10 +1,15 @@
-"""Token merging (ToMe for SD) on U-Net self-attention, as a ComfyUI node.
+"""Token merging (ToMe for SD) on U-Net self-attention, and ToMe inside the joint attention of FLUX and SD3,
+as a ComfyUI node.
 
 The attn1 patch merges the layer's input tokens (bipartite soft matching from
 :mod:`attnsurgery.ops.token_merge`), attention runs on the fewer tokens, and the attn1 output patch copies
 the results back. The merge plan travels from one patch to the other in that call's ``extra_options`` (a
 dict ComfyUI builds per block call), never on the node. ComfyUI hands the patch the normed block input, so
 the matching uses it, where the diffusers plugin matches on the raw block input (ToMe for SD's choice).
+
+On DiTs (ComfyUI 0.20.1 or newer) each call of the chosen blocks runs the plugin's own joint-call processor
+(:class:`~attnsurgery.processors.joint_merge.JointMergeProcessor`) through a block patch's attention
+override: the image keys (after RoPE) are matched and merged, text never, as the plugin does.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import torch
 
 from ..ops.token_merge import match_tokens, plan_merge
 from ..plugins.token_merging import TokenMerging
+from ..processors.joint_merge import MERGE_MODES, JointMergeProcessor
+from .dit import dit_family, dit_sites, install_replacement, processor_replacement
 from .node import LAYERS_INPUT, SEED_INPUT, ModelPatchNode
 from .patching import (
-    DIT_LIMITATION,
     call_generator,
     claim_token_layers,
     model_family,
+    select_heads,
     select_layers,
     token_grid,
     unet_attention_sites,
@@ -59,12 +66,25 @@ def merge_patches(keys: set[tuple[str, int, int]], ratio: float, sx: int, sy: in
 
 
 class AttnSurgeryTokenMerging(ModelPatchNode):
-    """ToMe for SD on chosen U-Net self-attention layers."""
+    """ToMe for SD on chosen U-Net self-attention layers; ToMe on the image tokens of FLUX and SD3 layers."""
 
     DESCRIPTION = (
         "Token merging (ToMe for SD): merges similar tokens before self-attention and copies the results "
-        "back, to save time at large sizes. " + DIT_LIMITATION
+        "back, to save time at large sizes. U-Nets, and on ComfyUI 0.20.1 or newer FLUX and SD3/SD3.5 (image "
+        "tokens merged inside the joint attention, text never; layers such as 'all', 'single')."
     )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # ComfyUI's name
+        mode = (
+            list(MERGE_MODES),
+            {
+                "default": "qkv",
+                "tooltip": "DiTs: qkv merges the image queries too and copies their outputs back (ToMe); kv "
+                "merges only the image keys and values (cheaper). U-Nets: qkv only.",
+            },
+        )
+        return {**super().INPUT_TYPES(), "optional": {"mode": mode}}  # optional: older workflows lack it
 
     @classmethod
     def inputs(cls) -> dict[str, Any]:
@@ -85,9 +105,17 @@ class AttnSurgeryTokenMerging(ModelPatchNode):
             "seed": SEED_INPUT,
         }
 
-    def patch(self, model: Any, ratio: float, sx: int, sy: int, layers: str, seed: int) -> tuple[Any]:
+    def patch(
+        self, model: Any, ratio: float, sx: int, sy: int, layers: str, seed: int, mode: str = "qkv"
+    ) -> tuple[Any]:
         """Clone ``model`` and register the merge/unmerge patches; ``(clone,)`` untouched when ratio is 0."""
-        config = TokenMerging(ratio=ratio, sx=sx, sy=sy, use_rand=seed >= 0, seed=seed if seed >= 0 else None)
+        config = TokenMerging(
+            ratio=ratio, sx=sx, sy=sy, use_rand=seed >= 0, seed=seed if seed >= 0 else None, mode=mode
+        )
+        if not hasattr(model.model.diffusion_model, "input_blocks"):
+            return (_patch_dit(model, config, layers),)
+        if config.mode == "kv":
+            raise ValueError("TokenMerging mode='kv' merges keys inside a DiT's joint attention; on a U-Net use qkv")
         keys = select_layers(unet_attention_sites(model), layers, model_family(model))
         patched = model.clone()
         if config.ratio == 0.0:
@@ -97,3 +125,29 @@ class AttnSurgeryTokenMerging(ModelPatchNode):
         patched.set_model_attn1_patch(merge)
         patched.set_model_attn1_output_patch(unmerge)
         return (patched,)
+
+
+def _patch_dit(model: Any, config: TokenMerging, layers: str) -> Any:
+    """The clone of a FLUX or SD3 model with the plugin's joint-call merging on the chosen layers."""
+    selected = list(select_heads(dit_sites(model), layers, dit_family(model)))
+    patched = model.clone()
+    if config.ratio == 0.0:
+        return patched
+    claim_token_layers(patched, {site.path for site in selected}, "TokenMerging")
+
+    def make(inner, site, clock, generator) -> JointMergeProcessor:
+        return JointMergeProcessor(
+            inner,
+            path=site.path,
+            text_first=True,  # ComfyUI's Flux and MMDiT put the text first in every joint call
+            context=clock,
+            ratio=config.ratio,
+            sx=config.sx,
+            sy=config.sy,
+            mode=config.mode,
+            generator=generator,
+        )
+
+    seed = config.seed if config.use_rand else None
+    install_replacement(patched, selected, processor_replacement(model, make, seed, "TokenMerging"), "TokenMerging")
+    return patched

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -71,9 +69,7 @@ def test_bad_input_names_the_problem(tiny):
         _patch(tiny.model, heads="mid_block:8")
     with pytest.raises(ValueError, match="soft"):
         _patch(tiny.model, soft=1.5)
-    dit = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
-    with pytest.raises(NotImplementedError, match="DiTs"):
-        _patch(dit)
+    # models that are neither U-Nets nor FLUX/SD3: tests/comfy/test_dit_nodes.py
 
 
 def test_percent_window_limits_the_guidance(tiny):

@@ -108,13 +108,15 @@ def sample(
     cfg: float = 5.0,
     seed: int = 1,
     size: int | tuple[int, int] = LATENT_SIZE,
+    channels: int = 4,
 ) -> torch.Tensor:
-    """``comfy.sample.sample`` with euler / normal on a ``size`` x ``size`` (or (h, w)) latent, in inference mode."""
+    """``comfy.sample.sample`` with euler / normal on a ``size`` x ``size`` (or (h, w)) latent of ``channels``
+    (16 for the DiTs), in inference mode."""
     import comfy.sample
 
     height, width = (size, size) if isinstance(size, int) else size
     with torch.inference_mode():
-        latent = torch.zeros([1, 4, height, width])
+        latent = torch.zeros([1, channels, height, width])
         noise = comfy.sample.prepare_noise(latent, seed)
         return comfy.sample.sample(
             model, noise, steps, cfg, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=seed
