@@ -188,7 +188,7 @@ def _patch_dit(model: Any, config: AgentAttention, layers: str) -> Any:
     patched = model.clone()
     claim_token_layers(patched, {site.path for site in selected}, "AgentAttention")
 
-    def make(inner, site, clock, generator) -> JointAgentProcessor:
+    def make(inner, site, clock, seed) -> JointAgentProcessor:
         return JointAgentProcessor(
             inner,
             path=site.path,
@@ -198,7 +198,7 @@ def _patch_dit(model: Any, config: AgentAttention, layers: str) -> Any:
             source=config.agent_source,
             k_scale2=config.k_scale2,
             k_shortcut=config.k_shortcut,
-            generator=generator,
+            seed=seed,
         )
 
     seed = config.seed if config.use_rand else None

@@ -328,21 +328,25 @@ class CallClock:
     def in_first(self, fraction: float) -> bool:
         return self.sigma > float(self.percent_to_sigma(fraction))
 
+    def watch(self, *fractions: float) -> None:
+        """Nothing to precompute: a ComfyUI node's call is never compiled with the clock inside (the step
+        context's ``watch`` exists for compiled denoisers)."""
+
 
 def _not_called(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("a joint-call processor run by a ComfyUI node has no layer processor to call")
 
 
 #: Builds a library joint-call processor (``processors.joint_replace.JointCallProcessor``) for one call:
-#: ``make(inner, site, clock, generator)``, ``generator`` a fresh private generator factory or None.
-ProcessorFactory = Callable[[Callable, DitSite, CallClock, Callable[[], torch.Generator] | None], Any]
+#: ``make(inner, site, clock, seed)``, ``seed`` this call's private seed (a refreshed ``rng.CallInt``) or None.
+ProcessorFactory = Callable[[Callable, DitSite, CallClock, rng.CallInt | None], Any]
 
 
 def processor_replacement(model: Any, make: ProcessorFactory, seed: int | None, technique: str) -> Replacement:
     """A replacement that runs the library's joint-call processor of a technique on each call: its ``plan``
     (phases, sizes, whether to act) and its compute, on the call's q, k, v, so the node's maths is the plugin's.
 
-    ``seed`` keys the private generator per layer and sigma (None: each cell's first position).
+    ``seed`` keys the private seed per layer and sigma (None: each cell's first position).
     """
     sampling = model_sampling(model)
 
@@ -350,10 +354,11 @@ def processor_replacement(model: Any, make: ProcessorFactory, seed: int | None, 
         sigma = current_sigma(call.options["sigmas"])
         clock = CallClock(token_grid_of(call, technique), sigma, sampling.percent_to_sigma)
 
-        def generator() -> torch.Generator:
-            return rng.keyed_generator(seed, call.site.path, round(sigma, 5))
-
-        compute = make(_not_called, call.site, clock, None if seed is None else generator).plan()
+        call_seed = None
+        if seed is not None:
+            call_seed = rng.CallInt(lambda: rng.keyed_seed(seed, call.site.path, round(sigma, 5)))
+            call_seed.refresh()
+        compute = make(_not_called, call.site, clock, call_seed).plan()
         if compute is None:
             return None
         sdpa = {"attn_mask": call.mask, "dropout_p": 0.0, "is_causal": False, "scale": call.scale}

@@ -115,7 +115,7 @@ class AttnSurgeryNeighborhoodAttention(ModelPatchNode):
         patched = model.clone()
         claim_token_layers(patched, {site.path for site in selected}, TECHNIQUE)
 
-        def make(inner, site, clock, generator) -> NeighborhoodProcessor:
+        def make(inner, site, clock, seed) -> NeighborhoodProcessor:
             schedule = NeighborhoodSchedule(
                 clock,
                 (side, side),

@@ -135,7 +135,7 @@ def _patch_dit(model: Any, config: TokenMerging, layers: str) -> Any:
         return patched
     claim_token_layers(patched, {site.path for site in selected}, "TokenMerging")
 
-    def make(inner, site, clock, generator) -> JointMergeProcessor:
+    def make(inner, site, clock, seed) -> JointMergeProcessor:
         return JointMergeProcessor(
             inner,
             path=site.path,
@@ -145,7 +145,7 @@ def _patch_dit(model: Any, config: TokenMerging, layers: str) -> Any:
             sx=config.sx,
             sy=config.sy,
             mode=config.mode,
-            generator=generator,
+            seed=seed,
         )
 
     seed = config.seed if config.use_rand else None
