@@ -5,7 +5,10 @@ Convolutions" (ICCV 2025, arXiv 2504.21292). The transformer block keeps its nor
 and feed-forward; only ``attn1`` is swapped for a ``ConvFusionAttention`` module on the surgery handle, so
 ``remove()`` puts the original attention modules back.
 
-LoRAs that target attn1 (``to_q``/``to_k``/``to_v``/``to_out``) no longer apply to replaced layers.
+LoRAs that target attn1 (``to_q``/``to_k``/``to_v``/``to_out``) no longer apply to replaced layers, and while
+the blocks are in, the denoiser's LoRA calls are refused: peft cannot reach the LoRA layers of the attention
+modules set aside, so a load would drop their weights and an unload, fuse or weight change would leave them
+behind, to reappear at ``remove()``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ if TYPE_CHECKING:
     from ..surgery import Surgery
 
 _LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
+# dtypes a convolution computes in; float8 is a storage dtype (diffusers' layerwise casting)
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# diffusers' PeftAdapterMixin methods that add, change or take away LoRA layers (pipelines call these)
+_LORA_METHODS = (
+    "load_lora_adapter",
+    "add_adapter",
+    "set_adapters",
+    "set_adapter",
+    "enable_adapters",
+    "disable_adapters",
+    "enable_lora",
+    "disable_lora",
+    "fuse_lora",
+    "unfuse_lora",
+    "unload_lora",
+    "delete_adapters",
+)
 
 
 class ConvFusionAttention(nn.Module):
@@ -63,10 +83,25 @@ class ConvFusionAttention(nn.Module):
                 "ConvFusion replaces self-attention only, but this attn1 was called with "
                 "encoder_hidden_states (an only_cross_attention model). Leave this layer out of `layers`."
             )
-        # Blocks may be kept in float32 inside a half-precision model (training): compute in their dtype.
-        dtype = self.block.conv_up.weight.dtype
+        dtype = self._follow(hidden_states)
         out = self.block(hidden_states.to(dtype), self._grid_for(hidden_states.shape[1]))
         return out.to(hidden_states.dtype)
+
+    def _follow(self, hidden_states: torch.Tensor) -> torch.dtype:
+        """Put the block where this call computes; returns the dtype to compute in.
+
+        Blocks may be kept in float32 inside a half-precision model (training): they compute in their dtype.
+        Blocks in a storage dtype (float8 from ``enable_layerwise_casting`` after apply) compute in the
+        model's dtype, which the input carries; blocks left on another device (``enable_group_offload``
+        onloads only the modules it hooks, and the block reads ``conv_out``'s weights without calling it)
+        move to the input's device.
+        """
+        weight = self.block.conv_up.weight
+        dtype = weight.dtype if weight.dtype in _COMPUTE_DTYPES else hidden_states.dtype
+        device = hidden_states.device
+        if any(p.dtype != dtype or p.device != device for p in self.block.parameters()):
+            self.block.to(device=device, dtype=dtype)
+        return dtype
 
 
 def _kernel_sizes(paths: list[str], family: str, override: int | None) -> dict[str, int]:
@@ -99,6 +134,27 @@ def _has_lora(module: nn.Module) -> bool:
     return any(hasattr(child, "lora_A") for child in module.modules())
 
 
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: its weight's, unless diffusers' layerwise casting stores that weight
+    in another dtype (float8) and casts it for every call."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+    return hook.compute_dtype if hook is not None else module.weight.dtype
+
+
+def _refuse_lora_call(name: str) -> Callable[..., None]:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"{name}() is refused while ConvFusion replaces the attn1 layers: peft cannot reach the LoRA layers "
+            "of the attention modules it set aside, so their LoRA weights would be dropped or left behind. Call "
+            "handle.remove() first, change the LoRA, then apply ConvFusion again (LoRA parts on attn1 then pause "
+            "while the blocks are in)."
+        )
+
+    refuse.__name__ = f"refuse_{name}"
+    return refuse
+
+
 @dataclass(frozen=True)
 class ConvFusion(Plugin):
     """Swap self-attention (attn1) for distilled pyramid conv blocks (Delta-ConvFusion).
@@ -106,8 +162,9 @@ class ConvFusion(Plugin):
     With ``blocks`` (e.g. from :meth:`from_pretrained`) those blocks replace the attn1 layers they name;
     without, fresh blocks are built for the selected layers (the start of a distillation, see
     ``attnsurgery.distill``), with the family's kernel-size preset unless ``kernel_size`` is given.
-    Blocks are moved to the replaced layer's device and dtype when attached. LoRAs on a replaced attn1 stop
-    applying (a warning names the layers).
+    Blocks are moved to the replaced layer's device and compute dtype when attached, and follow the model at
+    every call (layerwise casting, group offload). LoRAs on a replaced attn1 stop applying (a warning names
+    the layers), and the denoiser's LoRA calls are refused until ``remove()``.
 
     Args:
         blocks: attn1 module path -> block, or None for fresh blocks.
@@ -242,10 +299,14 @@ class ConvFusion(Plugin):
         if with_lora:
             warnings.warn(
                 f"LoRA weights on {len(with_lora)} attn1 layers no longer apply once ConvFusion "
-                f"replaces them (e.g. {with_lora[0]}).",
+                f"replaces them (e.g. {with_lora[0]}); they apply again after remove().",
                 stacklevel=3,
             )
         for path, block in blocks.items():
-            reference = layers[path].module.to_q.weight
-            block.to(device=reference.device, dtype=reference.dtype)
+            to_q = layers[path].module.to_q
+            to_q = getattr(to_q, "base_layer", to_q)  # a peft LoRA wrapper keeps the real projection here
+            block.to(device=to_q.weight.device, dtype=_compute_dtype(to_q))
             surgery.swap_module(path, ConvFusionAttention(block, surgery.context.grid_for), role="module")
+        for name in _LORA_METHODS:
+            if hasattr(surgery.denoiser, name):
+                surgery.set_attr(surgery.denoiser, name, _refuse_lora_call(name))
