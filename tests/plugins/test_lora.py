@@ -4,66 +4,26 @@ The LoRAs are tiny random ones written to a folder and loaded with ``pipe.load_l
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import attnsurgery as surg
-from tests.support import dit_families
 from tests.support.lora import WEIGHT_NAME, write_lora
+from tests.support.matrix import PLUGINS, UNET_PX, changed, close, denoiser, sd15
 from tests.support.pipes import run_pipe
 
 UNET_TARGETS = ("attn1.to_q", "attn1.to_v", "attn2.to_k", "attn2.to_out.0", "downsamplers.0.conv")
 DIT_TARGETS = ("attn.to_q", "attn.to_v", "attn.add_k_proj", "proj_mlp")
-UNET_PX = 128  # latent 16: enough tokens that merging, agents and the top-level PAG act
-FLUX_PX = 2 * dit_families.NATIVE_PX  # neighborhood attention is idle at native size
-
-
-def _flux():
-    return dit_families.build("flux")
-
-
-def _sd15():
-    from attnsurgery.testing.tiny import tiny_sd15
-
-    pipe = tiny_sd15()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-#: case -> (pipeline builder, plugin, run kwargs)
-PLUGINS: dict[str, tuple[Callable, Callable[[], surg.Plugin], dict]] = {
-    "sd15-hidiffusion": (_sd15, lambda: surg.HiDiffusion(force=True, t1=0.5, t2=0.5), dict(size=UNET_PX)),
-    "sd15-token_merging": (_sd15, surg.TokenMerging, dict(size=UNET_PX)),
-    "sd15-agent": (_sd15, surg.AgentAttention, dict(size=UNET_PX)),
-    "sd15-pag": (_sd15, lambda: surg.PerturbedAttention(layers="top"), dict(size=UNET_PX)),
-    "flux-neighborhood": (_flux, surg.NeighborhoodAttention, dict(size=FLUX_PX)),
-    "flux-token_merging": (_flux, surg.TokenMerging, dict(size=FLUX_PX)),
-    "flux-agent": (_flux, surg.AgentAttention, dict(size=FLUX_PX)),
-    "flux-pag": (_flux, surg.PerturbedAttention, dict(size=FLUX_PX, **dit_families.FAMILIES["flux"][1])),
-}
-
-
-def changed(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool((a - b).abs().max() > 1e-3)
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool((a - b).abs().max() < 1e-4)  # fusing adds the LoRA product into the weight: rounding only
-
-
-def _denoiser(pipe) -> torch.nn.Module:
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
 def _lora_folder(pipe, folder: Path) -> Path:
     """A LoRA on attention projections of every kind (and the U-Net's downsampler convs, RAD's site)."""
-    denoiser = _denoiser(pipe)
+    model = denoiser(pipe)
     targets = UNET_TARGETS if hasattr(pipe, "unet") else DIT_TARGETS
-    paths = [name for name, _ in denoiser.named_modules() if name.endswith(targets)]
-    return write_lora(denoiser, "unet" if hasattr(pipe, "unet") else "transformer", paths, folder)
+    paths = [name for name, _ in model.named_modules() if name.endswith(targets)]
+    return write_lora(model, "unet" if hasattr(pipe, "unet") else "transformer", paths, folder)
 
 
 def _load(pipe, folder: Path) -> None:
@@ -105,7 +65,7 @@ def test_lora_before_or_after_a_plugin(case, tmp_path):
 def test_hidiffusion_keeps_rad_when_a_lora_wraps_or_unwraps_the_downsampler_conv(tmp_path):
     """RAD subsamples the downsampler's input: a LoRA loaded after apply saw the full input in its conv branch
     (size mismatch inside peft), and unloading a LoRA loaded before apply took RAD's hook away with the wrapper."""
-    pipe = _sd15()
+    pipe = sd15()
     folder = write_lora(pipe.unet, "unet", ["down_blocks.0.downsamplers.0.conv"], tmp_path)
     hidiffusion = surg.HiDiffusion(force=True, t1=1.0, t2=0.0, window_attn=False)  # RAD only, every step
     base = run_pipe(pipe, size=UNET_PX)
@@ -137,7 +97,7 @@ LORA_CALLS = {
 def test_convfusion_refuses_lora_calls_and_keeps_the_lora_for_after_remove(call, tmp_path):
     """peft cannot reach the attention modules ConvFusion set aside: a load after apply dropped their LoRA
     weights for good, an unload left them behind. Refused, and the LoRA loaded before is whole after remove."""
-    pipe = _sd15()
+    pipe = sd15()
     folder = _lora_folder(pipe, tmp_path)
     if call == "load_lora_weights":
         before = run_pipe(pipe, size=UNET_PX)
