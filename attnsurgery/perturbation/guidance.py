@@ -27,10 +27,12 @@ Batched inputs are tensors with the batch first, and the per-row lists named in 
 
 diffusers' caches (``transformer.enable_cache(...)``): FirstBlockCache, TaylorSeer, MagCache and the like keep
 their state per cache context, which the pipelines set per call (``cache_context("cond")``, ``"uncond"``); the
-sequential perturbed pass gets a context of its own, or it would reuse the conditional pass's cache and add
-nothing. PyramidAttentionBroadcast and FasterCache keep one state for every call: the perturbed rows would read
-the conditional rows' cached attention (sequential) or clash with another call's batch (batched), so they are
-refused, at apply and at every call (a cache enabled after apply).
+perturbed pass gets a context of its own, or it would reuse the conditional pass's cache and add nothing. Under
+such a cache the perturbed rows always take that pass, in batched mode too: a cache holds one batch per context,
+and appended rows that come and go with the schedule (``start``/``stop``) turned FirstBlockCache's one-row
+prediction into two rows. PyramidAttentionBroadcast and FasterCache keep one state for every call: the perturbed
+rows would read the conditional rows' cached attention, or clash with another call's batch, so they are refused,
+at apply and at every call (a cache enabled after apply).
 """
 
 from __future__ import annotations
@@ -75,10 +77,15 @@ def check_cache(denoiser: torch.nn.Module) -> None:
         )
 
 
+def _caching(denoiser: torch.nn.Module) -> bool:
+    """Whether a diffusers cache (CacheMixin.enable_cache) is on."""
+    return bool(getattr(denoiser, "is_cache_enabled", False))
+
+
 def _own_cache_context(denoiser: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """The sequential perturbed pass's own diffusers cache context, when a cache is enabled. (diffusers clears
-    the context on leaving; the pipelines make one denoiser call per context, and this pass comes last in it.)"""
-    if getattr(denoiser, "is_cache_enabled", False):
+    """The perturbed pass's own diffusers cache context, when a cache is on. (diffusers clears the context on
+    leaving; the pipelines make one denoiser call per context, and this pass comes last in it.)"""
+    if _caching(denoiser):
         return denoiser.cache_context(_PERTURBED_CACHE_CONTEXT)
     return contextlib.nullcontext()
 
@@ -192,7 +199,8 @@ class PerturbationGuidance:
         head_weights: returns layer path -> [rows, heads] weights for this call (one row broadcasts to every
             perturbed row; HeadHunter passes one row per candidate head set).
         schedule: s_t.
-        sequential: one extra denoiser pass for the perturbed rows instead of a bigger batch.
+        sequential: one extra denoiser pass for the perturbed rows instead of a bigger batch (always so under
+            a diffusers cache).
         clock: returns (progress in [0, 1], timestep on the 0-1000 scale) of the current call.
         cfg_active: returns whether the pipeline runs classifier-free guidance at the current call.
         cfg_layout: how CFG sits in the calls (see the module docstring).
@@ -241,8 +249,17 @@ class PerturbationGuidance:
             self._call = {"repeat": True}
             return None
         cond = _cond_rows(batch, self.cfg_layout != "separate" and self.cfg_active(), self.cfg_layout)
-        self._call = {"repeat": False, "scale": scale, "batch": batch, "cond": cond, "args": args, "kwargs": kwargs}
-        if self.sequential:
+        sequential = self.sequential or _caching(module)  # a cache holds one batch per context
+        self._call = {
+            "repeat": False,
+            "scale": scale,
+            "batch": batch,
+            "cond": cond,
+            "args": args,
+            "kwargs": kwargs,
+            "sequential": sequential,
+        }
+        if sequential:
             return None
         perturbed = cond.stop - cond.start
         self.state.activate(range(batch, batch + perturbed), self.head_weights(), self.image_tokens())
@@ -258,7 +275,7 @@ class PerturbationGuidance:
         if call["repeat"]:
             return _replace_sample(output, eps + _tile(self._memo.shift, eps.shape[0]))
         batch, cond = call["batch"], call["cond"]
-        if self.sequential:
+        if call["sequential"]:
             eps_p = self._perturbed_pass(module, call)
         else:
             eps, eps_p = eps[:batch], eps[batch:]
