@@ -5,7 +5,11 @@ Convolutions" (ICCV 2025, arXiv 2504.21292). The transformer block keeps its nor
 and feed-forward; only ``attn1`` is swapped for a ``ConvFusionAttention`` module on the surgery handle, so
 ``remove()`` puts the original attention modules back.
 
-LoRAs that target attn1 (``to_q``/``to_k``/``to_v``/``to_out``) no longer apply to replaced layers.
+LoRAs that target attn1 (``to_q``/``to_k``/``to_v``/``to_out``) no longer apply to replaced layers. While the
+blocks are in, the diffusers calls that change the modules they find in the denoiser (LoRA loading, weights,
+fusing and unloading; ``enable_layerwise_casting``; ``enable_group_offload``) are refused: they cannot find the
+attention modules set aside, so a load would drop their LoRA weights and the others would leave those modules
+as they were, to come back so at ``remove()``. ``.to()`` and ``.half()`` do reach them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,24 @@ if TYPE_CHECKING:
     from ..surgery import Surgery
 
 _LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
+# diffusers calls that change the modules they find in the denoiser (LoRA: PeftAdapterMixin, which the
+# pipelines' LoRA methods call; casting; offloading): they cannot find the attention modules ConvFusion set aside
+_BLIND_TO_SET_ASIDE = (
+    "load_lora_adapter",
+    "add_adapter",
+    "set_adapters",
+    "set_adapter",
+    "enable_adapters",
+    "disable_adapters",
+    "enable_lora",
+    "disable_lora",
+    "fuse_lora",
+    "unfuse_lora",
+    "unload_lora",
+    "delete_adapters",
+    "enable_layerwise_casting",
+    "enable_group_offload",
+)
 
 
 class ConvFusionAttention(nn.Module):
@@ -43,12 +65,27 @@ class ConvFusionAttention(nn.Module):
     Args:
         block: the pyramid conv block.
         grid_for: maps a token count to the (h, w) grid it lies on at the current call.
+        replaced: the attention module set aside (not a submodule: its weights are not ours), which
+            ``.to()``, ``.half()`` and the like move and cast along, so that ``remove()`` puts back a module
+            that matches the model.
     """
 
-    def __init__(self, block: PyramidConvBlock, grid_for: Callable[[int], tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        block: PyramidConvBlock,
+        grid_for: Callable[[int], tuple[int, int]],
+        replaced: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.block = block
         self._grid_for = grid_for
+        self.__dict__["_replaced"] = replaced  # bypasses nn.Module's registration of submodules
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ConvFusionAttention:
+        """``.to()``, ``.half()``, ``.cuda()`` reach the module set aside too."""
+        if recurse and self._replaced is not None:
+            self._replaced._apply(fn)
+        return super()._apply(fn, recurse)
 
     def forward(
         self,
@@ -63,10 +100,21 @@ class ConvFusionAttention(nn.Module):
                 "ConvFusion replaces self-attention only, but this attn1 was called with "
                 "encoder_hidden_states (an only_cross_attention model). Leave this layer out of `layers`."
             )
-        # Blocks may be kept in float32 inside a half-precision model (training): compute in their dtype.
-        dtype = self.block.conv_up.weight.dtype
+        dtype = self._follow(hidden_states)
         out = self.block(hidden_states.to(dtype), self._grid_for(hidden_states.shape[1]))
         return out.to(hidden_states.dtype)
+
+    def _follow(self, hidden_states: torch.Tensor) -> torch.dtype:
+        """Put the block on this call's device; returns the dtype to compute in, the block's own.
+
+        Blocks may be kept in float32 inside a half-precision model (training): they compute in their dtype.
+        Blocks left on the offload device move to the input's: ``enable_group_offload`` at leaf level onloads
+        only the modules it sees called, and the block reads ``conv_out``'s weights without calling it.
+        """
+        device = hidden_states.device
+        if any(p.device != device for p in self.block.parameters()):
+            self.block.to(device=device)
+        return self.block.conv_up.weight.dtype
 
 
 def _kernel_sizes(paths: list[str], family: str, override: int | None) -> dict[str, int]:
@@ -99,6 +147,27 @@ def _has_lora(module: nn.Module) -> bool:
     return any(hasattr(child, "lora_A") for child in module.modules())
 
 
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: its weight's, unless diffusers' layerwise casting stores that weight
+    in another dtype (float8) and casts it for every call."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+    return hook.compute_dtype if hook is not None else module.weight.dtype
+
+
+def _refuse_while_applied(name: str) -> Callable[..., None]:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"{name}() is refused while ConvFusion replaces the attn1 layers: it changes the modules it finds in "
+            "the denoiser, but not the attention modules ConvFusion set aside, which would come back unchanged "
+            "at remove() (a LoRA loaded now would lose its attn1 weights for good). Call handle.remove() first, "
+            f"then {name}(), then apply ConvFusion again."
+        )
+
+    refuse.__name__ = f"refuse_{name}"
+    return refuse
+
+
 @dataclass(frozen=True)
 class ConvFusion(Plugin):
     """Swap self-attention (attn1) for distilled pyramid conv blocks (Delta-ConvFusion).
@@ -106,8 +175,9 @@ class ConvFusion(Plugin):
     With ``blocks`` (e.g. from :meth:`from_pretrained`) those blocks replace the attn1 layers they name;
     without, fresh blocks are built for the selected layers (the start of a distillation, see
     ``attnsurgery.distill``), with the family's kernel-size preset unless ``kernel_size`` is given.
-    Blocks are moved to the replaced layer's device and dtype when attached. LoRAs on a replaced attn1 stop
-    applying (a warning names the layers).
+    Blocks are moved to the replaced layer's device and compute dtype when attached, and follow it to the
+    device of every call (group offload). LoRAs on a replaced attn1 stop applying (a warning names the
+    layers); LoRA, layerwise-casting and group-offload calls on the denoiser are refused until ``remove()``.
 
     Args:
         blocks: attn1 module path -> block, or None for fresh blocks.
@@ -242,10 +312,15 @@ class ConvFusion(Plugin):
         if with_lora:
             warnings.warn(
                 f"LoRA weights on {len(with_lora)} attn1 layers no longer apply once ConvFusion "
-                f"replaces them (e.g. {with_lora[0]}).",
+                f"replaces them (e.g. {with_lora[0]}); they apply again after remove().",
                 stacklevel=3,
             )
         for path, block in blocks.items():
-            reference = layers[path].module.to_q.weight
-            block.to(device=reference.device, dtype=reference.dtype)
-            surgery.swap_module(path, ConvFusionAttention(block, surgery.context.grid_for), role="module")
+            to_q = layers[path].module.to_q
+            to_q = getattr(to_q, "base_layer", to_q)  # a peft LoRA wrapper keeps the real projection here
+            block.to(device=to_q.weight.device, dtype=_compute_dtype(to_q))
+            replacement = ConvFusionAttention(block, surgery.context.grid_for, replaced=layers[path].module)
+            surgery.swap_module(path, replacement, role="module")
+        for name in _BLIND_TO_SET_ASIDE:
+            if hasattr(surgery.denoiser, name):
+                surgery.set_attr(surgery.denoiser, name, _refuse_while_applied(name))

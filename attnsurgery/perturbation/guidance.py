@@ -24,10 +24,20 @@ of the conditional prediction, here eps_c + s_t d: the term is folded in before 
 A further call at the same step (same timestep and the same noisy-input tensor object: the unconditional pass
 of a "separate" layout, SD3's skip-layer pass) gets the stored shift without new perturbed rows.
 Batched inputs are tensors with the batch first, and the per-row lists named in `_PER_ROW_LISTS`.
+
+diffusers' caches (``transformer.enable_cache(...)``): FirstBlockCache, TaylorSeer, MagCache and the like keep
+their state per cache context, which the pipelines set per call (``cache_context("cond")``, ``"uncond"``); the
+perturbed pass gets a context of its own, or it would reuse the conditional pass's cache and add nothing. Under
+such a cache the perturbed rows always take that pass, in batched mode too: a cache holds one batch per context,
+and appended rows that come and go with the schedule (``start``/``stop``) turned FirstBlockCache's one-row
+prediction into two rows. PyramidAttentionBroadcast and FasterCache keep one state for every call: the perturbed
+rows would read the conditional rows' cached attention, or clash with another call's batch, so they are refused,
+at apply and at every call (a cache enabled after apply).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +55,39 @@ _UNBATCHED_KWARGS = frozenset({"img_ids", "txt_ids"})
 # batch is a list), Qwen-Image's image shapes.
 _PER_ROW_LISTS = frozenset({"x", "cap_feats", "img_shapes"})
 _TIMESTEP_NAMES = ("timestep", "t")  # Z-Image names its timestep `t`
+# diffusers cache configs whose hooks keep one state for every denoiser call, whatever its cache context
+_CONTEXT_BLIND_CACHES = frozenset({"PyramidAttentionBroadcastConfig", "FasterCacheConfig"})
+_PERTURBED_CACHE_CONTEXT = "attnsurgery-perturbed"
+
+
+def check_cache(denoiser: torch.nn.Module) -> None:
+    """Refuse a diffusers cache that would serve the perturbed rows the conditional rows' cache.
+
+    Raises:
+        RuntimeError: the denoiser has PyramidAttentionBroadcast or FasterCache enabled.
+    """
+    config = getattr(denoiser, "_cache_config", None)  # set by CacheMixin.enable_cache
+    if type(config).__name__ in _CONTEXT_BLIND_CACHES:
+        raise RuntimeError(
+            f"PerturbedAttention cannot run under {type(config).__name__}: that cache keeps one attention output "
+            "per layer for every denoiser call (no per-call cache context), so the perturbed rows would be served "
+            "the conditional rows' cached attention, or clash with another call's batch. Call "
+            "transformer.disable_cache(), or cache with FirstBlockCacheConfig, TaylorSeerCacheConfig or "
+            "MagCacheConfig, which keep a cache per call."
+        )
+
+
+def _caching(denoiser: torch.nn.Module) -> bool:
+    """Whether a diffusers cache (CacheMixin.enable_cache) is on."""
+    return bool(getattr(denoiser, "is_cache_enabled", False))
+
+
+def _own_cache_context(denoiser: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The perturbed pass's own diffusers cache context, when a cache is on. (diffusers clears the context on
+    leaving; the pipelines make one denoiser call per context, and this pass comes last in it.)"""
+    if _caching(denoiser):
+        return denoiser.cache_context(_PERTURBED_CACHE_CONTEXT)
+    return contextlib.nullcontext()
 
 
 #: The diffusers pipelines (or their subclasses) whose CFG layout the wrapper was checked against, by the family
@@ -156,7 +199,8 @@ class PerturbationGuidance:
         head_weights: returns layer path -> [rows, heads] weights for this call (one row broadcasts to every
             perturbed row; HeadHunter passes one row per candidate head set).
         schedule: s_t.
-        sequential: one extra denoiser pass for the perturbed rows instead of a bigger batch.
+        sequential: one extra denoiser pass for the perturbed rows instead of a bigger batch (always so under
+            a diffusers cache).
         clock: returns (progress in [0, 1], timestep on the 0-1000 scale) of the current call.
         cfg_active: returns whether the pipeline runs classifier-free guidance at the current call.
         cfg_layout: how CFG sits in the calls (see the module docstring).
@@ -193,6 +237,7 @@ class PerturbationGuidance:
             return None
         self._call = None
         self.state.deactivate()  # in case the previous call raised before its forward hook ran
+        check_cache(module)
         names = _parameter_names(type(module))
         sample = _sample_of(args, kwargs, names)
         batch = _batch_of(sample)
@@ -204,8 +249,17 @@ class PerturbationGuidance:
             self._call = {"repeat": True}
             return None
         cond = _cond_rows(batch, self.cfg_layout != "separate" and self.cfg_active(), self.cfg_layout)
-        self._call = {"repeat": False, "scale": scale, "batch": batch, "cond": cond, "args": args, "kwargs": kwargs}
-        if self.sequential:
+        sequential = self.sequential or _caching(module)  # a cache holds one batch per context
+        self._call = {
+            "repeat": False,
+            "scale": scale,
+            "batch": batch,
+            "cond": cond,
+            "args": args,
+            "kwargs": kwargs,
+            "sequential": sequential,
+        }
+        if sequential:
             return None
         perturbed = cond.stop - cond.start
         self.state.activate(range(batch, batch + perturbed), self.head_weights(), self.image_tokens())
@@ -221,7 +275,7 @@ class PerturbationGuidance:
         if call["repeat"]:
             return _replace_sample(output, eps + _tile(self._memo.shift, eps.shape[0]))
         batch, cond = call["batch"], call["cond"]
-        if self.sequential:
+        if call["sequential"]:
             eps_p = self._perturbed_pass(module, call)
         else:
             eps, eps_p = eps[:batch], eps[batch:]
@@ -238,7 +292,8 @@ class PerturbationGuidance:
         self.state.activate(range(call["cond"].stop - call["cond"].start), self.head_weights(), self.image_tokens())
         self._nested = True
         try:
-            return _sample_out(module(*args, **kwargs))
+            with _own_cache_context(module):
+                return _sample_out(module(*args, **kwargs))
         finally:
             self._nested = False
             self.state.deactivate()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..ops.perturb import KINDS
-from ..perturbation.guidance import GuidanceSchedule, PerturbationGuidance, check_guided_pipeline
+from ..perturbation.guidance import GuidanceSchedule, PerturbationGuidance, check_cache, check_guided_pipeline
 from ..perturbation.headset import SELF_KINDS, HeadSet
 from ..perturbation.processor import HeadPerturbationProcessor, PerturbationState, check_reaches_sdpa
 from .base import Plugin, check_number, normalize_layers
@@ -192,6 +192,7 @@ def install_perturbation(
         kind, temperature, joint, sequential: as in `PerturbedAttention`.
     """
     check_guided_pipeline(surgery.pipeline, surgery.model.family.cfg_layout)
+    check_cache(surgery.denoiser)
     state = PerturbationState(kind=kind, temperature=temperature, image_only=joint == "image_only")
     for path in paths:
         layer = surgery.model.layer(path)

@@ -1,8 +1,10 @@
 """RAU-Net (HiDiffusion) as forward hooks on a diffusers U-Net; nothing in the model is replaced.
 
-- RAD: a pre-hook on the chosen downsampler conv feeds it every second row and column. A 3x3
-  stride-2 padding-1 conv on `x[..., ::2, ::2]` equals the same weights run with stride 4, padding 2,
-  dilation 2 on `x` (HiDiffusion's RAD), so LoRA-wrapped convs keep working.
+- RAD: a pre-hook on the chosen downsampler (the `Downsample2D`, not its conv) feeds it every second row
+  and column. A 3x3 stride-2 padding-1 conv on `x[..., ::2, ::2]` equals the same weights run with stride 4,
+  padding 2, dilation 2 on `x` (HiDiffusion's RAD). Hooking the downsampler, whose identity LoRA loading
+  and unloading never change, keeps RAD on when peft wraps or unwraps the conv, and its LoRA branch
+  (a conv of the same kernel, stride and padding) sees the same subsampled input.
 - RAU: pre-hooks hand every upsampler the size of the skip it must meet (the input size of the
   matching downsampler), which also makes odd and non-square sizes line up.
 - CA pool/unpool: a hook after the first attention of a down block average-pools its output; a hook
@@ -129,7 +131,8 @@ class RauNetHooks:
                 surgery.add_hook(
                     block.upsamplers[0], self._skip_size_for_upsampler(skip_of), pre=True, with_kwargs=True
                 )
-        surgery.add_hook(unet.down_blocks[layout.rad_block].downsamplers[0].conv, self.rad, pre=True)
+        # after the recording hook on the same downsampler, which must see the full-size input
+        surgery.add_hook(unet.down_blocks[layout.rad_block].downsamplers[0], self.rad, pre=True)
         surgery.add_hook(unet.down_blocks[layout.pool_block].attentions[0], self.pool, pre=False)
         surgery.add_hook(unet.up_blocks[layout.unpool_block].attentions[1], self.unpool, pre=False)
 

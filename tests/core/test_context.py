@@ -137,12 +137,14 @@ def _flux_dev_schedule(steps: int = 50, side_px: int = 2048):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_clock_places_every_half_precision_step_of_a_shifted_schedule(dtype):
+@pytest.mark.parametrize(("side_px", "steps"), [(512, 28), (1024, 50), (2048, 50), (4096, 100)])
+def test_the_clock_places_every_half_precision_step_of_a_shifted_schedule(dtype, side_px, steps):
     """Issue case: FLUX-dev at 2048 px in bf16 puts many steps within one bf16 ulp of each other. The
     pipeline's scheduler knows its step index (after the first step), and the clock takes it when the
-    received timestep agrees with it; so every step lands on its index, each CFG call of a step too."""
+    received timestep agrees with it; so every step lands on its index, each CFG call of a step too, at
+    any size (the shift grows with it)."""
     pipe = tiny.tiny_flux()
-    pipe.scheduler = _flux_dev_schedule()
+    pipe.scheduler = _flux_dev_schedule(steps, side_px)
     handle = surg.apply(pipe.transformer, seed=0)
     hook = make_clock_hook(handle.context, pipe.transformer, lambda: pipe.scheduler)
     ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
@@ -155,4 +157,4 @@ def test_the_clock_places_every_half_precision_step_of_a_shifted_schedule(dtype)
             hook(pipe.transformer, (), {**call, "timestep": received})
             placed.append(handle.context.step_index)
     handle.remove()
-    assert placed == [i for i in range(50) for _ in range(2)]
+    assert placed == [i for i in range(steps) for _ in range(2)]

@@ -302,7 +302,7 @@ def test_sd2_unet_gets_the_sd_layout():
         plain = sd2(latent, 999, encoder_hidden_states=text).sample
         with surg.patched(sd2, HiDiffusion()) as handle:  # bare U-Net: t 999 is the first step
             out = sd2(latent, 999, encoder_hidden_states=text).sample
-            assert "down_blocks.0.downsamplers.0.conv" in handle.sites
+            assert "down_blocks.0.downsamplers.0: forward pre-hook rad" in handle.changes
         assert torch.equal(sd2(latent, 999, encoder_hidden_states=text).sample, plain)
     assert changed(out, plain)
 

@@ -7,8 +7,11 @@ import torch
 DIT_KWARGS = {"max_sequence_length": 16}
 
 
-def run_pipe(pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64, seed: int = 0, **kwargs):
-    """Run a pipeline deterministically and return its output as a float tensor (numpy output type)."""
+def run_pipe(
+    pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64, seed: int = 0, output_type="np", **kwargs
+):
+    """Run a pipeline deterministically and return its output as a float tensor (numpy output type), or the
+    latents (``output_type="latent"``: no VAE decode, which half precision makes slow on a CPU)."""
     if type(pipe).__name__.startswith(("StableDiffusion3", "Flux", "QwenImage", "ZImage", "Chroma")):
         kwargs = {**DIT_KWARGS, **kwargs}
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -19,7 +22,7 @@ def run_pipe(pipe, prompt: str = "a red circle", steps: int = 2, size: int = 64,
         height=height,
         width=width,
         generator=generator,
-        output_type="np",
+        output_type=output_type,
         **kwargs,
     )
-    return torch.from_numpy(out.images)
+    return torch.from_numpy(out.images) if output_type == "np" else out.images.float()
