@@ -48,8 +48,9 @@ _TIMESTEP_NAMES = ("timestep", "t")  # Z-Image names its timestep `t`
 
 
 #: The diffusers pipelines (or their subclasses) whose CFG layout the wrapper was checked against, by the family
-#: layout they follow. Others are refused: the SD upscaler has no `do_classifier_free_guidance` property, the
-#: instruct-pix2pix pipelines batch three parts, FLUX Kontext and Qwen-Image-Edit add reference-image tokens.
+#: layout they follow; tests/plugins/test_guided_pipelines.py guides each variant. Others are refused: the SD
+#: upscaler has no `do_classifier_free_guidance` property, the instruct-pix2pix pipelines batch three parts, and
+#: the rest (Qwen-Image-Edit, FLUX ControlNet img2img/inpaint, ...) have not been checked.
 GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
     "uncond_cond": frozenset(
         {
@@ -68,6 +69,9 @@ GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
             "StableDiffusion3Pipeline",
             "StableDiffusion3Img2ImgPipeline",
             "StableDiffusion3InpaintPipeline",
+            "StableDiffusion3ControlNetPipeline",
+            "StableDiffusion3ControlNetInpaintingPipeline",
+            "StableDiffusionDepth2ImgPipeline",
         }
     ),
     "cond_uncond": frozenset({"ZImagePipeline"}),
@@ -76,6 +80,10 @@ GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
             "FluxPipeline",
             "FluxImg2ImgPipeline",
             "FluxInpaintPipeline",
+            "FluxControlNetPipeline",
+            "FluxKontextPipeline",
+            "FluxKontextInpaintPipeline",
+            "FluxFillPipeline",
             "Flux2Pipeline",
             "QwenImagePipeline",
             "QwenImageImg2ImgPipeline",
