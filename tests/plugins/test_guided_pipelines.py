@@ -103,3 +103,30 @@ def test_variants_are_guided_on_the_conditional_rows_and_restored(name):
             torch.testing.assert_close(term_cfg, term, atol=1e-5, rtol=1e-4)
     assert_restored(pipe, before)
     assert torch.equal(guided_pipes.latents(pipe, name, cfg=False), plain)
+
+
+@pytest.mark.parametrize(
+    "plugin",
+    [
+        surg.TokenMerging(),
+        surg.AgentAttention(),
+        surg.NeighborhoodAttention(),
+        PerturbedAttention(layers="all", joint="image_only"),
+    ],
+    ids=["tome", "agent", "neighborhood", "pag-image-only"],
+)
+def test_one_grid_plugins_refuse_kontext_reference_tokens(plugin):
+    """FluxKontextPipeline appends the reference image's tokens after the target's: plugins that lay one grid
+    over the image tokens took the reference's (or a mix) for the image without a word. They stop naming the
+    target grid (read from the target's position ids, whatever the reference size) and the fix, and run
+    as before without a reference image."""
+    pipe = guided_pipes.build("flux-kontext")
+    pipe.transformer.register_to_config(sample_size=4)  # native 32 px: 64 px is above it, so every plugin acts
+    plain = guided_pipes.latents(pipe, "flux-kontext", cfg=False, image=None)
+    before = snapshot(pipe)
+    with surg.patched(pipe, plugin):
+        message = r"holds 80 tokens, but the image it denoises is a 4x4 grid of 16.*FluxKontextPipeline.*without a"
+        with pytest.raises(NotImplementedError, match=message):
+            guided_pipes.latents(pipe, "flux-kontext", cfg=False, image=guided_pipes.image(128))
+        assert not torch.equal(guided_pipes.latents(pipe, "flux-kontext", cfg=False, image=None), plain)
+    assert_restored(pipe, before)
