@@ -50,7 +50,7 @@ _TIMESTEP_NAMES = ("timestep", "t")  # Z-Image names its timestep `t`
 #: The diffusers pipelines (or their subclasses) whose CFG layout the wrapper was checked against, by the family
 #: layout they follow; tests/plugins/test_guided_pipelines.py guides each variant. Others are refused: the SD
 #: upscaler has no `do_classifier_free_guidance` property, the instruct-pix2pix pipelines batch three parts, and
-#: the rest (Qwen-Image-Edit, FLUX ControlNet img2img/inpaint, ...) have not been checked.
+#: the rest (Qwen-Image-Edit, FLUX Control, ...) have not been checked.
 GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
     "uncond_cond": frozenset(
         {
@@ -81,6 +81,8 @@ GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
             "FluxImg2ImgPipeline",
             "FluxInpaintPipeline",
             "FluxControlNetPipeline",
+            "FluxControlNetImg2ImgPipeline",
+            "FluxControlNetInpaintPipeline",
             "FluxKontextPipeline",
             "FluxKontextInpaintPipeline",
             "FluxFillPipeline",

@@ -6,11 +6,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import (
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
     FluxControlNetModel,
     FluxControlNetPipeline,
     FluxFillPipeline,
@@ -52,13 +55,13 @@ def _flux_parts() -> dict[str, Any]:
     }
 
 
-def flux_controlnet() -> FluxControlNetPipeline:
+def _flux_controlnet(pipeline_class: type) -> Any:
     """A one-block ControlNet taken from the tiny FLUX.1 transformer."""
     parts = _flux_parts()
     controlnet = FluxControlNetModel.from_transformer(
         parts["transformer"], num_layers=1, num_single_layers=0, attention_head_dim=16, num_attention_heads=2
     )
-    return FluxControlNetPipeline(**parts, controlnet=controlnet.eval())
+    return pipeline_class(**parts, controlnet=controlnet.eval())
 
 
 def flux_kontext() -> FluxKontextPipeline:
@@ -126,7 +129,17 @@ class Variant:
 _KONTEXT = dict(max_area=SIZE * SIZE, _auto_resize=False)
 _TRUE_CFG = dict(true_cfg_scale=4.0, negative_prompt="blurry")
 VARIANTS = {
-    "flux-controlnet": Variant(flux_controlnet, lambda: dict(control_image=image()), {}, _TRUE_CFG),
+    "flux-controlnet": Variant(
+        partial(_flux_controlnet, FluxControlNetPipeline), lambda: dict(control_image=image()), {}, _TRUE_CFG
+    ),
+    "flux-controlnet-img2img": Variant(
+        partial(_flux_controlnet, FluxControlNetImg2ImgPipeline),
+        lambda: dict(image=image(seed=1), control_image=image(), strength=1.0),
+    ),
+    "flux-controlnet-inpaint": Variant(
+        partial(_flux_controlnet, FluxControlNetInpaintPipeline),
+        lambda: dict(image=image(seed=1), mask_image=mask(), control_image=image(), strength=1.0),
+    ),
     "flux-kontext": Variant(flux_kontext, lambda: dict(image=image(), **_KONTEXT), {}, _TRUE_CFG),
     "flux-kontext-inpaint": Variant(
         flux_kontext_inpaint, lambda: dict(image=image(), mask_image=mask(), strength=1.0, **_KONTEXT), {}, _TRUE_CFG
