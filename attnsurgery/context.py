@@ -35,6 +35,8 @@ class StepContext:
         num_steps: number of distinct steps in that schedule, None for a bare denoiser.
         latent_hw: latent grid (rows, cols) in latent cells.
         batch_size: rows in the denoiser's batch (CFG doubles it).
+        image_sequence: tokens in the call's image stream where the denoiser takes a token sequence (the
+            FLUX-likes' and Qwen-Image's packed latents), None where it takes a latent image or a list.
         roles: per-row roles ("uncond", "cond", "perturbed") when a guidance plugin set them.
     """
 
@@ -45,6 +47,7 @@ class StepContext:
     num_steps: int | None = None
     latent_hw: tuple[int, int] | None = None
     batch_size: int | None = None
+    image_sequence: int | None = None
     roles: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -70,7 +73,7 @@ class StepContext:
         self.progress = 0.0
         self.step_index = self.num_steps = None
         self.latent_hw = None
-        self.batch_size = None
+        self.batch_size = self.image_sequence = None
         self.roles = None
         self._answers = {}
 
@@ -106,8 +109,24 @@ class StepContext:
         return token_grids(self._seen_latent(), self.family)
 
     def image_grid(self) -> tuple[int, int]:
-        """The image-token grid of this call on a DiT (its patch grid; a U-Net's finest level)."""
-        return self.token_grids()[0]
+        """The image-token grid of this call on a DiT (its patch grid; a U-Net's finest level).
+
+        Raises:
+            NotImplementedError: the call's image stream holds tokens besides that grid (a reference image's,
+                appended by FluxKontextPipeline or Flux2Pipeline given ``image=``, or Qwen-Image-Edit): what
+                assumes one grid would take the wrong tokens for the image.
+        """
+        rows, cols = self.token_grids()[0]
+        if self.image_sequence is not None and self.image_sequence != rows * cols:
+            raise NotImplementedError(
+                f"this denoiser call's image stream holds {self.image_sequence} tokens, but the image it denoises "
+                f"is a {rows}x{cols} grid of {rows * cols}: the pipeline appends other images' tokens to it "
+                "(FluxKontextPipeline's and Flux2Pipeline's reference `image`, Qwen-Image-Edit's). "
+                "NeighborhoodAttention, TokenMerging, AgentAttention and PerturbedAttention(joint='image_only') "
+                "work on one image grid: call the pipeline without a reference image, or leave them out "
+                "(PerturbedAttention with joint='full' works with reference images)."
+            )
+        return rows, cols
 
     def grid_for(self, num_tokens: int) -> tuple[int, int]:
         """Grid (rows, cols) of an attention call over ``num_tokens`` image tokens.
@@ -192,6 +211,7 @@ def _latent_hw(sample: torch.Tensor, family: Family, bound: dict[str, Any]) -> t
     img_ids, img_shapes = bound.get("img_ids"), bound.get("img_shapes")
     if img_ids is not None:  # FLUX-likes pack 2x2 latent patches into tokens; img_ids hold (_, row, col, ...)
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        ids = ids[ids[:, 0] == ids[0, 0]]  # the target's: reference images follow with another first coordinate
         rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
         return rows * family.patch_size, cols * family.patch_size
     if img_shapes:  # Qwen-Image: per row, a list of (frames, token rows, token cols); the first is the target
@@ -233,6 +253,9 @@ def make_clock_hook(
         seen = _batch_and_latent(bound.get(sample_name), context.family, bound)
         if seen is not None:
             context.batch_size, context.latent_hw = seen
+        sample = bound.get(sample_name)
+        sequence = isinstance(sample, torch.Tensor) and sample.dim() == 3
+        context.image_sequence = int(sample.shape[1]) if sequence else None
         # the pipelines pass t, t / 1000 (FLUX-likes, Qwen-Image) or 1 - t / 1000 (Z-Image): undo that first
         t_1000 = None if t is None else context.family.scheduler_timestep(t)
         current = scheduler()

@@ -91,8 +91,9 @@ def _own_cache_context(denoiser: torch.nn.Module) -> contextlib.AbstractContextM
 
 
 #: The diffusers pipelines (or their subclasses) whose CFG layout the wrapper was checked against, by the family
-#: layout they follow. Others are refused: the SD upscaler has no `do_classifier_free_guidance` property, the
-#: instruct-pix2pix pipelines batch three parts, FLUX Kontext and Qwen-Image-Edit add reference-image tokens.
+#: layout they follow; tests/plugins/test_guided_pipelines.py guides each variant. Others are refused: the SD
+#: upscaler has no `do_classifier_free_guidance` property, the instruct-pix2pix pipelines batch three parts, and
+#: the rest (Qwen-Image-Edit, FLUX Control, ...) have not been checked.
 GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
     "uncond_cond": frozenset(
         {
@@ -111,6 +112,9 @@ GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
             "StableDiffusion3Pipeline",
             "StableDiffusion3Img2ImgPipeline",
             "StableDiffusion3InpaintPipeline",
+            "StableDiffusion3ControlNetPipeline",
+            "StableDiffusion3ControlNetInpaintingPipeline",
+            "StableDiffusionDepth2ImgPipeline",
         }
     ),
     "cond_uncond": frozenset({"ZImagePipeline"}),
@@ -119,6 +123,12 @@ GUIDED_PIPELINES: dict[CfgLayout, frozenset[str]] = {
             "FluxPipeline",
             "FluxImg2ImgPipeline",
             "FluxInpaintPipeline",
+            "FluxControlNetPipeline",
+            "FluxControlNetImg2ImgPipeline",
+            "FluxControlNetInpaintPipeline",
+            "FluxKontextPipeline",
+            "FluxKontextInpaintPipeline",
+            "FluxFillPipeline",
             "Flux2Pipeline",
             "QwenImagePipeline",
             "QwenImageImg2ImgPipeline",

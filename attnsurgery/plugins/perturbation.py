@@ -208,7 +208,7 @@ def install_perturbation(
         sequential=sequential,
         clock=lambda: _clock(surgery),
         cfg_active=lambda: _pipeline_runs_cfg(surgery.pipeline, _clock(surgery)[1]),
-        image_tokens=lambda: _image_tokens(surgery),
+        image_tokens=lambda: _image_tokens(surgery) if joint == "image_only" else None,  # full: any image stream
         cfg_layout=surgery.model.family.cfg_layout,
     )
     surgery.add_hook(surgery.denoiser, guidance.pre_hook, pre=True, with_kwargs=True)
