@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -161,13 +161,56 @@ def neighborhood_attention(
     """
     spec = NeighborhoodSpec(grid, window, stride, dilation, num_text=num_text, text_first=text_first)
     _check_inputs(q, k, v, spec, text_key_mask)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of 'auto', {', '.join(map(repr, BACKENDS))}.")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if torch.compiler.is_compiling():
+        # Opaque to the compiler: the backends choose in Python and build their plans with data-dependent steps.
+        args = (spec.grid, spec.window, spec.stride, spec.dilation, spec.num_text, spec.text_first, scale, backend)
+        return _opaque_attend(q, k, v, text_key_mask, *args)
+    return _attend(q, k, v, spec, scale, backend, text_key_mask)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: NeighborhoodSpec,
+    scale: float,
+    backend: str,
+    text_key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The call on checked inputs, by ``backend`` (``auto`` chooses one; a named one that cannot run raises)."""
     if backend == "auto":
         backend = choose_backend(q, spec, text_key_mask)
-    elif backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of 'auto', {', '.join(map(repr, BACKENDS))}.")
     else:
         reason = BACKENDS[backend].check(q, spec, text_key_mask)
         if reason is not None:
             raise reason
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return BACKENDS[backend].run(q, k, v, spec, scale, text_key_mask)
+
+
+@torch.library.custom_op("attnsurgery::neighborhood_attention", mutates_args=())
+def _opaque_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_key_mask: torch.Tensor | None,
+    grid: Sequence[int],
+    window: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    num_text: int,
+    text_first: bool,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`_attend` as one op of a compiled graph: it runs eagerly there (flex compiles its own kernel), with
+    no autograd formula, so eager calls take :func:`_attend` directly."""
+    spec = NeighborhoodSpec(tuple(grid), tuple(window), tuple(stride), tuple(dilation), num_text, text_first)
+    return _attend(q, k, v, spec, scale, backend, text_key_mask)
+
+
+@_opaque_attend.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object) -> torch.Tensor:
+    return q.new_empty(*q.shape[:3], v.shape[-1])

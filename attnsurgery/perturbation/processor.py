@@ -70,13 +70,15 @@ class LayerPlan:
     rows: torch.Tensor
     heads: torch.Tensor
     weights: torch.Tensor
-    _on_device: dict[torch.device, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    # The last copy, as (device, pairs): an attribute, not a dict by device, since under torch.compile a dict
+    # mutated in the graph breaks it at the next layer's inspect.signature (a mapping proxy) in diffusers.
+    _on_device: tuple[torch.device, tuple[torch.Tensor, ...]] | None = None
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pairs on `device`, copied once per call (the plan is built on the CPU: no sync)."""
-        if device not in self._on_device:
-            self._on_device[device] = tuple(t.to(device) for t in (self.rows, self.heads, self.weights))
-        return self._on_device[device]
+        if self._on_device is None or self._on_device[0] != device:
+            self._on_device = (device, tuple(t.to(device) for t in (self.rows, self.heads, self.weights)))
+        return self._on_device[1]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from torch.overrides import TorchFunctionMode
 
 from .base import innermost
-from .sdpa_intercept import sdpa_arguments
+from .sdpa_intercept import pass_through, sdpa_arguments
 
 __all__ = ["BackendRoute", "cannot_run", "layer_backend", "layer_backend_route"]
 
@@ -166,9 +166,9 @@ class BackendRoute(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
+            return pass_through(func, args, kwargs)
         self._give_back()
-        call = sdpa_arguments(args, kwargs)
+        call = sdpa_arguments(*args, **kwargs)
         q, k, v, mask = call.pop("query"), call.pop("key"), call.pop("value"), call.pop("attn_mask")
         if q.ndim != 4:
             return self._fallback(func, args, kwargs, f"a {q.ndim}-D call, not [batch, heads, tokens, head_dim]")

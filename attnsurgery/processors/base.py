@@ -7,7 +7,7 @@ projections, the attention backend) and lets several plugins stack on one layer.
 from __future__ import annotations
 
 import functools
-import inspect
+import types
 from typing import Any
 
 import torch
@@ -48,9 +48,14 @@ class WrappingProcessor:
     def __init__(self, inner: Any) -> None:
         if not callable(inner):
             raise TypeError(f"inner processor must be callable, got {type(inner).__name__}")
+        shown = type(inner).__call__
+        if not isinstance(shown, types.FunctionType):
+            raise TypeError(
+                f"inner processor {type(inner).__name__} must define __call__ as a Python function (diffusers reads "
+                f"its parameters), got {type(shown).__name__}"
+            )
         self.inner = inner
-        parameters = tuple((p.name, p.kind) for p in inspect.signature(inner.__call__).parameters.values())
-        self.__class__ = _exposing(getattr(type(self), "_exposes_for", type(self)), parameters)
+        self.__class__ = _exposing(getattr(type(self), "_exposes_for", type(self)), shown)
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.inner(attn, hidden_states, *args, **kwargs)
@@ -78,16 +83,18 @@ def innermost(processor: Any) -> Any:
 
 
 @functools.cache
-def _exposing(cls: type, parameters: tuple[tuple[str, Any], ...]) -> type:
-    """``cls`` with a ``__call__`` that runs ``cls.__call__`` and shows ``parameters`` to ``inspect.signature``."""
+def _exposing(cls: type, shown: types.FunctionType) -> type:
+    """``cls`` with a ``__call__`` that runs ``cls.__call__`` and shows the parameters of ``shown`` (the inner
+    processor's class ``__call__``, with its ``self``) to ``inspect.signature``."""
     call = cls.__call__
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         return call(self, *args, **kwargs)
 
-    shown = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    shown += [inspect.Parameter(name, kind) for name, kind in parameters]
-    __call__.__signature__ = inspect.Signature(shown)  # type: ignore[attr-defined]
+    # inspect.signature follows __wrapped__ (down a chain of wrappers) and reads the parameters from the code. A
+    # __signature__ object would do in eager, but dynamo refuses to read its parameters (a mapping proxy) once the
+    # graph mutated a dict, as diffusers' LoRA-scale wrapper does with FLUX's joint_attention_kwargs.
+    __call__.__wrapped__ = shown  # type: ignore[attr-defined]
     namespace = {"__call__": __call__, "_exposes_for": cls, "__module__": cls.__module__, "__doc__": cls.__doc__}
     exposing = type(cls.__name__, (cls,), namespace)
     exposing.__qualname__ = cls.__qualname__

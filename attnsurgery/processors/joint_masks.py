@@ -34,12 +34,18 @@ def fold_product_bias(
         NotImplementedError: a mask that is not such an outer product.
     """
     m = mask[:, 0].diagonal(dim1=-2, dim2=-1) if mask.dim() == 4 and mask.shape[1] == 1 else None
-    if m is None or mask.shape[-2] != q.shape[2] or not torch.equal(mask[:, 0], m[:, :, None] * m[:, None, :]):
-        raise NotImplementedError(
-            f"layer {path!r} got an attention mask of shape {tuple(mask.shape)} ({mask.dtype}); token-restructuring "
-            "attention takes boolean masks that hide text keys, or a 0/1 bias that is an outer product of one "
-            "padding vector (Chroma's). Drop the mask or leave this layer out."
-        )
+    refused = (
+        f"layer {path!r} got an attention mask of shape {tuple(mask.shape)} ({mask.dtype}); token-restructuring "
+        "attention takes boolean masks that hide text keys, or a 0/1 bias that is an outer product of one "
+        "padding vector (Chroma's). Drop the mask or leave this layer out."
+    )
+    if m is None or mask.shape[-2] != q.shape[2]:
+        raise NotImplementedError(refused)
+    outer = m[:, :, None] * m[:, None, :]
+    if torch.compiler.is_compiling():  # a graph cannot branch on the values: it checks them as it runs
+        torch._assert_async((mask[:, 0] == outer).all(), refused)
+    elif not torch.equal(mask[:, 0], outer):
+        raise NotImplementedError(refused)
     extra = 8 - q.shape[-1] % 8
     q_extra = torch.zeros(*q.shape[:-1], extra, dtype=q.dtype, device=q.device)
     k_extra = torch.zeros_like(q_extra)

@@ -12,7 +12,6 @@ with the chosen backend.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,20 +28,34 @@ AttentionEdit = Callable[[Tensor, Tensor, Tensor, Tensor, dict[str, Any]], Tenso
 AttentionCompute = Callable[[Tensor, Tensor, Tensor, dict[str, Any]], Tensor]
 
 
-def _sdpa_parameters(
+def sdpa_arguments(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-) -> None:
-    """The parameters of F.scaled_dot_product_attention, to bind positional and keyword calls alike."""
+) -> dict[str, Any]:
+    """An SDPA call's arguments by name, defaults filled in: call it as SDPA was called, ``sdpa_arguments(*args,
+    **kwargs)``. Python binds them (an ``inspect.Signature.bind`` would stop dynamo in a graph that mutated a dict)."""
+    return dict(
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
 
 
-_SDPA_SIGNATURE = inspect.signature(_sdpa_parameters)
+def pass_through(func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """Run a call a mode does not handle, as it was made.
 
-
-def sdpa_arguments(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """An SDPA call's arguments by name, defaults filled in (positional and keyword calls alike)."""
-    call = _SDPA_SIGNATURE.bind(*args, **kwargs)
-    call.apply_defaults()
-    return dict(call.arguments)
+    ``Tensor.unflatten`` (FLUX's processors split heads with it) is the one Tensor method torch defines in Python
+    with a ``super()`` call; dynamo (2.13) inlines a Python method a mode passes on and cannot trace that
+    ``super()``. Called as a method of the tensor it is the same call (the mode is off inside its handler), and
+    dynamo puts it in the graph directly.
+    """
+    if func is Tensor.unflatten:
+        return args[0].unflatten(*args[1:], **kwargs)
+    return func(*args, **kwargs)
 
 
 _ACTIVE = threading.local()
@@ -86,11 +99,11 @@ class _AttentionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention or self.muted:
-            return func(*args, **kwargs)
+            return pass_through(func, args, kwargs)
         self.calls += 1
         if self.calls > 1:
             return func(*args, **kwargs)
-        arguments = sdpa_arguments(args, kwargs)
+        arguments = sdpa_arguments(*args, **kwargs)
         q, k, v = arguments.pop("query"), arguments.pop("key"), arguments.pop("value")
         return self._first_call(func, q, k, v, arguments)
 

@@ -61,7 +61,7 @@ class _SdpaCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and self.inside:
-            call = sdpa_arguments(args, kwargs)
+            call = sdpa_arguments(*args, **kwargs)
             q, k = call["query"], call["key"]
             self.seen.append((*q.shape[:3], k.shape[2], call["attn_mask"] is not None, q.dtype))
         return func(*args, **kwargs)
