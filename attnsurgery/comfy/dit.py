@@ -333,8 +333,15 @@ class CallClock:
         context's ``watch`` exists for compiled denoisers)."""
 
 
-def _not_called(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("a joint-call processor run by a ComfyUI node has no layer processor to call")
+class _NoLayerProcessor:
+    """The inner processor of a joint-call processor a node runs: ComfyUI's block computes q, k, v itself, so
+    there is no diffusers processor below ours (a class with a Python ``__call__``, as wrappers require)."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a joint-call processor run by a ComfyUI node has no layer processor to call")
+
+
+_NO_LAYER_PROCESSOR = _NoLayerProcessor()
 
 
 #: Builds a library joint-call processor (``processors.joint_replace.JointCallProcessor``) for one call:
@@ -358,7 +365,7 @@ def processor_replacement(model: Any, make: ProcessorFactory, seed: int | None, 
         if seed is not None:
             call_seed = rng.CallInt(lambda: rng.keyed_seed(seed, call.site.path, round(sigma, 5)))
             call_seed.refresh()
-        compute = make(_not_called, call.site, clock, call_seed).plan()
+        compute = make(_NO_LAYER_PROCESSOR, call.site, clock, call_seed).plan()
         if compute is None:
             return None
         sdpa = {"attn_mask": call.mask, "dropout_p": 0.0, "is_causal": False, "scale": call.scale}
