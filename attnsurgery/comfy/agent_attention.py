@@ -23,7 +23,7 @@ from ..ops.agent import agent_attention, agents_pay_off, merge_counts, pool_agen
 from ..ops.token_merge import match_tokens, plan_merge
 from ..plugins.agent import AgentAttention, AgentPhase
 from ..processors.joint_agent import JointAgentProcessor
-from .dit import dit_family, dit_sites, install_replacement, processor_replacement
+from .dit import dit_family, dit_sites, patch_joint_processors
 from .node import LAYERS_INPUT, SEED_INPUT, ModelPatchNode
 from .patching import (
     call_generator,
@@ -185,8 +185,6 @@ class AttnSurgeryAgentAttention(ModelPatchNode):
 def _patch_dit(model: Any, config: AgentAttention, layers: str) -> Any:
     """The clone of a FLUX or SD3 model with the plugin's joint-call agent attention on the chosen layers."""
     selected = list(select_heads(dit_sites(model), layers, dit_family(model)))
-    patched = model.clone()
-    claim_token_layers(patched, {site.path for site in selected}, "AgentAttention")
 
     def make(inner, site, clock, seed) -> JointAgentProcessor:
         return JointAgentProcessor(
@@ -202,6 +200,4 @@ def _patch_dit(model: Any, config: AgentAttention, layers: str) -> Any:
         )
 
     seed = config.seed if config.use_rand else None
-    replace = processor_replacement(model, make, seed, "AgentAttention")
-    install_replacement(patched, selected, replace, "AgentAttention")
-    return patched
+    return patch_joint_processors(model, selected, make, seed, "AgentAttention")

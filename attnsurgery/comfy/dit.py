@@ -24,7 +24,7 @@ import torch
 
 from .. import rng
 from ..families import Family
-from .patching import current_sigma, model_sampling
+from .patching import claim_token_layers, current_sigma, model_sampling
 
 __all__ = [
     "DIT_MIN_COMFYUI",
@@ -41,6 +41,7 @@ __all__ = [
     "install_replacement",
     "CallClock",
     "processor_replacement",
+    "patch_joint_processors",
 ]
 
 #: The ComfyUI the DiT nodes were verified on (its ``optimized_attention_override`` and DiT block patches);
@@ -372,3 +373,14 @@ def processor_replacement(model: Any, make: ProcessorFactory, seed: int | None, 
         return compute(call.q, call.k, call.v, sdpa)
 
     return replace
+
+
+def patch_joint_processors(
+    model: Any, selected: list[DitSite], make: ProcessorFactory, seed: int | None, technique: str
+) -> Any:
+    """The clone of ``model`` whose ``selected`` sites run the joint-call processors ``make`` builds: the token
+    claim, the block patches and the grid wrapper of the merging, agent and neighbourhood nodes."""
+    patched = model.clone()
+    claim_token_layers(patched, {site.path for site in selected}, technique)
+    install_replacement(patched, selected, processor_replacement(model, make, seed, technique), technique)
+    return patched

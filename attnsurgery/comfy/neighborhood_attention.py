@@ -14,9 +14,9 @@ from typing import Any
 
 from ..plugins.neighborhood import BACKEND_CHOICES, NeighborhoodAttention
 from ..processors.neighborhood import NeighborhoodProcessor, NeighborhoodSchedule
-from .dit import dit_family, dit_sites, install_replacement, processor_replacement
+from .dit import dit_family, dit_sites, patch_joint_processors
 from .node import ModelPatchNode
-from .patching import claim_token_layers, select_heads
+from .patching import select_heads
 
 __all__ = ["AttnSurgeryNeighborhoodAttention"]
 
@@ -112,8 +112,6 @@ class AttnSurgeryNeighborhoodAttention(ModelPatchNode):
         side = family.native_latent // family.patch_size
         window_pair = (side, side) if config.window == "native" else config.window
         config._check_stride(window_pair)
-        patched = model.clone()
-        claim_token_layers(patched, {site.path for site in selected}, TECHNIQUE)
 
         def make(inner, site, clock, seed) -> NeighborhoodProcessor:
             schedule = NeighborhoodSchedule(
@@ -130,6 +128,4 @@ class AttnSurgeryNeighborhoodAttention(ModelPatchNode):
             )
             return NeighborhoodProcessor(inner, path=site.path, text_first=True, schedule=schedule)
 
-        replace = processor_replacement(model, make, None, TECHNIQUE)
-        install_replacement(patched, selected, replace, TECHNIQUE)
-        return (patched,)
+        return (patch_joint_processors(model, selected, make, None, TECHNIQUE),)

@@ -22,7 +22,7 @@ import torch
 from ..ops.token_merge import match_tokens, plan_merge
 from ..plugins.token_merging import TokenMerging
 from ..processors.joint_merge import MERGE_MODES, JointMergeProcessor
-from .dit import dit_family, dit_sites, install_replacement, processor_replacement
+from .dit import dit_family, dit_sites, patch_joint_processors
 from .node import LAYERS_INPUT, SEED_INPUT, ModelPatchNode
 from .patching import (
     call_generator,
@@ -130,10 +130,8 @@ class AttnSurgeryTokenMerging(ModelPatchNode):
 def _patch_dit(model: Any, config: TokenMerging, layers: str) -> Any:
     """The clone of a FLUX or SD3 model with the plugin's joint-call merging on the chosen layers."""
     selected = list(select_heads(dit_sites(model), layers, dit_family(model)))
-    patched = model.clone()
     if config.ratio == 0.0:
-        return patched
-    claim_token_layers(patched, {site.path for site in selected}, "TokenMerging")
+        return model.clone()
 
     def make(inner, site, clock, seed) -> JointMergeProcessor:
         return JointMergeProcessor(
@@ -149,5 +147,4 @@ def _patch_dit(model: Any, config: TokenMerging, layers: str) -> Any:
         )
 
     seed = config.seed if config.use_rand else None
-    install_replacement(patched, selected, processor_replacement(model, make, seed, "TokenMerging"), "TokenMerging")
-    return patched
+    return patch_joint_processors(model, selected, make, seed, "TokenMerging")
