@@ -97,42 +97,29 @@ class AgentAttention(Plugin):
         return data
 
     def attach(self, surgery: Surgery) -> None:
-        if surgery.model.family.kind != "unet":
-            self._attach_dit(surgery)
+        unet = surgery.model.family.kind == "unet"
+        processor = AgentProcessor if unet else JointAgentProcessor
+
+        def make_processor(inner: Any, **machinery: Any) -> AgentProcessor | JointAgentProcessor:
+            return processor(
+                inner,
+                schedule=self.schedule,
+                source=self.agent_source,
+                k_scale2=self.k_scale2,
+                k_shortcut=self.k_shortcut,
+                compute_dtype=PRECISIONS[self.precision],
+                **machinery,
+            )
+
+        if not unet:
+            # Agents inside each joint attention call (processors.joint_agent); the replaced call still reaches a
+            # head perturbation wrapped around it, so only "tokens" is claimed.
+            selector = "all" if self.layers is None else self.layers
+            install_joint_processors(surgery, self, selector, self.seed, self.use_rand, make_processor)
             return
         layers = "top" if self.layers is None else self.layers
         for layer in surgery.model.select(layers, kinds=("self",)):
             check_agent_layer(layer.module, layer.path)
-
-        def make_processor(inner: Any, **machinery: Any) -> AgentProcessor:
-            return AgentProcessor(
-                inner,
-                schedule=self.schedule,
-                source=self.agent_source,
-                k_scale2=self.k_scale2,
-                k_shortcut=self.k_shortcut,
-                compute_dtype=PRECISIONS[self.precision],
-                **machinery,
-            )
-
         # Agent steps compute attention with two SDPA calls of their own, not through the inner processor,
         # so a head perturbation on the same layer would be skipped or hit the wrong call: claim "heads" too.
         install_merging(surgery, self, layers, self.seed, self.use_rand, make_processor, extra_roles=("heads",))
-
-    def _attach_dit(self, surgery: Surgery) -> None:
-        """Agents inside each joint attention call (``processors.joint_agent``); the replaced call still
-        reaches a head perturbation wrapped around it, so only ``tokens`` is claimed."""
-
-        def make_processor(inner: Any, **machinery: Any) -> JointAgentProcessor:
-            return JointAgentProcessor(
-                inner,
-                schedule=self.schedule,
-                source=self.agent_source,
-                k_scale2=self.k_scale2,
-                k_shortcut=self.k_shortcut,
-                compute_dtype=PRECISIONS[self.precision],
-                **machinery,
-            )
-
-        selector = "all" if self.layers is None else self.layers
-        install_joint_processors(surgery, self, selector, self.seed, self.use_rand, make_processor)

@@ -121,30 +121,27 @@ class TokenMerging(Plugin):
             raise ValueError(f"TokenMerging mode={self.mode!r} is invalid; use one of {MERGE_MODES}")
 
     def attach(self, surgery: Surgery) -> None:
-        if surgery.model.family.kind != "unet":
-            layers = self._attach_dit(surgery)
-        elif self.mode == "kv":
+        unet = surgery.model.family.kind == "unet"
+        if unet and self.mode == "kv":
             raise ValueError(
                 "TokenMerging mode='kv' merges keys inside a DiT's joint attention; on a U-Net use mode='qkv' "
                 "(ToMe for SD)"
             )
-        else:
 
-            def make_processor(inner: Any, **machinery: Any) -> TokenMergeProcessor:
+        def make_processor(inner: Any, **machinery: Any) -> TokenMergeProcessor | JointMergeProcessor:
+            if unet:
                 return TokenMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, **machinery)
+            return JointMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, mode=self.mode, **machinery)
 
+        if unet:
             selector = "top" if self.layers is None else self.layers
             install_merging(surgery, self, selector, self.seed, self.use_rand, make_processor)
             layers = surgery.model.select(selector, kinds=("self",))
+        else:
+            selector = "all" if self.layers is None else self.layers
+            layers = install_joint_processors(surgery, self, selector, self.seed, self.use_rand, make_processor)
         if self.ratio > 0:
             surgery.add_hook(surgery.denoiser, _no_merge_warning(self, surgery, layers), pre=True, with_kwargs=True)
-
-    def _attach_dit(self, surgery: Surgery) -> list[AttentionLayer]:
-        def make_processor(inner: Any, **machinery: Any) -> JointMergeProcessor:
-            return JointMergeProcessor(inner, ratio=self.ratio, sx=self.sx, sy=self.sy, mode=self.mode, **machinery)
-
-        selector = "all" if self.layers is None else self.layers
-        return install_joint_processors(surgery, self, selector, self.seed, self.use_rand, make_processor)
 
 
 def _no_merge_warning(plugin: TokenMerging, surgery: Surgery, layers: list[AttentionLayer]) -> Callable[..., None]:
