@@ -10,9 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ import torch.nn.functional as F
 from attnsurgery.ops.neighborhood import choose_backend, neighborhood_attention
 from attnsurgery.ops.neighborhood_backends.flex import flex_plan
 from attnsurgery.ops.neighborhood_spec import NeighborhoodSpec, window_start
+from tests.support.benchmarks import run_benchmark
 
 HEADS, HEAD_DIM = 2, 8
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2}
@@ -295,16 +293,8 @@ def test_bad_calls_raise_one_line_errors_naming_the_value_and_the_fix():
 @pytest.mark.slow
 def test_the_benchmark_runs_every_row_with_tiny_shapes():
     """``benchmarks/bench_neighborhood.py --smoke``: dense SDPA and every backend that can run, in seconds."""
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_neighborhood.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| 24x24")]
+    output = run_benchmark("bench_neighborhood.py", "--smoke")
+    rows = [line.split(" | ") for line in output.splitlines() if line.startswith("| 24x24")]
     assert rows[0][2] == "dense SDPA"
     timed = {(row[1], row[2]) for row in rows if row[3].strip()}
     settings = {f"window {w} stride {s}" for w in (8, 12) for s in (1, 4)}

@@ -4,11 +4,8 @@ and failing rows, devices and dtypes, and the published shapes the random-weight
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ from attnsurgery.pipelines.bench_report import BenchReport, RowResult, Spread, f
 from attnsurgery.pipelines.loading import meta_module
 from attnsurgery.pipelines.model_shapes import SHAPES, prompt_inputs, random_pipeline
 from attnsurgery.testing import tiny_sd15
+from tests.support.benchmarks import run_benchmark
 
 torch.set_num_threads(1)
 
@@ -170,15 +168,7 @@ def test_a_config_folder_builds_with_random_weights_and_no_text_encoders(tmp_pat
 def test_the_gpu_suite_runs_on_the_cpu_with_tiny_shapes(tmp_path):
     """``benchmarks/gpu_suite.py --smoke``: every case and row of the GPU run, through the same code, in tens of
     seconds; peers and plugins all measured, one compiled row traced."""
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(tmp_path), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("gpu_suite.py", "--smoke", "--out", str(tmp_path), "--no-progress", timeout=600)
     record = json.loads((tmp_path / "gpu_suite.json").read_text())
     cases = {case["model"].split(" (")[0]: case["rows"] for case in record["cases"]}
     assert set(cases) == {

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +11,7 @@ import attnsurgery as surg
 from attnsurgery import PerturbedAttention, TokenMerging
 from attnsurgery.testing import restore
 from attnsurgery.testing.tiny import tiny_sd15
+from tests.support.benchmarks import run_benchmark
 from tests.support.dit_families import FAMILIES, build, latents
 
 
@@ -99,10 +96,7 @@ def test_kv_mode_on_a_unet_and_a_bad_mode_are_refused():
 @pytest.mark.slow
 def test_the_layer_benchmark_runs_with_tiny_shapes():
     """``benchmarks/bench_token_merging_dit.py --smoke``: dense and both modes at every ratio, in seconds."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_token_merging_dit.py"
-    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout.split("| --- |")[-1].splitlines()[1:]
+    table = run_benchmark("bench_token_merging_dit.py", "--smoke").split("| --- |")[-1].splitlines()[1:]
     assert [row.split(" | ")[:2] for row in table] == [["| dense SDPA", "-"]] + [
         [f"| {mode}", f"{ratio:.2f}"] for ratio in (0.25, 0.5, 0.75) for mode in ("kv", "qkv")
     ]
@@ -111,10 +105,7 @@ def test_the_layer_benchmark_runs_with_tiny_shapes():
 @pytest.mark.slow
 def test_the_denoiser_benchmark_runs_with_tiny_shapes():
     """``benchmarks/bench_dit_denoiser.py --smoke``: plain and every DiT plugin row, ratios against plain."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dit_denoiser.py"
-    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout.split("| setup |")[-1].splitlines()[2:]
+    table = run_benchmark("bench_dit_denoiser.py", "--smoke").split("| setup |")[-1].splitlines()[2:]
     assert [row.split(" | ")[0] for row in table] == [
         "| plain",
         "| NeighborhoodAttention (native window)",
