@@ -50,6 +50,8 @@ def _na(model, layers="all", window=3, force=True, start=0.0, end=1.0):
 
 
 def test_the_plain_models_agree(dit):
+    # the velocity must move the prediction off the input, or x - sigma * v agrees for any two models
+    assert (dit.plain["cond_denoised"] - dit.plain["input"]).abs().max() > 0.05
     assert torch.allclose(tiny_dit.twin_prediction(dit, dit.plain), dit.plain["cond_denoised"], rtol=0, atol=ATOL)
 
 
@@ -106,6 +108,11 @@ def test_perturbation_edits_the_neighborhood_result(dit):
     """Both nodes on one block: the perturbation edits the local attention, as the two plugins stacked do."""
     heads = HEADS[dit.family][:1]
     call = tiny_dit.first_call(dit, _pag(_na(dit.model, layers="transformer_blocks.0"), heads[0]))
+    pag_alone = tiny_dit.first_call(dit, _pag(dit.model, heads[0]))
+    assert (call["cond_denoised"] - dit.plain["cond_denoised"]).abs().max() > 0.01  # neighborhood acts
+    assert (call["denoised"] - call["cond_denoised"]).abs().max() > 0.05  # the perturbation acts
+    # and it perturbs the local attention, not the plain one
+    assert (call["denoised"] - pag_alone["denoised"]).abs().max() > 0.01
     plugins = (
         surg.NeighborhoodAttention(window=3, force=True, layers="transformer_blocks.0", backend="tiles"),
         surg.PerturbedAttention(scale=3.0, heads=heads, mode="sequential"),
@@ -115,6 +122,9 @@ def test_perturbation_edits_the_neighborhood_result(dit):
 
 def test_idle_settings_are_bit_identical_and_the_input_model_untouched(dit):
     """At native size without force, or outside its percent window, the node leaves every call alone."""
+    active = _na(dit.model)
+    assert "dit" in active.model_options["transformer_options"]["patches_replace"]  # what the input must lack
+    assert not torch.equal(tiny_dit.first_call(dit, active)["cond_denoised"], dit.plain["cond_denoised"])
     for idle in (_na(dit.model, force=False), _na(dit.model, start=0.5)):
         assert torch.equal(tiny_dit.first_call(dit, idle)["cond_denoised"], dit.plain["cond_denoised"])
     assert "dit" not in dit.model.model_options["transformer_options"].get("patches_replace", {})

@@ -29,6 +29,7 @@ def test_a_clone_in_custom_nodes_registers_every_node(comfyui, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["loaded"] is True and not report["imported_alone"]
+    assert pack.NODE_CLASS_MAPPINGS, "no nodes: the loader's list would match an empty one"
     assert report["nodes"] == sorted(pack.NODE_CLASS_MAPPINGS)
     assert os.path.realpath(report["library"]) == str(REPO / "attnsurgery" / "__init__.py")
     assert report["has_apply"]
@@ -50,5 +51,6 @@ def test_requirements_repeat_the_dependencies():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     lines = (REPO / "requirements.txt").read_text().splitlines()
+    assert project["dependencies"], "no dependencies: an empty requirements.txt would repeat them"
     assert [line for line in lines if line and not line.startswith("#")] == project["dependencies"]
     assert project["version"] == attnsurgery.__version__

@@ -128,6 +128,7 @@ def test_apply_to_a_compiled_denoiser_that_already_ran():
     plain = _latents(pipe)
     with surg.patched(pipe, plugin):
         eager = _latents(pipe)
+    assert (eager - plain).abs().max() > 1e-4, "RAU-Net must act here, or apply-after-compile proves nothing"
     unet = pipe.unet
     processors = dict(unet.attn_processors)
     pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)

@@ -6,6 +6,7 @@ that keep one state for every call (PyramidAttentionBroadcast, FasterCache) are 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +98,12 @@ def test_pag_refuses_a_cache_shared_by_every_call(cache, mode):
             _run(pipe, "flux")
 
 
+@functools.cache
+def _uncached_flux() -> torch.Tensor:
+    """The plain FLUX run without a cache, once: what every cache must change for its two orders to differ."""
+    return _run(dit_families.build("flux"), "flux")
+
+
 DIT_PLUGINS = {case: entry for case, entry in PLUGINS.items() if case.startswith("flux-") and case != "flux-pag"}
 
 
@@ -116,4 +123,5 @@ def test_a_token_plugin_under_a_cache_in_either_order(case, cache):
         denoiser(second).enable_cache(make(second))
         after = _run(second, "flux")
     assert changed(before, cached), "the plugin must act under the cache"
+    assert changed(cached, _uncached_flux()), "the cache must reuse something, or either order is no cache"
     assert torch.equal(after, before)

@@ -38,6 +38,19 @@ def _group_offload(pipe: Any) -> None:
     denoiser(pipe).enable_group_offload(onload_device=CPU, offload_device=CPU, offload_type="leaf_level")
 
 
+def _feature_on(pipe: Any, feature: str) -> bool:
+    """Whether ``feature`` took hold of the denoiser: float8 storage, or diffusers' offload hooks on its layers
+    (CPU to CPU offloading changes no number, so only the hooks can show it is there)."""
+    model = denoiser(pipe)
+    if feature.startswith("layerwise"):
+        return any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+    return any(
+        getattr(module, "_diffusers_hook", None) is not None
+        and module._diffusers_hook.get_hook("group_offloading") is not None
+        for module in model.modules()
+    )
+
+
 #: feature -> (model dtype, what enables it)
 FEATURES = {
     "layerwise-fp8-bf16": (torch.bfloat16, _layerwise(torch.bfloat16)),
@@ -56,7 +69,9 @@ def test_a_plugin_under_casting_or_offload_in_either_order(case, feature):
     builder, plugin, kwargs = CASES[case]
     dtype, enable = FEATURES[feature]
     first, second = builder().to(dtype), builder().to(dtype)
+    assert not _feature_on(first, feature)
     enable(first)  # the feature, then the plugin
+    assert _feature_on(first, feature), "the feature must take hold, or the orders compare nothing"
     plain = run_pipe(first, **kwargs)
     with surg.patched(first, plugin()):
         before = run_pipe(first, **kwargs)
@@ -68,6 +83,7 @@ def test_a_plugin_under_casting_or_offload_in_either_order(case, feature):
                 enable(second)
             return
         enable(second)
+        assert _feature_on(second, feature), "the feature enabled after apply must take hold"
         assert torch.equal(run_pipe(second, **kwargs), before)
     assert torch.equal(run_pipe(second, **kwargs), plain)
 
@@ -75,6 +91,7 @@ def test_a_plugin_under_casting_or_offload_in_either_order(case, feature):
 def test_convfusion_blocks_take_the_compute_dtype_not_the_storage_dtype():
     pipe = sd15().to(torch.bfloat16)
     _layerwise(torch.bfloat16)(pipe)
+    assert _feature_on(pipe, "layerwise"), "float8 storage, or a bfloat16 model passes trivially"
     with surg.patched(pipe, surg.ConvFusion()):
         blocks = surg.ConvFusion.extract(pipe).blocks
         assert {p.dtype for block in blocks.values() for p in block.parameters()} == {torch.bfloat16}

@@ -99,6 +99,7 @@ def test_variants_are_guided_on_the_conditional_rows_and_restored(name):
     if variant.cfg is not None:
         for mode in ("batched", "sequential"):
             cfg_plain = guided_pipes.latents(pipe, name, cfg=True)
+            assert (cfg_plain - plain).abs().max() > 1e-3, "CFG must act, or on and off compare one run"
             term_cfg = _guided(pipe, name, True, mode) - cfg_plain
             torch.testing.assert_close(term_cfg, term, atol=1e-5, rtol=1e-4)
     assert_restored(pipe, before)

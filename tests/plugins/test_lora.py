@@ -103,8 +103,10 @@ def test_convfusion_refuses_lora_calls_and_keeps_the_lora_for_after_remove(call,
         before = run_pipe(pipe, size=UNET_PX)
         handle = surg.apply(pipe, surg.ConvFusion())
     else:
+        base = run_pipe(pipe, size=UNET_PX)
         _load(pipe, folder)
         before = run_pipe(pipe, size=UNET_PX)
+        assert changed(before, base), "the LoRA must act, or 'whole after remove' compares nothing"
         with pytest.warns(UserWarning, match="LoRA weights on 16 attn1 layers no longer apply.*after remove"):
             handle = surg.apply(pipe, surg.ConvFusion())
     blocks = run_pipe(pipe, size=UNET_PX)
@@ -115,3 +117,5 @@ def test_convfusion_refuses_lora_calls_and_keeps_the_lora_for_after_remove(call,
     assert changed(blocks, before)
     assert torch.equal(run_pipe(pipe, size=UNET_PX), before)
     LORA_CALLS[call](pipe, folder)  # allowed again
+    if call == "load_lora_weights":  # the refused load would have changed the output
+        assert changed(run_pipe(pipe, size=UNET_PX), before)

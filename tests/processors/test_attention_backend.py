@@ -40,8 +40,11 @@ def test_each_backend_computes_what_it_takes_and_torch_the_rest(backend, caplog,
     monkeypatch.setattr(attention_backend_module, "_logged", set())  # each reason is logged once per process
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=generator) for n in (5, 7, 7))
+    unmasked = F.scaled_dot_product_attention(q, k, v, scale=0.3)
     for name, mask in _masks(q, k).items():
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        if mask is not None:  # a backend that dropped the mask must fail the comparison
+            assert (expected - unmasked).abs().max() > 1e-2, name
         with caplog.at_level(logging.INFO), backend_calls(backend) as seen, BackendRoute(AttentionBackendName(backend)):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
